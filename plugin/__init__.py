@@ -1,0 +1,54 @@
+"""gptq-bridge: run GPTQ checkpoints fast, in the frontends people already use.
+
+    import gptq_bridge
+    lm = gptq_bridge.load_model("TheBloke/Nous-Hermes-Llama2-70B-GPTQ:gptq-4bit-32g-actorder_True")
+    logits = lm.model(input_ids).logits
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import QuantizeConfig, read_quantize_config
+from .errors import CheckpointError, ConfigError, GPTQBridgeError, KernelError, SourceError
+from .hookspecs import hookimpl
+from .loaded_model import LoadedModel
+from .plugins import get_plugin_manager, registered_kernels
+from .sources import resolve_source
+from .types import DeviceInfo, LoadOptions
+
+__all__ = [
+    "load_model", "LoadedModel", "QuantizeConfig", "read_quantize_config", "hookimpl", "get_plugin_manager",
+    "registered_kernels", "GPTQBridgeError", "ConfigError", "CheckpointError", "KernelError", "SourceError",
+]
+
+
+def default_dtype(device: DeviceInfo) -> torch.dtype:
+    """float16 on GPUs (what the kernels are built for); float32 on the CPU (fast and exact there)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    source: str,
+    *,
+    kernel: str = "auto",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    load_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a GPTQ checkpoint (a directory, or a hub id `org/name[:branch]`) ready to run.
+
+    The first loader plugin that accepts the source loads it; the built-in loader goes last.
+    """
+    resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
+    dev = DeviceInfo.parse(device)
+    options = LoadOptions(kernel=kernel, device=dev, dtype=dtype or default_dtype(dev),
+                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                          load_tokenizer=load_tokenizer)
+    loaded = get_plugin_manager().hook.gptq_load_model(source=resolved, options=options)
+    if loaded is None:
+        raise GPTQBridgeError(f"{source}: no loader plugin accepted this source")
+    return loaded

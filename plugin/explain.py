@@ -1,0 +1,73 @@
+"""`explain`: which kernel would serve a checkpoint here, and why each other kernel would not."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel
+
+from .config import QuantizeConfig
+from .loader import plan_load
+from .types import DeviceInfo, KernelVerdict, LoadOptions
+from .sources import resolve_source
+
+
+class Explanation(BaseModel):
+    source: str
+    path: str
+    config_file: str
+    settings: QuantizeConfig
+    device: str
+    dtype: str
+    layers: int
+    chosen: str
+    kernels: list[KernelVerdict]
+
+
+def explain(
+    source: str,
+    *,
+    device: str | None = None,
+    kernel: str = "auto",
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Explanation:
+    """Plan a load without reading any weights; raises the same errors `load_model` would."""
+    from . import default_dtype
+
+    resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
+    dev = device if isinstance(device, DeviceInfo) else DeviceInfo.parse(device)
+    dtype = dtype or default_dtype(dev)
+    options = LoadOptions(kernel=kernel, device=dev, dtype=dtype, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle)
+    plan = plan_load(resolved, options)
+    return Explanation(
+        source=source, path=str(resolved.path), config_file=plan.config_file.label, settings=plan.config,
+        device=str(dev), dtype=str(dtype).removeprefix("torch."), layers=len(plan.layers),
+        chosen=plan.choice.chosen, kernels=plan.choice.verdicts,
+    )
+
+
+def describe_settings(config: QuantizeConfig) -> str:
+    group = "no group" if config.group_size == -1 else f"group {config.group_size}"
+    order = "act-order" if config.desc_act else "no act-order"
+    sym = "sym" if config.sym else "asym"
+    zeros = "v1 zeros" if config.checkpoint_format == "gptq" else "v2 zeros"
+    return f"{config.bits}-bit, {group}, {order}, {sym}, {zeros}"
+
+
+def format_explanation(e: Explanation) -> str:
+    width = max(len(v.name) for v in e.kernels) + 2
+    lines = [
+        f"source:   {e.source}" + (f"  ({e.path})" if e.path != e.source else ""),
+        f"settings: {describe_settings(e.settings)}  (from {e.config_file})",
+        f"device:   {e.device}, {e.dtype}; {e.layers} quantized Linear layers",
+        "",
+        f"  {'kernel'.ljust(width)}{'eligible':10}reason",
+    ]
+    for v in e.kernels:
+        mark = "*" if v.name == e.chosen else " "
+        lines.append(f"{mark} {v.name.ljust(width)}{('yes' if v.eligible else 'no'):10}{v.reason}")
+    lines += ["", f"chosen: {e.chosen}"]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Quantized Linear kernels. Each module here is a plugin that registers its kernels through the hooks."""

@@ -1,0 +1,53 @@
+"""What every quantized Linear module shares: the on-disk tensors as buffers, and a `prepare` step.
+
+The loader creates modules on the meta device, fills the buffers with the checkpoint's tensors (shapes and
+dtypes as on disk, floats in the compute dtype), then calls `prepare()` once on the target device. Kernels
+that want another layout (rows sorted by group, shuffled bits) build it in `prepare()`, never per call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import QuantizeConfig
+from ..packing import packed_size
+from ..types import LayerShape
+
+
+class GPTQLinear(nn.Module):
+    """Base of quantized Linears: holds qweight, qzeros, scales, g_idx (and bias) exactly as stored."""
+
+    # Tensors the checkpoint may omit; `prepare` fills them. (g_idx is absent from pre-act-order checkpoints.)
+    optional_tensors = frozenset({"g_idx"})
+
+    def __init__(self, layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype):
+        super().__init__()
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        self.bits = config.bits
+        self.group_size = config.group_size if config.group_size != -1 else layer.in_features
+        self.zero_offset = config.zero_offset
+        groups = config.groups(layer.in_features)
+        self.register_buffer("qweight", torch.empty(packed_size(self.in_features, self.bits), self.out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.empty(groups, packed_size(self.out_features, self.bits), dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(groups, self.out_features, dtype=dtype))
+        self.register_buffer("g_idx", torch.empty(self.in_features, dtype=torch.int32))
+        if layer.bias:
+            self.register_buffer("bias", torch.empty(self.out_features, dtype=dtype))
+        else:
+            self.bias = None
+
+    def default_g_idx(self, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.in_features, device=device, dtype=torch.int32) // self.group_size
+
+    def prepare(self) -> None:
+        """Called once after loading, on the target device. Subclasses extend it to build their layout."""
+        if self.g_idx.is_meta:
+            self.g_idx = self.default_g_idx(self.qweight.device)
+        g = self.g_idx
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.scales.shape[0]):
+            raise ValueError(f"g_idx holds groups outside 0..{self.scales.shape[0] - 1}")
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"

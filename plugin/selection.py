@@ -1,0 +1,87 @@
+"""Kernel selection: a pure function from (settings, layers, device, dtype, kernels, override) to a choice.
+
+Cheap capability checks run first; `check_available` (which may import or compile an extension) runs only
+for a kernel that passed all of them, so a CPU machine never tries to build a CUDA kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import QuantizeConfig
+from .errors import KernelError
+from .types import DeviceInfo, KernelChoice, KernelSpec, KernelVerdict, LayerShape
+
+
+def needs_act_order(config: QuantizeConfig) -> bool:
+    """True when g_idx can be non-monotonic, i.e. a kernel must handle rows of mixed groups."""
+    return config.desc_act and config.group_size != -1 and not config.static_groups
+
+
+def _fmt(values) -> str:
+    return ", ".join(str(v) for v in sorted(values))
+
+
+def why_not(
+    spec: KernelSpec,
+    config: QuantizeConfig,
+    layers: Sequence[LayerShape],
+    device: DeviceInfo,
+    dtype: torch.dtype,
+) -> str | None:
+    """Why `spec` cannot serve this checkpoint here, or None when it can."""
+    if config.bits not in spec.bits:
+        return f"supports {_fmt(spec.bits)}-bit, checkpoint is {config.bits}-bit"
+    if spec.group_sizes is not None and config.group_size not in spec.group_sizes:
+        return f"supports group sizes {_fmt(spec.group_sizes)}, checkpoint uses {config.group_size}"
+    if needs_act_order(config) and not spec.act_order:
+        return "does not support act-order (desc_act) with groups"
+    if not config.sym and not spec.asymmetric:
+        return "supports symmetric checkpoints only (sym: false here)"
+    if config.checkpoint_format not in spec.zero_formats:
+        return f"does not read the {config.checkpoint_format!r} zero-point format"
+    if device.type not in spec.devices:
+        return f"runs on {_fmt(spec.devices)}, not {device.type}"
+    if spec.min_capability is not None and device.type == "cuda":
+        if device.capability is None or tuple(device.capability) < tuple(spec.min_capability):
+            have = "unknown" if device.capability is None else "%d.%d" % tuple(device.capability)
+            return "needs compute capability >= %d.%d, device has %s" % (*spec.min_capability, have)
+    if dtype not in spec.dtypes:
+        return f"computes in {_fmt(str(d).removeprefix('torch.') for d in spec.dtypes)}, not {str(dtype).removeprefix('torch.')}"
+    for layer in layers:
+        problem = spec.check_layer(layer, config)
+        if problem:
+            return f"layer {layer.name} ({layer.in_features}x{layer.out_features}): {problem}"
+    return spec.check_available()
+
+
+def select_kernel(
+    config: QuantizeConfig,
+    layers: Sequence[LayerShape],
+    device: DeviceInfo,
+    dtype: torch.dtype,
+    kernels: Sequence[KernelSpec],
+    override: str = "auto",
+) -> KernelChoice:
+    """Rank every kernel (eligible ones first, by priority) and pick the best, or the one asked for."""
+    ranked = sorted(kernels, key=lambda k: -k.priority)
+    verdicts = []
+    for spec in ranked:
+        reason = why_not(spec, config, layers, device, dtype)
+        verdicts.append(KernelVerdict(name=spec.name, eligible=reason is None, reason=reason or "eligible"))
+    verdicts.sort(key=lambda v: not v.eligible)  # stable: keeps priority order within each half
+    if override != "auto":
+        match = [v for v in verdicts if v.name == override]
+        if not match:
+            names = ", ".join(k.name for k in ranked) or "none"
+            raise KernelError(f"kernel {override!r} is not registered (registered: {names})")
+        if not match[0].eligible:
+            raise KernelError(f"kernel {override!r} cannot serve this checkpoint on {device}: {match[0].reason}")
+        return KernelChoice(chosen=override, verdicts=verdicts)
+    eligible = [v for v in verdicts if v.eligible]
+    if not eligible:
+        details = "; ".join(f"{v.name}: {v.reason}" for v in verdicts) or "no kernels are registered"
+        raise KernelError(f"no kernel can serve this checkpoint on {device} ({details})")
+    return KernelChoice(chosen=eligible[0].name, verdicts=verdicts)

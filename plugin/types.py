@@ -1,0 +1,198 @@
+"""Typed values that cross the plugin contract (see hookspecs.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .config import QuantizeConfig
+
+
+class LayerShape(BaseModel):
+    """One quantized Linear of the model: its name and widths."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool = False
+
+
+class DeviceInfo(BaseModel):
+    """Where the model will run. `capability` is (major, minor) for CUDA devices, None for the CPU."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["cpu", "cuda"]
+    index: int | None = None
+    capability: tuple[int, int] | None = None
+    name: str = ""
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.type, self.index) if self.index is not None else torch.device(self.type)
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+    @classmethod
+    def parse(cls, spec: str | torch.device | None) -> "DeviceInfo":
+        """'cpu', 'cuda', 'cuda:1' or None (first CUDA device if there is one, else the CPU)."""
+        from .errors import GPTQBridgeError
+
+        if spec is None:
+            spec = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(spec)
+        except RuntimeError:
+            raise GPTQBridgeError(f"device {spec!r} is not understood; use 'cpu', 'cuda' or 'cuda:N'") from None
+        if dev.type == "cpu":
+            return cls(type="cpu")
+        if dev.type != "cuda":
+            raise GPTQBridgeError(f"device {spec!r}: only 'cpu' and 'cuda[:N]' are supported")
+        if not torch.cuda.is_available():
+            raise GPTQBridgeError(f"device {spec!r} asked for, but torch sees no CUDA device here")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise GPTQBridgeError(f"device {spec!r}: there are only {torch.cuda.device_count()} CUDA devices")
+        return cls(
+            type="cuda",
+            index=index,
+            capability=torch.cuda.get_device_capability(index),
+            name=torch.cuda.get_device_name(index),
+        )
+
+
+KernelFactory = Callable[[LayerShape, QuantizeConfig, torch.dtype], torch.nn.Module]
+
+
+class KernelSpec(BaseModel):
+    """What a kernel can serve, and how to build its quantized Linear.
+
+    Capabilities are plain data so selection can reason about them without importing anything heavy;
+    `check_available` is only called for kernels that pass every other test, because for some kernels
+    it means compiling a CUDA extension.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    description: str
+    bits: frozenset[int]
+    group_sizes: frozenset[int] | None = None  # None: any group size (-1 included)
+    act_order: bool = True
+    asymmetric: bool = True  # False: symmetric checkpoints only
+    zero_formats: frozenset[str] = frozenset({"gptq", "gptq_v2"})
+    devices: frozenset[str]
+    min_capability: tuple[int, int] | None = None  # CUDA compute capability
+    dtypes: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    # Higher runs first among eligible kernels; the GPU kernels issue replaces this with measured speeds.
+    priority: int = 0
+    factory: KernelFactory
+    check_available: Callable[[], str | None] = Field(default=lambda: None)
+    check_layer: Callable[[LayerShape, QuantizeConfig], str | None] = Field(default=lambda layer, config: None)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not v.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("kernel names are letters, digits, '-' and '_'")
+        return v
+
+
+class KernelVerdict(BaseModel):
+    name: str
+    eligible: bool
+    reason: str
+
+
+class KernelChoice(BaseModel):
+    """The chosen kernel and, for every registered kernel, why it is or is not eligible (best first)."""
+
+    chosen: str
+    verdicts: list[KernelVerdict]
+
+
+class ResolvedSource(BaseModel):
+    """A model source turned into a local directory."""
+
+    text: str  # what the user wrote
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+
+class LoadOptions(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    kernel: str = "auto"
+    device: DeviceInfo
+    dtype: torch.dtype
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    load_tokenizer: bool = True
+
+
+# --- generation: the contract is fixed here, the generator itself lives in the generation module ---
+
+
+class GenerationParams(BaseModel):
+    """Sampling parameters; out-of-range values are errors that name the parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty_range: int = Field(0, ge=0)  # 0 = whole context
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    banned_token_ids: list[int] = Field(default_factory=list)
+    ban_eos: bool = False
+    add_bos: bool | None = None  # None: as the tokenizer does
+    skip_special_tokens: bool = True
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationRequest(BaseModel):
+    """A prompt string or a list of chat messages, plus parameters."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    truncate: Literal["left", "error"] = "left"
+
+
+class GenerationChunk(BaseModel):
+    text: str  # new text since the previous chunk
+    full_text: str
+    token_ids: list[int]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerationResult(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length", "eos", "cancelled"]
+    stop_string: str | None = None
+    usage: Usage
+    truncated_prompt_tokens: int = 0
+    extra: dict[str, Any] = Field(default_factory=dict)
