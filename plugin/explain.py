@@ -6,6 +6,7 @@ import torch
 from pydantic import BaseModel
 
 from .config import QuantizeConfig
+from .hookspecs import hookimpl
 from .loader import plan_load
 from .types import DeviceInfo, KernelVerdict, LoadOptions
 from .sources import resolve_source
@@ -71,3 +72,36 @@ def format_explanation(e: Explanation) -> str:
         lines.append(f"{mark} {v.name.ljust(width)}{('yes' if v.eligible else 'no'):10}{v.reason}")
     lines += ["", f"chosen: {e.chosen}"]
     return "\n".join(lines)
+
+
+def _cmd_explain(args) -> int:
+    import json
+
+    e = explain(args.source, device=args.device, kernel=args.kernel, revision=args.revision,
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    if args.json:
+        out = {"source": e.source, "config_file": e.config_file, "chosen": e.chosen,
+               "kernels": [v.model_dump() for v in e.kernels],
+               "settings": e.settings.to_json_dict(), "device": e.device, "dtype": e.dtype, "layers": e.layers}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_explanation(e))
+    return 0
+
+
+def add_source_arguments(p) -> None:
+    """The arguments every command that opens a checkpoint shares."""
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    p.add_argument("--kernel", default="auto", help="force a kernel by name (default: auto)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weight files (they can run code)")
+
+
+@hookimpl
+def gptq_register_commands(subparsers):
+    p = subparsers.add_parser("explain", help="which kernel serves a checkpoint on this machine, and why")
+    p.add_argument("source", help="model directory or hub id org/name[:branch]")
+    add_source_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_explain)

@@ -37,3 +37,11 @@ def gptq_generate(model, request):
 
     Returns an iterator of `GenerationChunk`s whose last item is the `GenerationResult`.
     """
+
+
+@hookspec
+def gptq_register_commands(subparsers):
+    """Called when the CLI is built; add subcommands with `subparsers.add_parser(...)` and set `func=`.
+
+    `func(args)` returns the exit code; it raises `GPTQBridgeError` for user errors (printed as one line).
+    """
