@@ -159,6 +159,11 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, options
             raise CheckpointError(f"{path}: tensor {key!r} is {tensor.dtype}, expected a floating-point tensor")
     elif tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         raise CheckpointError(f"{path}: tensor {key!r} is {tensor.dtype}, expected an integer tensor ({current.dtype})")
+    if attr == "g_idx" and isinstance(module, GPTQLinear) and tensor.numel():
+        groups = module.scales.shape[0]
+        if int(tensor.min()) < 0 or int(tensor.max()) >= groups:
+            raise CheckpointError(f"{path}: tensor {key!r} names groups {int(tensor.min())}..{int(tensor.max())}, "
+                                  f"but the layer has {groups} groups (0..{groups - 1})")
     value = tensor.to(device=options.device.torch_device, dtype=current.dtype)
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -169,9 +174,8 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, options
 def _unloaded(model: nn.Module) -> list[str]:
     missing = []
     for name, module in model.named_modules():
-        optional = getattr(module, "optional_tensors", frozenset())
         for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None and t.is_meta and attr not in optional:
+            if t is not None and t.is_meta:
                 missing.append(f"{name}.{attr}" if name else attr)
     return missing
 
@@ -222,6 +226,9 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
 
     if getattr(plan.hf_config, "tie_word_embeddings", False):
         model.tie_weights()
+    for module in model.modules():
+        if isinstance(module, GPTQLinear):
+            module.fill_missing()
     missing = _unloaded(model)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

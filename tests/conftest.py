@@ -1,7 +1,5 @@
-import pytest
+import os
 
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """Tests never touch the network: the hub is read from local caches only."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+# Tests never touch the network: huggingface_hub reads this once, at import, so it is set before any import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -85,3 +85,31 @@ def build(
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def hub_cache(cache_root: Path, repo_id: str, branches: dict[str, Path]) -> dict[str, str]:
+    """Lay checkpoints out as huggingface_hub's cache does: blobs, snapshots/<commit> of links, refs/<branch>.
+
+    Returns the commit hash of each branch.
+    """
+    import hashlib
+    import os
+    import shutil
+
+    repo = cache_root / ("models--" + repo_id.replace("/", "--"))
+    commits = {}
+    for branch, src in branches.items():
+        commit = hashlib.sha1(f"{repo_id}@{branch}".encode()).hexdigest()
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (repo / "blobs").mkdir(exist_ok=True)
+        for f in sorted(src.iterdir()):
+            data = f.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            if not blob.exists():
+                shutil.copyfile(f, blob)
+            os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / branch).write_text(commit)
+        commits[branch] = commit
+    return commits

@@ -18,9 +18,6 @@ from ..types import LayerShape
 class GPTQLinear(nn.Module):
     """Base of quantized Linears: holds qweight, qzeros, scales, g_idx (and bias) exactly as stored."""
 
-    # Tensors the checkpoint may omit; `prepare` fills them. (g_idx is absent from pre-act-order checkpoints.)
-    optional_tensors = frozenset({"g_idx"})
-
     def __init__(self, layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype):
         super().__init__()
         self.in_features = layer.in_features
@@ -41,13 +38,13 @@ class GPTQLinear(nn.Module):
     def default_g_idx(self, device: torch.device) -> torch.Tensor:
         return torch.arange(self.in_features, device=device, dtype=torch.int32) // self.group_size
 
-    def prepare(self) -> None:
-        """Called once after loading, on the target device. Subclasses extend it to build their layout."""
+    def fill_missing(self) -> None:
+        """Fill what a checkpoint may omit: g_idx, absent from checkpoints made before act-order existed."""
         if self.g_idx.is_meta:
             self.g_idx = self.default_g_idx(self.qweight.device)
-        g = self.g_idx
-        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.scales.shape[0]):
-            raise ValueError(f"g_idx holds groups outside 0..{self.scales.shape[0] - 1}")
+
+    def prepare(self) -> None:
+        """Called once after loading, on the target device. Subclasses override it to build their layout."""
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
