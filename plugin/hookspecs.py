@@ -32,11 +32,17 @@ def gptq_load_model(source, options):
 
 
 @hookspec(firstresult=True)
-def gptq_generate(model, request):
+def gptq_generate(model, request, cancel):
     """Generate for a `GenerationRequest` on a `LoadedModel`; return None to let the next generator try.
 
-    Returns an iterator of `GenerationChunk`s whose last item is the `GenerationResult`.
+    Returns an iterator of `GenerationChunk`s whose last item is the `GenerationResult`. `cancel` is a
+    `threading.Event` (or None): once set, from any thread, generation ends with finish_reason "cancelled".
     """
+
+
+@hookspec
+def gptq_register_prompt_formats(register):
+    """Called when the prompt-format registry is built; call `register(PromptFormat)` once per format provided."""
 
 
 @hookspec

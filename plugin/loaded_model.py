@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import ConfigFile, QuantizeConfig
-from .types import DeviceInfo, KernelChoice, ResolvedSource
+from .types import DeviceInfo, GenerationResult, KernelChoice, ResolvedSource
+
+if TYPE_CHECKING:
+    from .generation import GenerationStream
 
 
 @dataclass
@@ -21,6 +25,10 @@ class LoadedModel:
     device: DeviceInfo
     dtype: torch.dtype
     weight_files: list[str] = field(default_factory=list)
+    # the prompt format for chat messages when a request names none (None: chosen from the model, prompts.py)
+    prompt_format: str | None = None
+    # generations on one model run one at a time (they share its weights and, on a GPU, its memory)
+    generation_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def quantize_config(self) -> QuantizeConfig:
@@ -30,3 +38,20 @@ class LoadedModel:
     def kernel(self) -> str:
         """Name of the kernel serving the quantized layers."""
         return self.choice.chosen
+
+    def stream(self, prompt=None, *, cancel: threading.Event | None = None, **kwargs: Any) -> "GenerationStream":
+        """Generate, streaming: `for chunk in lm.stream("Hi", max_new_tokens=20): print(chunk.text, end="")`.
+
+        `prompt` is a string (sent as it is), a list of chat messages (`{"role": ..., "content": ...}` or
+        `ChatMessage`, rendered with the model's prompt format) or a `GenerationRequest`. Keywords are the
+        `GenerationParams` fields and the request's `prompt_format`, `input`, `truncate`, `context_length`.
+        The returned stream has `.result` once iterated to the end and `.cancel()` for any thread.
+        """
+        from .generation import GenerationStream, make_request
+
+        return GenerationStream(self, make_request(prompt, **kwargs), cancel)
+
+    def generate(self, prompt=None, *, cancel: threading.Event | None = None, **kwargs: Any) -> GenerationResult:
+        """Generate to the end and return the `GenerationResult` (same arguments as `stream`)."""
+        with self.stream(prompt, cancel=cancel, **kwargs) as s:
+            return s.consume()

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import QuantizeConfig
 
@@ -142,7 +142,11 @@ class LoadOptions(BaseModel):
 
 
 class GenerationParams(BaseModel):
-    """Sampling parameters; out-of-range values are errors that name the parameter."""
+    """Sampling parameters; unknown names and out-of-range values are errors that name the parameter.
+
+    Penalties (repetition, presence, frequency) look at the last `repetition_penalty_range` tokens of the
+    context, prompt included (0 = the whole context), as text-generation-webui does.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -154,39 +158,79 @@ class GenerationParams(BaseModel):
     typical_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     repetition_penalty_range: int = Field(0, ge=0)  # 0 = whole context
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)  # None: a fresh random seed, reported in the result
     stop: list[str] = Field(default_factory=list)
     banned_token_ids: list[int] = Field(default_factory=list)
     ban_eos: bool = False
     add_bos: bool | None = None  # None: as the tokenizer does
     skip_special_tokens: bool = True
 
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must not be empty")
+        return list(dict.fromkeys(v))
+
+    @field_validator("banned_token_ids")
+    @classmethod
+    def _banned(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("token ids are >= 0")
+        return v
+
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "user", "assistant"]
     content: str
 
 
 class GenerationRequest(BaseModel):
-    """A prompt string or a list of chat messages, plus parameters."""
+    """A prompt string (sent as it is) or a list of chat messages (rendered by a prompt format), plus parameters.
+
+    `prompt_format` names a registered format for `messages` (default: chosen from the model, see prompts.py);
+    `input` fills the `### Input:` slot of formats that have one (alpaca). `context_length` caps the context
+    below the model's own (text-generation-webui's truncation_length). The prompt may use
+    `context_length - max_new_tokens` tokens; a longer one is cut from the left (`truncate="left"`, reported in
+    the result) or refused (`truncate="error"`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     params: GenerationParams = Field(default_factory=GenerationParams)
     truncate: Literal["left", "error"] = "left"
+    prompt_format: str | None = None
+    input: str | None = None
+    context_length: int | None = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "GenerationRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt (a string) and messages (a list of chat messages)")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages is empty")
+        return self
 
 
 class GenerationChunk(BaseModel):
-    text: str  # new text since the previous chunk
-    full_text: str
-    token_ids: list[int]
+    text: str  # new text since the previous chunk (never part of a stop string, never half a character)
+    full_text: str  # all text so far
+    token_ids: list[int]  # tokens generated since the previous chunk
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 class GenerationResult(BaseModel):
@@ -195,4 +239,25 @@ class GenerationResult(BaseModel):
     stop_string: str | None = None
     usage: Usage
     truncated_prompt_tokens: int = 0
+    token_ids: list[int] = Field(default_factory=list)  # every generated token, stop and eos tokens included
+    prompt_format: str | None = None  # the format that rendered `messages`; None for a plain prompt string
+    seed: int | None = None  # the seed sampling used (drawn at random when the request gave none)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class PromptFormat(BaseModel):
+    """A way to turn chat messages into the prompt text a model was trained on.
+
+    `render(messages, tokenizer=..., input=...)` returns the text, ending where the assistant's reply begins.
+    `stop` are strings that end a reply in this format (added to the request's own). `model_patterns` are
+    regular expressions matched (case-insensitively) against the model's name to choose the format when
+    nobody chose one and the tokenizer has no chat template.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    description: str
+    render: Callable[..., str]
+    stop: tuple[str, ...] = ()
+    model_patterns: tuple[str, ...] = ()

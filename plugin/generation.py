@@ -1,0 +1,434 @@
+"""The built-in generator: a `GenerationRequest` on a `LoadedModel` to a stream of chunks and a result.
+
+One forward over the prompt fills a KV cache (transformers' DynamicCache); each new token then costs one
+forward of one position. Sampling lives in sampling.py, stop strings and hold-back in stopping.py, prompt
+formats in prompts.py; this module ties them together:
+
+    prompt text (or messages rendered by a format) → token ids (BOS as asked, truncated to the context)
+    → prefill → [sample → decode incrementally → stop strings → chunk] per token → result
+
+Calls on one model are serialised by the model's `generation_lock`; the cache belongs to the call, so a
+cancelled or abandoned generation leaves nothing behind. Cancellation is checked before every forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from .errors import GPTQBridgeError
+from .hookspecs import hookimpl
+from .sampling import Sampler
+from .stopping import StopMatcher
+from .types import ChatMessage, GenerationChunk, GenerationParams, GenerationRequest, GenerationResult, Usage
+
+REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a whole UTF-8 character
+
+
+# --- building a request with errors that name the parameter ---------------------------------------------
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"] if x != "params"]
+        name = ".".join(loc) or "request"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{name}: unknown parameter")
+        else:
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            parts.append(f"{name}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def make_params(**kwargs: Any) -> GenerationParams:
+    try:
+        return GenerationParams(**kwargs)
+    except ValidationError as exc:
+        raise GPTQBridgeError(validation_message(exc)) from None
+
+
+def make_request(
+    prompt: str | list | GenerationRequest | None = None,
+    *,
+    messages: list | None = None,
+    params: GenerationParams | dict | None = None,
+    **kwargs: Any,
+) -> GenerationRequest:
+    """A request from what a caller naturally has: a string, a list of messages (dicts or ChatMessage), or a
+    request; request fields (`prompt_format`, `input`, `truncate`, `context_length`) and sampling parameters
+    as keywords. Unknown names are errors that name them."""
+    if isinstance(prompt, GenerationRequest):
+        if messages is not None or params is not None or kwargs:
+            raise GPTQBridgeError("pass either a GenerationRequest or prompt and parameters, not both")
+        return prompt
+    if isinstance(prompt, (list, tuple)):
+        if messages is not None:
+            raise GPTQBridgeError("give messages once: as the first argument or as messages=, not both")
+        prompt, messages = None, list(prompt)
+    request_fields = {k: kwargs.pop(k) for k in ("prompt_format", "input", "truncate", "context_length") if k in kwargs}
+    if isinstance(params, GenerationParams):
+        base = params.model_dump()
+    else:
+        base = dict(params or {})
+    base.update(kwargs)
+    try:
+        return GenerationRequest(prompt=prompt, messages=messages, params=GenerationParams(**base), **request_fields)
+    except ValidationError as exc:
+        raise GPTQBridgeError(validation_message(exc)) from None
+
+
+# --- incremental decoding ------------------------------------------------------------------------------------
+
+
+class IncrementalDecoder:
+    """Token ids in, text out, never half a character.
+
+    Each step decodes a short window twice: from the token before the last released one, without and with the
+    new tokens; the difference is the new text. Decoding from one token back keeps the space a tokenizer puts
+    (or strips) at a word's start right. A difference ending in U+FFFD is an incomplete UTF-8 sequence (byte
+    tokens): it waits for the next token.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # end of what has been released
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+
+    def _delta(self) -> str:
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        return after[len(before):] if len(after) > len(before) else ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        delta = self._delta()
+        if not delta or delta.endswith(REPLACEMENT):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return delta
+
+    def flush(self) -> str:
+        """Whatever is still waiting (an incomplete character at the very end shows as U+FFFD)."""
+        delta = self._delta()
+        self.prefix = self.read = len(self.ids)
+        return delta
+
+
+# --- preparing a request --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    ids: list[int]
+    truncated: int
+    stops: list[str]
+    stop_token_ids: dict[int, str]
+    eos_ids: set[int]
+    prompt_format: str | None
+    context_length: int | None
+    vocab_size: int
+
+
+def eos_token_ids(model) -> set[int]:
+    """EOS ids from the tokenizer, the model config and the generation config (chat models often add one)."""
+    found: set[int] = set()
+    sources = [getattr(model.tokenizer, "eos_token_id", None),
+               getattr(getattr(model.model, "config", None), "eos_token_id", None),
+               getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)]
+    for value in sources:
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(v for v in value if isinstance(v, int))
+    return found
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(with_special) and with_special[0] == bos
+
+
+def encode_prompt(tokenizer, text: str, add_bos: bool | None) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_bos and bos is None:
+        raise GPTQBridgeError("add_bos: this model's tokenizer has no BOS token")
+    want = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    if want and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    if not ids:
+        if bos is None:
+            raise GPTQBridgeError("prompt: it is empty, and this tokenizer has no BOS token to start from")
+        ids = [bos]
+    return ids
+
+
+def model_context_length(model) -> int | None:
+    config = getattr(model.model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prepare(model, request: GenerationRequest) -> Prepared:
+    from .prompts import choose_prompt_format, registered_prompt_formats, render_messages
+
+    tok = model.tokenizer
+    if tok is None:
+        raise GPTQBridgeError(f"{model.source.text}: this checkpoint ships no tokenizer, so it cannot generate text")
+    params = request.params
+    stops = list(params.stop)
+    fmt_name = None
+    if request.messages is not None:
+        formats = registered_prompt_formats()
+        choice = choose_prompt_format(tok, model.source, request.prompt_format or model.prompt_format, formats)
+        rendered = render_messages(request.messages, choice.name, tokenizer=tok, input=request.input, formats=formats)
+        text, fmt_name = rendered.text, rendered.format
+        stops += [s for s in rendered.stop if s not in stops]
+    else:
+        if request.prompt_format or request.input:
+            field = "prompt_format" if request.prompt_format else "input"
+            raise GPTQBridgeError(f"{field}: applies to messages; a prompt string is sent as it is")
+        text = request.prompt
+    bos_text = getattr(tok, "bos_token", None)
+    add_bos = params.add_bos
+    if add_bos is not False and bos_text and fmt_name is not None and text.startswith(bos_text):
+        add_bos = False  # the format already wrote it
+    ids = encode_prompt(tok, text, add_bos)
+
+    ctx = model_context_length(model)
+    if request.context_length is not None:
+        ctx = request.context_length if ctx is None else min(ctx, request.context_length)
+    truncated = 0
+    if ctx is not None:
+        if params.max_new_tokens >= ctx:
+            raise GPTQBridgeError(f"max_new_tokens: {params.max_new_tokens} leaves no room for the prompt in a "
+                                  f"{ctx}-token context")
+        budget = ctx - params.max_new_tokens
+        if len(ids) > budget:
+            if request.truncate == "error":
+                raise GPTQBridgeError(f"prompt: {len(ids)} tokens, but only {budget} fit ({ctx}-token context minus "
+                                      f"max_new_tokens={params.max_new_tokens}); pass truncate='left' to cut it")
+            truncated = len(ids) - budget
+            keep_bos = ids[0] == getattr(tok, "bos_token_id", None) and budget > 1
+            ids = ([ids[0]] + ids[truncated + 1:]) if keep_bos else ids[truncated:]
+
+    # stop strings that are special tokens are matched as tokens: skip_special_tokens hides them from the text
+    added = {}
+    try:
+        added = tok.get_added_vocab()
+    except Exception:  # not every tokenizer class has it
+        pass
+    stop_token_ids = {added[s]: s for s in stops if s in added}
+    vocab = getattr(getattr(model.model, "config", None), "vocab_size", None) or len(tok)
+    return Prepared(ids=ids, truncated=truncated, stops=stops, stop_token_ids=stop_token_ids,
+                    eos_ids=eos_token_ids(model), prompt_format=fmt_name, context_length=ctx, vocab_size=vocab)
+
+
+# --- the forward pass ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_type: type) -> str:
+    """transformers 5 renamed `past_key_values` to `cache`; use whichever this model's forward takes."""
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(hf_model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=hf_model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+class Decoder:
+    """The model plus one call's KV cache: `prefill(ids)` then `step(token)`, each giving the next logits."""
+
+    def __init__(self, hf_model, device: torch.device):
+        self.model = hf_model
+        self.device = device
+        self.cache = new_cache(hf_model)
+        self.arg = _cache_argument(type(hf_model))
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self.arg: self.cache})
+        return out.logits[0, -1].float()
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        return self._forward(ids)
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._forward([token])
+
+
+# --- the generator --------------------------------------------------------------------------------------------
+
+
+def _acquire(lock: threading.Lock, cancel: threading.Event | None) -> bool:
+    """Wait for the model; give up (False) if cancelled while waiting."""
+    while not lock.acquire(timeout=0.05):
+        if cancel is not None and cancel.is_set():
+            return False
+    return True
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def run(model, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[GenerationChunk | GenerationResult]:
+    """Validate and prepare now (errors surface at the call), generate lazily as the iterator is consumed."""
+    prep = prepare(model, request)
+    params = request.params
+    seed = params.seed if params.seed is not None else random_seed()
+    sampler = Sampler(params, prep.vocab_size, prep.eos_ids, seed)
+    matcher = StopMatcher(prep.stops)
+    return _generate(model, request, prep, sampler, matcher, seed, cancel)
+
+
+def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMatcher, seed: int,
+              cancel: threading.Event | None) -> Iterator[GenerationChunk | GenerationResult]:
+    params = request.params
+    cancelled = cancel.is_set if cancel is not None else (lambda: False)
+    result = dict(prompt_format=prep.prompt_format, seed=seed, truncated_prompt_tokens=prep.truncated)
+    if not _acquire(model.generation_lock, cancel):
+        yield GenerationResult(text="", finish_reason="cancelled", usage=Usage(prompt_tokens=len(prep.ids),
+                               completion_tokens=0), **result)
+        return
+    try:
+        decoder = IncrementalDecoder(model.tokenizer, params.skip_special_tokens)
+        context = torch.empty(len(prep.ids) + params.max_new_tokens, dtype=torch.long)
+        context[: len(prep.ids)] = torch.tensor(prep.ids)
+        n = len(prep.ids)
+        generated: list[int] = []
+        text, unreported = "", []
+        finish, stop_string = "length", None
+        if cancelled():
+            finish = "cancelled"
+        else:
+            net = Decoder(model.model, model.device.torch_device)
+            logits = net.prefill(prep.ids)
+            for step in range(params.max_new_tokens):
+                token = sampler(logits, context[:n])
+                generated.append(token)
+                unreported.append(token)
+                context[n] = token
+                n += 1
+                if token in prep.stop_token_ids:
+                    finish, stop_string = "stop", prep.stop_token_ids[token]
+                    break
+                if token in prep.eos_ids:
+                    finish = "eos"
+                    break
+                out = matcher.feed(decoder.add(token))
+                if out:
+                    text += out
+                    yield GenerationChunk(text=out, full_text=text, token_ids=unreported)
+                    unreported = []
+                if matcher.stopped is not None:
+                    finish, stop_string = "stop", matcher.stopped
+                    break
+                if step == params.max_new_tokens - 1:
+                    break
+                if cancelled():
+                    finish = "cancelled"
+                    break
+                logits = net.step(token)
+        if finish != "stop":
+            tail = matcher.feed(decoder.flush())
+            if matcher.stopped is not None:
+                finish, stop_string = "stop", matcher.stopped
+            tail += matcher.flush()
+            if tail:
+                text += tail
+                yield GenerationChunk(text=tail, full_text=text, token_ids=unreported)
+        yield GenerationResult(text=text, finish_reason=finish, stop_string=stop_string,
+                               usage=Usage(prompt_tokens=len(prep.ids), completion_tokens=len(generated)),
+                               token_ids=generated, **result)
+    finally:
+        model.generation_lock.release()
+
+
+@hookimpl(trylast=True)
+def gptq_generate(model, request, cancel):
+    return run(model, request, cancel)
+
+
+# --- what LoadedModel.stream returns ---------------------------------------------------------------------
+
+
+class GenerationStream:
+    """Iterate for `GenerationChunk`s (each with the new text and the full text so far); afterwards `result`
+    holds the `GenerationResult`. `cancel()` may be called from any thread; `close()` (or leaving a `with`
+    block) stops generation and frees the model for the next call."""
+
+    def __init__(self, model, request: GenerationRequest, cancel: threading.Event | None = None):
+        from .plugins import get_plugin_manager
+
+        self.request = request
+        self.cancel_event = cancel if cancel is not None else threading.Event()
+        items = get_plugin_manager().hook.gptq_generate(model=model, request=request, cancel=self.cancel_event)
+        if items is None:
+            raise GPTQBridgeError(f"{model.source.text}: no generator plugin accepted this request")
+        self._items = iter(items)
+        self.result: GenerationResult | None = None
+        self.text = ""
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        try:
+            for item in self._items:
+                if isinstance(item, GenerationResult):
+                    self.result = item
+                    self.text = item.text
+                    return
+                self.text = item.full_text
+                yield item
+        finally:
+            if self.result is None:  # the caller stopped iterating: end generation, free the model
+                self.close()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def close(self) -> None:
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+    def consume(self) -> GenerationResult:
+        for _ in self:
+            pass
+        if self.result is None:
+            raise GPTQBridgeError("the generator ended without a result")
+        return self.result
+
+    def __enter__(self) -> "GenerationStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,135 @@
+"""From the logits of one position to the next token: penalties, bans, temperature, truncation, a draw.
+
+Order (text-generation-webui's default): repetition penalty, presence and frequency penalties, bans, then
+temperature, top_k, top_p, typical_p, min_p on the probabilities that remain. Each truncation keeps at least
+the most likely token, so a draw always has something to draw from. Temperature 0 means greedy: the most
+likely token after penalties and bans.
+
+The draw itself happens on the CPU with a per-call `torch.Generator`, so a seed gives the same tokens
+whatever device computed the logits (up to that device's arithmetic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import GPTQBridgeError
+from .types import GenerationParams
+
+NEG_INF = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, context: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """Repetition (CTRL-style: divide positive logits, multiply negative ones), presence and frequency penalties.
+
+    `context` holds the token ids so far (prompt and generated); only the last `repetition_penalty_range`
+    of them count when that is non-zero.
+    """
+    rep, pres, freq = params.repetition_penalty, params.presence_penalty, params.frequency_penalty
+    if (rep == 1.0 and pres == 0.0 and freq == 0.0) or context.numel() == 0:
+        return logits
+    window = context[-params.repetition_penalty_range:] if params.repetition_penalty_range else context
+    counts = torch.bincount(window.to(logits.device), minlength=logits.shape[-1])[: logits.shape[-1]]
+    seen = counts > 0
+    out = logits.clone()
+    if rep != 1.0:
+        picked = out[seen]
+        out[seen] = torch.where(picked > 0, picked / rep, picked * rep)
+    if pres != 0.0:
+        out = out - pres * seen.to(out.dtype)
+    if freq != 0.0:
+        out = out - freq * counts.to(out.dtype)
+    return out
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens whose probabilities add up to at least `top_p` (nucleus sampling)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability mass ranked above each token
+    drop_sorted = before >= top_p
+    drop_sorted[0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def typical_filter(logits: torch.Tensor, typical_p: float) -> torch.Tensor:
+    """Locally typical sampling: keep tokens whose surprise is closest to the entropy, up to `typical_p` mass."""
+    if typical_p >= 1.0:
+        return logits
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    finite = torch.isfinite(logp)
+    entropy = -(torch.where(finite, p * logp, torch.zeros_like(p))).sum()
+    score = torch.where(finite, (-logp - entropy).abs(), torch.full_like(p, float("inf")))
+    sorted_score, order = torch.sort(score)
+    sorted_p = p[order]
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+    drop_sorted = before >= typical_p
+    drop_sorted[0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than `min_p` times the most likely one."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(), NEG_INF)
+
+
+class Sampler:
+    """One generation's sampling state: the parameters, the ban mask and the random generator."""
+
+    def __init__(self, params: GenerationParams, vocab_size: int, eos_ids: set[int], seed: int):
+        self.params = params
+        self.vocab_size = vocab_size
+        bad = [i for i in params.banned_token_ids if i >= vocab_size]
+        if bad:
+            raise GPTQBridgeError(
+                f"banned_token_ids: {bad[0]} is not a token id of this model (its vocabulary has {vocab_size} tokens)"
+            )
+        banned = set(params.banned_token_ids)
+        if params.ban_eos:
+            banned |= {i for i in eos_ids if i < vocab_size}
+        self.banned = torch.tensor(sorted(banned), dtype=torch.long)
+        if len(banned) >= vocab_size:
+            raise GPTQBridgeError("banned_token_ids (with ban_eos) ban every token of the vocabulary")
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    def process(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Logits after penalties and bans (before temperature)."""
+        logits = apply_penalties(logits.float(), context, self.params)
+        if self.banned.numel():
+            logits = logits.index_fill(0, self.banned.to(logits.device), NEG_INF)
+        return logits
+
+    def distribution(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The probabilities the next token is drawn from (one-hot when greedy)."""
+        logits = self.process(logits, context)
+        p = self.params
+        if p.temperature == 0.0:
+            return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
+        logits = logits / p.temperature
+        logits = top_k_filter(logits, p.top_k)
+        logits = top_p_filter(logits, p.top_p)
+        logits = typical_filter(logits, p.typical_p)
+        logits = min_p_filter(logits, p.min_p)
+        return torch.softmax(logits, dim=-1)
+
+    def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> int:
+        if self.params.temperature == 0.0:
+            return int(self.process(logits, context).argmax())
+        probs = self.distribution(logits, context).cpu()
+        return int(torch.multinomial(probs, 1, generator=self.generator))
