@@ -1,7 +1,7 @@
 """The built-in loader: a GPTQ checkpoint directory to a transformers model with quantized Linears.
 
 1. read the settings (config.py) and the architecture (config.json, through transformers);
-2. build the model skeleton with every parameter on the meta device: nothing full-size is allocated;
+2. build the model skeleton on the meta device: nothing full-size is allocated;
 3. find the quantized Linears (those with a `.qweight` tensor), select a kernel (selection.py) and swap
    each Linear for the kernel's module, also on meta;
 4. stream the tensors file by file, checking each name, shape and dtype, straight to the target device;
@@ -59,36 +59,30 @@ def load_hf_config(model_dir: Path, trust_remote_code: bool):
     return hf_config
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Create modules whose parameters live on the meta device; buffers stay real.
-
-    Non-persistent buffers (rotary frequencies) are computed at construction and are not in checkpoints,
-    so they must be real; parameters all come from the checkpoint, so they need no memory until loaded.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model with every parameter and buffer on the meta device: nothing full-size is allocated."""
     from transformers import AutoModelForCausalLM
+    from transformers import initialization
 
-    with parameters_on_meta():
+    # transformers builds its own models this way: meta tensors, with creation ops that __init__ code calls
+    # for Python numbers (linspace, ...) kept on the CPU.
+    safe_ops = getattr(initialization, "meta_device_safe_creation_ops", contextlib.nullcontext)
+    with torch.device("meta"), safe_ops():
         try:
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
         except ValueError as exc:
             raise ConfigError(f"config.json: transformers has no causal LM for this architecture: {str(exc).splitlines()[0]}") from None
-    return model
+
+
+def materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Compute the buffers no checkpoint holds (rotary frequencies), as transformers' own loader does."""
+    for module in model.modules():
+        names = [n for n, b in module._buffers.items()
+                 if b is not None and b.is_meta and n in module._non_persistent_buffers_set]
+        for name in names:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+        if names:
+            model._init_weights(module)
 
 
 def quantized_layers(model: nn.Module, names: dict[str, Path]) -> list[LayerShape]:
@@ -229,6 +223,7 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
     for module in model.modules():
         if isinstance(module, GPTQLinear):
             module.fill_missing()
+    materialize_buffers(model, options.device.torch_device)
     missing = _unloaded(model)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

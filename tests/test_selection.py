@@ -1,0 +1,110 @@
+"""Kernel selection is a pure function: unit-tested for CPU and (simulated) CUDA devices."""
+
+import pytest
+import torch
+
+from gptq_bridge.config import QuantizeConfig
+from gptq_bridge.errors import KernelError
+from gptq_bridge.kernels.torch_ref import TORCH_KERNEL, TorchQuantLinear
+from gptq_bridge.selection import select_kernel
+from gptq_bridge.types import DeviceInfo, KernelSpec, LayerShape
+
+LAYERS = [LayerShape(name="model.layers.0.mlp.down_proj", in_features=28672, out_features=8192)]
+H100 = DeviceInfo(type="cuda", index=0, capability=(9, 0), name="H100")
+T4 = DeviceInfo(type="cuda", index=0, capability=(7, 5), name="T4")
+CPU = DeviceInfo(type="cpu")
+imports_tried = []
+
+
+def unavailable():
+    imports_tried.append("fast")
+    return "package fastgptq is not importable (No module named 'fastgptq')"
+
+
+EXLLAMA_LIKE = KernelSpec(name="exllama-like", description="", bits=frozenset({4}),
+                          group_sizes=frozenset({-1, 32, 64, 128}), devices=frozenset({"cuda"}), priority=30,
+                          dtypes=frozenset({torch.float16}), factory=TorchQuantLinear)
+MARLIN_LIKE = KernelSpec(name="marlin-like", description="", bits=frozenset({4}), group_sizes=frozenset({-1, 128}),
+                         asymmetric=False, devices=frozenset({"cuda"}), min_capability=(8, 0), priority=40,
+                         zero_formats=frozenset({"gptq"}), dtypes=frozenset({torch.float16}), factory=TorchQuantLinear)
+CUDA_OLD_LIKE = KernelSpec(name="cuda-old-like", description="", bits=frozenset({2, 3, 4, 8}), act_order=False,
+                           devices=frozenset({"cuda"}), priority=20, factory=TorchQuantLinear)
+UNAVAILABLE = KernelSpec(name="fast", description="", bits=frozenset({2, 3, 4, 8}), devices=frozenset({"cuda"}),
+                         priority=50, factory=TorchQuantLinear, check_available=unavailable)
+ALL = [TORCH_KERNEL, EXLLAMA_LIKE, MARLIN_LIKE, CUDA_OLD_LIKE, UNAVAILABLE]
+
+
+def choose(device, dtype=torch.float16, override="auto", **settings):
+    return select_kernel(QuantizeConfig(**settings), LAYERS, device, dtype, ALL, override)
+
+
+def reasons(choice):
+    return {v.name: v.reason for v in choice.verdicts}
+
+
+def test_h100_4bit_g128_act_order_picks_highest_priority_eligible():
+    choice = choose(H100, bits=4, group_size=128, desc_act=True)
+    assert choice.chosen == "marlin-like"
+    r = reasons(choice)
+    assert r["fast"].startswith("package fastgptq is not importable")
+    assert r["cuda-old-like"] == "does not support act-order (desc_act) with groups"
+    assert [v.eligible for v in choice.verdicts] == [True, True, True, False, False]  # eligible first
+
+
+def test_capability_too_low_falls_through():
+    choice = choose(T4, bits=4, group_size=128, desc_act=True)
+    assert choice.chosen == "exllama-like"
+    assert reasons(choice)["marlin-like"] == "needs compute capability >= 8.0, device has 7.5"
+
+
+@pytest.mark.parametrize("settings,reason_of,expected", [
+    ({"bits": 3, "group_size": 128}, "exllama-like", "supports 4-bit, checkpoint is 3-bit"),
+    ({"bits": 4, "group_size": 32}, "marlin-like", "supports group sizes -1, 128, checkpoint uses 32"),
+    ({"bits": 4, "group_size": 128, "sym": False}, "marlin-like", "supports symmetric checkpoints only (sym: false here)"),
+    ({"bits": 4, "group_size": 128, "checkpoint_format": "gptq_v2"}, "marlin-like", "does not read the 'gptq_v2' zero-point format"),
+])
+def test_each_capability_gives_its_reason(settings, reason_of, expected):
+    assert reasons(choose(H100, **settings))[reason_of] == expected
+
+
+def test_act_order_without_groups_or_with_static_groups_needs_no_act_order_support():
+    assert choose(H100, bits=3, group_size=-1, desc_act=True).chosen == "cuda-old-like"
+    assert choose(H100, bits=3, group_size=128, desc_act=True, static_groups=True).chosen == "cuda-old-like"
+    assert choose(H100, bits=3, group_size=128, desc_act=True).chosen == "torch"
+
+
+def test_cpu_never_checks_availability_of_cuda_kernels():
+    imports_tried.clear()
+    choice = choose(CPU, dtype=torch.float32, bits=4, group_size=128)
+    assert choice.chosen == "torch" and imports_tried == []
+    assert reasons(choice)["exllama-like"] == "runs on cuda, not cpu"
+
+
+def test_dtype_is_checked():
+    assert reasons(choose(H100, dtype=torch.bfloat16, bits=4, group_size=128))["exllama-like"] == \
+        "computes in float16, not bfloat16"
+
+
+def test_override():
+    assert choose(H100, override="torch", bits=4, group_size=128).chosen == "torch"
+    with pytest.raises(KernelError, match="kernel 'exllama-like' cannot serve this checkpoint on cuda:0: supports 4-bit, checkpoint is 3-bit"):
+        choose(H100, override="exllama-like", bits=3, group_size=128)
+    with pytest.raises(KernelError, match="kernel 'nope' is not registered"):
+        choose(H100, override="nope", bits=4)
+
+
+def test_layer_shape_checks_name_the_layer():
+    odd = [LayerShape(name="model.layers.3.mlp.down_proj", in_features=100, out_features=64)]
+    with pytest.raises(KernelError, match=r"torch: layer model.layers.3.mlp.down_proj \(100x64\): input features must be a multiple of 32"):
+        select_kernel(QuantizeConfig(bits=4), odd, CPU, torch.float32, [TORCH_KERNEL])
+
+
+def test_device_parsing_errors():
+    from gptq_bridge.errors import GPTQBridgeError
+
+    assert DeviceInfo.parse("cpu") == CPU
+    with pytest.raises(GPTQBridgeError, match="not understood"):
+        DeviceInfo.parse("gpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(GPTQBridgeError, match="torch sees no CUDA device"):
+            DeviceInfo.parse("cuda:0")
