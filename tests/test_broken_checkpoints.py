@@ -57,6 +57,14 @@ def two_weight_files(d):
     (d / "a.safetensors").write_bytes((d / "b.safetensors").read_bytes())
 
 
+def remote_code(d):
+    config = json.loads((d / "config.json").read_text())
+    config.update(model_type="x-custom", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                    "AutoModelForCausalLM": "modeling_x.XModel"})
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "configuration_x.py").write_text("raise SystemExit('the model code ran without trust_remote_code')\n")
+
+
 def remove(name):
     return lambda d: (d / name).unlink()
 
@@ -87,6 +95,7 @@ CATALOGUE = {
                       rf"tensor '{Q}.qweight' is torch.float32, expected an integer tensor"),
     "g-idx-out-of-range": (edit_tensors(lambda t: t[f"{Q}.g_idx"].__setitem__(0, 9)),
                            rf"tensor '{Q}.g_idx' names groups 0..9, but the layer has 5 groups"),
+    "remote-code-not-trusted": (remote_code, r"contains custom code.*pass trust_remote_code=True if you trust"),
     "not-json": (lambda d: (d / "quantize_config.json").write_text("{bits: 4"), r"quantize_config.json: not valid JSON"),
 }
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gptq_bridge
+from gptq_bridge.explain import explain
 from tiny_checkpoints import build, relative_error
 
 COMBOS = list(itertools.product([2, 3, 4, 8], [-1, 32, 128], [False, True], ["gptq", "gptq_v2"], [True, False]))
@@ -22,6 +23,7 @@ COMBOS = list(itertools.product([2, 3, 4, 8], [-1, 32, 128], [False, True], ["gp
 def test_logits_match_dequantized_reference(tmp_path, bits, group_size, desc_act, fmt, sym, location):
     ck = build(tmp_path / "ck", bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
                checkpoint_format=fmt, config_location=location, seed=bits * 7 + group_size)
+    assert explain(str(ck.path), device="cpu").chosen == "torch"
     lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32)
     assert lm.kernel == "torch" and lm.quantize_config.bits == bits
     assert lm.config_file.path.name == ("quantize_config.json" if location == "quantize_config" else "config.json")
