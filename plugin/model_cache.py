@@ -1,0 +1,74 @@
+"""Loaded models shared by everything in one process: two adapters naming the same source load it once.
+
+The key is what decides the loaded result: the resolved checkpoint directory (so `./m` and `/abs/m`, or a hub
+id and its cached snapshot, are the same model), the kernel, the device, the dtype and the safety opt-ins.
+Loading one key twice at the same time waits for the first load instead of starting a second.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from .loaded_model import LoadedModel
+
+
+class ModelCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[tuple, LoadedModel] = {}
+        self._loading: dict[tuple, threading.Lock] = {}
+
+    @staticmethod
+    def key(source: str, *, kernel: str = "auto", device: str | torch.device | None = None,
+            dtype: torch.dtype | None = None, revision: str | None = None, trust_remote_code: bool = False,
+            allow_pickle: bool = False) -> tuple:
+        from . import default_dtype
+        from .sources import resolve_source
+        from .types import DeviceInfo
+
+        resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
+        dev = DeviceInfo.parse(device)
+        return (str(resolved.path), kernel, str(dev), str(dtype or default_dtype(dev)), trust_remote_code, allow_pickle)
+
+    def get(self, source: str, **options: Any) -> LoadedModel:
+        """The loaded model for `source` with these `load_model` options, loading it on first use."""
+        from . import load_model
+
+        key = self.key(source, **options)
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            loaded = load_model(source, **options)
+            with self._lock:
+                self._models[key] = loaded
+                self._loading.pop(key, None)
+            return loaded
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def clear(self) -> None:
+        """Forget every model (memory is freed once no caller holds one)."""
+        with self._lock:
+            self._models.clear()
+
+
+@lru_cache(maxsize=1)
+def shared_models() -> ModelCache:
+    """The process's model cache."""
+    return ModelCache()
+
+
+def get_model(source: str, **options: Any) -> LoadedModel:
+    """`load_model`, but each distinct (checkpoint, kernel, device, dtype) is loaded once per process."""
+    return shared_models().get(source, **options)
