@@ -1,0 +1,28 @@
+"""What every adapter needs: the shared loaded model for a source (None = the embedded default model)."""
+
+from __future__ import annotations
+
+from ..loaded_model import LoadedModel
+
+
+def source_or_default(source: str | None) -> str:
+    if source:
+        return source
+    from ..default_model import default_source
+
+    return default_source()
+
+
+def shared_model(source: str | None, *, kernel: str = "auto", device: str | None = None) -> LoadedModel:
+    """The process-wide loaded model for `source`: adapters naming the same checkpoint share one copy."""
+    from ..model_cache import get_model
+
+    return get_model(source_or_default(source), kernel=kernel, device=device)
+
+
+def model_display_name(source: str | None, loaded: LoadedModel) -> str:
+    """A short, stable name for frontends: the hub id (with branch) or the directory name."""
+    if loaded.source.repo_id:
+        rev = loaded.source.revision
+        return f"{loaded.source.repo_id}:{rev}" if rev and rev != "main" else loaded.source.repo_id
+    return loaded.source.path.name

@@ -1,0 +1,15 @@
+"""The model the adapter tests run on. Built once per test session into a temporary directory."""
+
+from __future__ import annotations
+
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def adapter_source() -> str:
+    """A tiny GPTQ checkpoint with a byte-level tokenizer and a ChatML template (random weights)."""
+    from gen_models import byte_checkpoint
+
+    return str(byte_checkpoint(Path(tempfile.mkdtemp(prefix="gptq-bridge-adapters-")) / "tiny-chat"))
