@@ -26,3 +26,38 @@ def model_display_name(source: str | None, loaded: LoadedModel) -> str:
         rev = loaded.source.revision
         return f"{loaded.source.repo_id}:{rev}" if rev and rev != "main" else loaded.source.repo_id
     return loaded.source.path.name
+
+
+async def iterate_in_thread(make_stream):
+    """Run a blocking generation stream in a worker thread and yield its chunks without blocking the loop.
+
+    `make_stream()` returns a `GenerationStream`. If the consumer stops early, the generation is cancelled.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+    stream = make_stream()
+
+    def pump():
+        try:
+            with stream:
+                for chunk in stream:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+    worker = loop.run_in_executor(None, pump)
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stream.cancel()
+        await worker

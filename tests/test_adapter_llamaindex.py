@@ -1,0 +1,108 @@
+"""LlamaIndex adapter: every method, streaming deltas, stop, async that leaves the loop free, a query engine."""
+
+import asyncio
+import time
+
+import pytest
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.llms import LLM, ChatMessage
+
+from gptq_bridge.adapters.llamaindex import GPTQLLM
+from gptq_bridge.errors import GPTQBridgeError
+from adapter_models import adapter_source
+
+
+@pytest.fixture
+def llm():
+    return GPTQLLM(model=adapter_source(), max_new_tokens=6, generate_kwargs={"ban_eos": True})
+
+
+MESSAGES = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="the cat")]
+
+
+def test_is_a_real_llamaindex_llm_with_real_metadata(llm):
+    assert isinstance(llm, LLM)
+    meta = llm.metadata
+    assert meta.context_window == 256  # the tiny model's max_position_embeddings
+    assert meta.num_output == 6 and meta.is_chat_model and meta.model_name == "tiny-chat"
+    assert GPTQLLM(model=adapter_source(), context_window=128).metadata.context_window == 128
+
+
+def test_complete_and_stream_complete(llm):
+    text = llm.complete("the cat sat").text
+    chunks = list(llm.stream_complete("the cat sat"))
+    assert text and chunks[-1].text == text
+    assert "".join(c.delta for c in chunks) == text
+    assert all(b.text.startswith(a.text) for a, b in zip(chunks, chunks[1:]))  # cumulative
+
+
+def test_chat_and_stream_chat(llm):
+    reply = llm.chat(MESSAGES)
+    chunks = list(llm.stream_chat(MESSAGES))
+    assert reply.message.role == "assistant" and reply.message.content
+    assert chunks[-1].message.content == reply.message.content == "".join(c.delta for c in chunks)
+    assert reply.raw["usage"]["completion_tokens"] == 6
+
+
+def test_stop(llm):
+    full = GPTQLLM(model=adapter_source(), max_new_tokens=12, generate_kwargs={"ban_eos": True}).complete("the").text
+    stop = full[3:5]
+    assert stop
+    cut = full[: full.index(stop)]
+    stopped = GPTQLLM(model=adapter_source(), max_new_tokens=12, stop=[stop], generate_kwargs={"ban_eos": True})
+    assert stopped.complete("the").text == cut
+    assert stopped.complete("the").raw["finish_reason"] == "stop"
+
+
+def test_async_variants_match_and_do_not_block_the_loop(llm):
+    async def main():
+        ticks = 0
+        stop_ticking = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not stop_ticking.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(ticker())
+        slow = GPTQLLM(model=adapter_source(), max_new_tokens=48, generate_kwargs={"ban_eos": True})
+        start = time.perf_counter()
+        text = (await slow.acomplete("the cat")).text
+        elapsed = time.perf_counter() - start
+        chat = (await llm.achat(MESSAGES)).message.content
+        streamed = [c async for c in await llm.astream_complete("the cat sat")]
+        chat_streamed = [c async for c in await llm.astream_chat(MESSAGES)]
+        stop_ticking.set()
+        await task
+        return text, elapsed, ticks, chat, streamed, chat_streamed
+
+    text, elapsed, ticks, chat, streamed, chat_streamed = asyncio.run(main())
+    assert text and chat == llm.chat(MESSAGES).message.content
+    assert streamed[-1].text == llm.complete("the cat sat").text
+    assert "".join(c.delta for c in chat_streamed) == chat
+    # the loop kept running while the 48 tokens were generated in a worker thread
+    assert ticks >= 3, f"only {ticks} ticks in {elapsed:.3f} s: the event loop was blocked"
+
+
+def test_tool_role_is_refused(llm):
+    with pytest.raises(GPTQBridgeError, match="role 'tool' are not supported"):
+        llm.chat([ChatMessage(role="tool", content="x")])
+
+
+def test_query_engine_over_documents():
+    # the tiny model's own window (256) is too small for LlamaIndex's QA prompt; RoPE runs past it
+    Settings.llm = GPTQLLM(model=adapter_source(), max_new_tokens=6, context_window=2048,
+                           generate_kwargs={"ban_eos": True})
+    Settings.embed_model = MockEmbedding(embed_dim=8)
+    try:
+        docs = [Document(text="The cat sat on the mat."), Document(text="A dog ran to the park.")]
+        engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=2)
+        response = engine.query("Where did the cat sit?")
+        assert len(response.source_nodes) == 2
+        assert {n.node.get_content() for n in response.source_nodes} == {d.text for d in docs}
+        assert str(response)
+    finally:
+        Settings.llm = None
+        Settings.embed_model = None
