@@ -1,0 +1,331 @@
+"""GPTQ for one Linear layer: quantize its weight so the layer's *output* on calibration data changes least.
+
+GPTQ (Frantar et al., 2022) quantizes the input columns of W one at a time and spreads each column's rounding
+error over the columns not yet quantized, weighted by the inverse Hessian H = 2 X^T X / n of the layer's
+inputs. What this module adds around that core, and why:
+
+- the Hessian is summed in float64 over any number of batches (`Hessian`), so many small batches give the
+  same answer as one large one;
+- damping (a fraction of the mean diagonal) grows automatically until the Cholesky factorisation succeeds;
+- act-order walks columns by descending Hessian diagonal; groups follow that walk (non-monotonic `g_idx`)
+  unless `static_groups` fixes them up front in the original order;
+- G = ceil(in / g) groups, the last one possibly partial; lazy block updates (block of 128 columns) keep the
+  big rank-B update a matrix multiply; blocks are aligned to group boundaries so every group's parameters are
+  computed from fully updated weights;
+- each group's scale and zero come from a grid search over shrink factors of the min/max range (clipping),
+  minimising the Hessian-weighted rounding error: outliers are clipped when that costs less than the
+  coarser grid they would force on everyone else. This matters most at 3 bits.
+
+The result is an `IntLayer`, which `gptq_layer.pack_layer` turns into AutoGPTQ's tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GPTQBridgeError
+from .gptq_layer import IntLayer, group_index
+
+# Shrink factors tried for each group's range: a coarse pass, then a finer one around the best coarse value.
+COARSE_SHRINK = tuple(1.0 - 0.05 * k for k in range(11))  # 1.0 ... 0.5
+FINE_STEP = 0.01
+FINE_OFFSETS = (-2, -1, 1, 2)  # x FINE_STEP around the best coarse factor
+SMALLEST_SCALE = 2.0**-24  # smallest positive float16; scales are stored as float16
+
+
+class Hessian:
+    """Running H = 2/n * sum(x^T x) over calibration batches, accumulated in float64."""
+
+    def __init__(self, columns: int, device: torch.device | str | None = None, rows_per_step: int = 8192):
+        self.columns = columns
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self.count = 0
+        self.rows_per_step = rows_per_step
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs [..., columns] (any float dtype)."""
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"Hessian expects inputs with {self.columns} features, got shape {list(x.shape)}")
+        x = x.detach().reshape(-1, self.columns)
+        for start in range(0, x.shape[0], self.rows_per_step):
+            part = x[start:start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
+            self.sum += (part.t() @ part).to(torch.float64)
+        self.count += x.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no calibration inputs were added to this Hessian")
+        return self.sum * (2.0 / self.count)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run on one intra-op thread. GPTQ's column loop is thousands of small ops; on a CPU each one that
+    enters a parallel region pays for a thread barrier, and on a busy machine (more runnable threads than
+    cores) those barriers cost milliseconds. One thread runs the loop 5-20x faster there; its few large
+    matrix multiplies lose little."""
+    if torch.get_num_threads() == 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class GPTQResult:
+    layer: IntLayer
+    damp: float  # the damping fraction that made H factorisable (>= the one asked for)
+    loss: float  # GPTQ's own measure: sum over columns of squared error / inverse-Hessian diagonal
+    dead_columns: int  # inputs that were always zero in calibration (their weights are set to zero)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float = 1.0,
+                           where: str = "layer") -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, increasing damp until it exists."""
+    h = hessian.to(torch.float64)
+    if not bool(torch.isfinite(h).all()):
+        raise GPTQBridgeError(f"{where}: the Hessian of the calibration inputs has inf/NaN entries "
+                              "(activations overflowed; quantize from float32 or bfloat16 weights)")
+    mean_diag = float(h.diagonal().mean())
+    if mean_diag <= 0:
+        mean_diag = 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    d = damp
+    while d <= max_damp:
+        lower, info = torch.linalg.cholesky_ex(h + eye * (d * mean_diag))
+        if int(info) == 0:
+            # H^-1 = L^-T L^-1 through a triangular solve (much faster here than cholesky_inverse)
+            lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            upper, info = torch.linalg.cholesky_ex(lower_inv.t() @ lower_inv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper.to(torch.float32), d
+        d *= 2
+    raise GPTQBridgeError(f"{where}: the Hessian is not positive definite even with damp_percent {d / 2:g} "
+                          "(the calibration inputs may be degenerate; try more or other calibration text)")
+
+
+def _range_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, sym: bool, min_zero: int):
+    """Scale (rounded to float16, as stored) and integer zero point for ranges [lo, hi] (lo <= 0 <= hi)."""
+    if sym:
+        hi = torch.maximum(hi, -lo)
+        scale = 2 * hi / maxq
+    else:
+        scale = (hi - lo) / maxq
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).clamp(min=SMALLEST_SCALE)
+    scale = scale.to(torch.float16).to(torch.float32)
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-lo / scale).clamp(min_zero, maxq)
+    return scale, zero
+
+
+def _group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                 col_weight: torch.Tensor) -> torch.Tensor:
+    """Weighted squared rounding error per output row; w [out, n], scale/zero [out, 1]. In place, one pass."""
+    x = torch.div(w, scale)
+    x.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale).sub_(w)
+    x.square_()
+    return x @ col_weight
+
+
+def find_params(w: torch.Tensor, bits: int, sym: bool, *, min_zero: int = 0,
+                col_weight: torch.Tensor | None = None, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per output row for the group w [out, n].
+
+    With `clip`, the min/max range is shrunk by the factor (searched per row) that minimises the
+    `col_weight`-weighted squared error; factor 1.0 (plain min/max) is always a candidate, so the search
+    can only help on the measure it optimises.
+    """
+    maxq = 2**bits - 1
+    lo = w.min(1).values.clamp(max=0)
+    hi = w.max(1).values.clamp(min=0)
+    scale, zero = _range_params(lo, hi, maxq, sym, min_zero)
+    if not clip:
+        return scale, zero
+    cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
+
+    best_err = _group_error(w, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq, cw)
+    best_f = torch.ones_like(lo)
+
+    def consider(f: torch.Tensor) -> None:  # f: one shrink factor per row, [out]
+        nonlocal best_err, best_f, scale, zero
+        s, z = _range_params(lo * f, hi * f, maxq, sym, min_zero)
+        err = _group_error(w, s.unsqueeze(-1), z.unsqueeze(-1), maxq, cw)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_f = torch.where(better, f, best_f)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+
+    for factor in COARSE_SHRINK[1:]:
+        consider(torch.full_like(lo, factor))
+    center = best_f.clone()
+    for k in FINE_OFFSETS:  # refine around each row's best coarse factor
+        consider((center + k * FINE_STEP).clamp(0.05, 1.0))
+    return scale, zero
+
+
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs from a Hessian, computed once and shared by the layers that read the same input."""
+
+    desc_act: bool
+    perm: torch.Tensor  # column walk order (descending diagonal with act-order)
+    invperm: torch.Tensor
+    upper: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian, in walk order, float32
+    damp: float
+    dead: torch.Tensor  # bool [in]: inputs that were always zero
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.upper.shape)
+
+
+def prepare_hessian(hessian: torch.Tensor, *, desc_act: bool, damp_percent: float,
+                    where: str = "layer") -> PreparedHessian:
+    """Dead inputs, act-order permutation and the damped inverse factor of H."""
+    H = hessian.detach().to(torch.float64).clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    if desc_act:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(H.shape[0], device=H.device)
+    U, damp = inverse_hessian_factor(H, damp_percent, where=where)
+    return PreparedHessian(desc_act=desc_act, perm=perm, invperm=torch.argsort(perm), upper=U, damp=damp,
+                           dead=dead)
+
+
+def _block_size(block_size: int, group_size: int) -> int:
+    """A lazy-update block size such that every group starts at a block start or lies inside one block.
+
+    Then each group's scale search sees weights that have received every update from earlier columns.
+    """
+    if group_size <= block_size:
+        return (block_size // group_size) * group_size
+    for b in range(block_size, 0, -1):  # the largest divisor of the group size not above block_size
+        if group_size % b == 0:
+            return b
+    return 1
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
+    *,
+    bits: int,
+    group_size: int = -1,
+    sym: bool = True,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 32,
+    clip: bool = True,
+    min_zero: int = 0,
+    where: str = "layer",
+) -> GPTQResult:
+    """Quantize an nn.Linear weight [out, in] given the Hessian [in, in] of its inputs (or its prepared form).
+
+    `min_zero` = 1 keeps asymmetric zero points storable in v1 ("gptq") checkpoints, which store z - 1.
+    On the CPU this runs on one thread (see `one_thread`).
+    """
+    if weight.device.type == "cpu":
+        with one_thread():
+            return _gptq_quantize(weight, hessian, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+                                  static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
+                                  clip=clip, min_zero=min_zero, where=where)
+    return _gptq_quantize(weight, hessian, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+                          static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
+                          clip=clip, min_zero=min_zero, where=where)
+
+
+def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_groups, damp_percent, block_size,
+                   clip, min_zero, where) -> GPTQResult:
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, not {bits}")
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"Hessian shape {list(hessian.shape)} does not match weight shape {list(weight.shape)}")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"group_size must be -1 or positive, not {group_size}")
+    maxq = 2**bits - 1
+    device = weight.device
+    if not isinstance(hessian, PreparedHessian):
+        hessian = prepare_hessian(hessian, desc_act=desc_act, damp_percent=damp_percent, where=where)
+    elif hessian.desc_act != desc_act:
+        raise ValueError("the prepared Hessian was made for a different desc_act setting")
+    prepared = hessian
+    perm, invperm, U = prepared.perm.to(device), prepared.invperm.to(device), prepared.upper.to(device)
+    W = weight.detach().to(torch.float32).clone()
+    W[:, prepared.dead.to(device)] = 0.0
+    W = W[:, perm]
+    col_weight = 1.0 / U.diagonal() ** 2  # how much each column's squared rounding error costs (walk order)
+
+    gs = in_features if group_size == -1 else group_size
+    groups = -(-in_features // gs)
+    dynamic = group_size != -1 and not static_groups
+    g_idx = group_index(in_features, gs, perm.cpu() if dynamic else None)
+    scales = torch.empty(groups, out_features, device=device)
+    zeros = torch.empty(groups, out_features, device=device)
+    if not dynamic:
+        # groups fixed in the original row order, from the weights before any GPTQ update
+        W_orig = W[:, invperm]
+        cw_orig = col_weight[invperm]
+        for g in range(groups):
+            cols = slice(g * gs, min((g + 1) * gs, in_features))
+            scales[g], zeros[g] = find_params(W_orig[:, cols], bits, sym, min_zero=min_zero,
+                                              col_weight=cw_orig[cols], clip=clip)
+        del W_orig
+        col_group = g_idx.to(device).long()[perm]  # group of each column in walk order
+    block = _block_size(block_size, gs) if dynamic else block_size
+
+    # Work on W^T [in, out]: each column of W is then a contiguous row, and the per-column update of the
+    # rest of the block is a contiguous rank-1 update.
+    Wt = W.t().contiguous()
+    del W
+    Q = torch.empty(in_features, out_features, dtype=torch.int64, device=device)
+    loss = torch.zeros(out_features, dtype=torch.float32, device=device)
+    s = z = None
+    for i1 in range(0, in_features, block):
+        i2 = min(i1 + block, in_features)
+        W1 = Wt[i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic:
+                if j % gs == 0:
+                    g = j // gs
+                    end = min(j + gs, in_features)
+                    # at a block start Wt is current (all earlier blocks applied); inside a block, W1 is
+                    cols = Wt[j:end] if i == 0 else W1[i:i + end - j]
+                    scales[g], zeros[g] = find_params(cols.t(), bits, sym, min_zero=min_zero,
+                                                      col_weight=col_weight[j:end], clip=clip)
+                    s, z = scales[g], zeros[g]
+            else:
+                g = int(col_group[j])
+                s, z = scales[g], zeros[g]
+            w = W1[i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            err = (w - (q - z) * s) / U1[i, i]
+            Q[j] = q.to(torch.int64)
+            Err1[i] = err
+            loss.addcmul_(err, err)
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+        if i2 < in_features:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
+
+    layer = IntLayer(q=Q[invperm].contiguous().cpu(), zeros=zeros.to(torch.int64).cpu(),
+                     scales=scales.cpu(), g_idx=g_idx)
+    return GPTQResult(layer=layer, damp=prepared.damp, loss=float(loss.double().sum()),
+                      dead_columns=int(prepared.dead.sum()))
