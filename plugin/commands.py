@@ -48,7 +48,8 @@ def open_model(args):
 
 def add_sampling_arguments(p) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="at most this many new tokens (default 256, or half the context if that is shorter)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -74,8 +75,10 @@ def add_sampling_arguments(p) -> None:
 
 
 def sampling_params(args) -> dict:
+    """The generation keywords the command line gave (max_new_tokens only when given: its default adapts)."""
+    given = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}
     return dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        **given, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
         repetition_penalty_range=args.repetition_penalty_range, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, banned_token_ids=args.ban_token,

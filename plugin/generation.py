@@ -77,7 +77,7 @@ def make_request(
         prompt, messages = None, list(prompt)
     request_fields = {k: kwargs.pop(k) for k in ("prompt_format", "input", "truncate", "context_length") if k in kwargs}
     if isinstance(params, GenerationParams):
-        base = params.model_dump()
+        base = params.model_dump(exclude_unset=True)
     else:
         base = dict(params or {})
     base.update(kwargs)
@@ -142,6 +142,7 @@ class Prepared:
     prompt_format: str | None
     context_length: int | None
     vocab_size: int
+    max_new_tokens: int  # the request's, or less when it was left at its default and the context is short
 
 
 def eos_token_ids(model) -> set[int]:
@@ -220,15 +221,17 @@ def prepare(model, request: GenerationRequest) -> Prepared:
     if request.context_length is not None:
         ctx = request.context_length if ctx is None else min(ctx, request.context_length)
     truncated = 0
+    max_new = params.max_new_tokens
     if ctx is not None:
-        if params.max_new_tokens >= ctx:
-            raise GPTQBridgeError(f"max_new_tokens: {params.max_new_tokens} leaves no room for the prompt in a "
-                                  f"{ctx}-token context")
-        budget = ctx - params.max_new_tokens
+        if "max_new_tokens" not in params.model_fields_set:
+            max_new = min(max_new, max(ctx // 2, 1))  # the default must not fill a short context
+        elif max_new >= ctx:
+            raise GPTQBridgeError(f"max_new_tokens: {max_new} leaves no room for the prompt in a {ctx}-token context")
+        budget = ctx - max_new
         if len(ids) > budget:
             if request.truncate == "error":
                 raise GPTQBridgeError(f"prompt: {len(ids)} tokens, but only {budget} fit ({ctx}-token context minus "
-                                      f"max_new_tokens={params.max_new_tokens}); pass truncate='left' to cut it")
+                                      f"max_new_tokens={max_new}); pass truncate='left' to cut it")
             truncated = len(ids) - budget
             keep_bos = ids[0] == getattr(tok, "bos_token_id", None) and budget > 1
             ids = ([ids[0]] + ids[truncated + 1:]) if keep_bos else ids[truncated:]
@@ -242,7 +245,8 @@ def prepare(model, request: GenerationRequest) -> Prepared:
     stop_token_ids = {added[s]: s for s in stops if s in added}
     vocab = getattr(getattr(model.model, "config", None), "vocab_size", None) or len(tok)
     return Prepared(ids=ids, truncated=truncated, stops=stops, stop_token_ids=stop_token_ids,
-                    eos_ids=eos_token_ids(model), prompt_format=fmt_name, context_length=ctx, vocab_size=vocab)
+                    eos_ids=eos_token_ids(model), prompt_format=fmt_name, context_length=ctx, vocab_size=vocab,
+                    max_new_tokens=max_new)
 
 
 # --- the forward pass ----------------------------------------------------------------------------------------
@@ -322,7 +326,7 @@ def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMat
         return
     try:
         decoder = IncrementalDecoder(model.tokenizer, params.skip_special_tokens)
-        context = torch.empty(len(prep.ids) + params.max_new_tokens, dtype=torch.long)
+        context = torch.empty(len(prep.ids) + prep.max_new_tokens, dtype=torch.long)
         context[: len(prep.ids)] = torch.tensor(prep.ids)
         n = len(prep.ids)
         generated: list[int] = []
@@ -333,7 +337,7 @@ def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMat
         else:
             net = Decoder(model.model, model.device.torch_device)
             logits = net.prefill(prep.ids)
-            for step in range(params.max_new_tokens):
+            for step in range(prep.max_new_tokens):
                 token = sampler(logits, context[:n])
                 generated.append(token)
                 unreported.append(token)
@@ -353,7 +357,7 @@ def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMat
                 if matcher.stopped is not None:
                     finish, stop_string = "stop", matcher.stopped
                     break
-                if step == params.max_new_tokens - 1:
+                if step == prep.max_new_tokens - 1:
                     break
                 if cancelled():
                     finish = "cancelled"
@@ -367,11 +371,12 @@ def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMat
             if tail:
                 text += tail
                 yield GenerationChunk(text=tail, full_text=text, token_ids=unreported)
-        yield GenerationResult(text=text, finish_reason=finish, stop_string=stop_string,
-                               usage=Usage(prompt_tokens=len(prep.ids), completion_tokens=len(generated)),
-                               token_ids=generated, **result)
+        final = GenerationResult(text=text, finish_reason=finish, stop_string=stop_string,
+                                 usage=Usage(prompt_tokens=len(prep.ids), completion_tokens=len(generated)),
+                                 token_ids=generated, **result)
     finally:
         model.generation_lock.release()
+    yield final  # after releasing the model: a caller holding on to a finished stream blocks nobody
 
 
 @hookimpl(trylast=True)

@@ -148,6 +148,29 @@ def _tokenizer_template(messages: list[ChatMessage], *, tokenizer=None, **_: Any
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
+def template_end_of_turn(tokenizer) -> tuple[str, ...]:
+    """The special token a chat template puts after an assistant's reply (`<|im_end|>`, `<|eot_id|>`, ...).
+
+    Chat models often end a reply with it rather than with the tokenizer's EOS, so it is an implied stop.
+    Found by rendering a reply and looking at what follows it.
+    """
+    sentinel = "Sentinel reply 7f3a."
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."},
+                                              {"role": "assistant", "content": sentinel}], tokenize=False)
+        specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    except Exception:  # a template that refuses this conversation implies nothing
+        return ()
+    i = text.find(sentinel) if isinstance(text, str) else -1
+    if i < 0:
+        return ()
+    after = text[i + len(sentinel):].lstrip(" ")
+    for special in sorted((s for s in specials if s), key=len, reverse=True):
+        if after.startswith(special):
+            return (special,)
+    return ()
+
+
 BUILTIN_FORMATS = (
     PromptFormat(name="alpaca", description="### Instruction: / ### Input: / ### Response: (Nous-Hermes-Llama2)",
                  render=_alpaca, stop=("### Instruction:", "### Input:"),
@@ -286,4 +309,5 @@ def render_messages(
     text = fmt.render(merged, tokenizer=tokenizer, input=input)
     if not isinstance(text, str):
         raise GPTQBridgeError(f"prompt format {format!r} rendered {type(text).__name__}, not text")
-    return RenderedPrompt(text=text, stop=fmt.stop, format=format)
+    stop = fmt.stop + (template_end_of_turn(tokenizer) if format == TOKENIZER_FORMAT else ())
+    return RenderedPrompt(text=text, stop=stop, format=format)
