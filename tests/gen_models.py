@@ -5,11 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from tiny_checkpoints import build, llama_config
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices on 2 shared cores: one thread is many times faster than two fighting other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
