@@ -183,6 +183,7 @@ class PreparedHessian:
     upper: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian, in walk order, float32
     damp: float
     dead: torch.Tensor  # bool [in]: inputs that were always zero
+    hessian: torch.Tensor  # H itself, original order, float32 (for the scale refit)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -195,6 +196,7 @@ def prepare_hessian(hessian: torch.Tensor, *, desc_act: bool, damp_percent: floa
     H = hessian.detach().to(torch.float64).clone()
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
+    original = H.to(torch.float32)
     if desc_act:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         H = H[perm][:, perm]
@@ -202,7 +204,7 @@ def prepare_hessian(hessian: torch.Tensor, *, desc_act: bool, damp_percent: floa
         perm = torch.arange(H.shape[0], device=H.device)
     U, damp = inverse_hessian_factor(H, damp_percent, where=where)
     return PreparedHessian(desc_act=desc_act, perm=perm, invperm=torch.argsort(perm), upper=U, damp=damp,
-                           dead=dead)
+                           dead=dead, hessian=original)
 
 
 def _block_size(block_size: int, group_size: int) -> int:
@@ -218,6 +220,44 @@ def _block_size(block_size: int, group_size: int) -> int:
     return 1
 
 
+def refit_scales(layer: IntLayer, weight: torch.Tensor, hessian: torch.Tensor) -> IntLayer:
+    """Least-squares scales for fixed integers: minimise (W_q - W) H (W_q - W)^T row by row.
+
+    GPTQ chooses each group's scale before it rounds and compensates the group's columns, so once the
+    integers are fixed a better scale usually exists. For output row o, W_q[o] = sum_g s[g, o] v_g (v_g: the
+    row's (q - z) on group g's inputs), so the best scales solve a G x G system per row:
+    A[g, g'] = v_g^T H v_g',  b[g] = v_g^T H w. A scale that comes out non-positive or non-finite keeps its
+    old value; the result is kept only where it lowers that row's error.
+    """
+    device = weight.device
+    g_idx = layer.g_idx.to(device).long()
+    groups = layer.scales.shape[0]
+    H = hessian.to(device=device, dtype=torch.float32)
+    V = (layer.q.to(device) - layer.zeros.to(device)[g_idx]).to(torch.float32).t().contiguous()  # [out, in]
+    W = weight.to(torch.float32)
+    out_features = W.shape[0]
+    b = torch.zeros(out_features, groups, device=device).index_add_(1, g_idx, V * (W @ H))
+    A = torch.empty(out_features, groups, groups, device=device)
+    for g in range(groups):
+        cols = torch.nonzero(g_idx == g).flatten()
+        T = V[:, cols] @ H[cols, :]  # [out, in]: row o of (v_g H)
+        A[:, :, g] = torch.zeros(out_features, groups, device=device).index_add_(1, g_idx, V * T)
+    ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
+    A.diagonal(dim1=1, dim2=2).add_(ridge.unsqueeze(-1))
+    old = layer.scales.to(device=device, dtype=torch.float32).to(torch.float16).to(torch.float32).t()  # [out, G]
+    new = torch.linalg.solve(A, b)
+    new = torch.where(torch.isfinite(new) & (new > SMALLEST_SCALE), new, old).clamp(max=65504.0)
+    new = new.to(torch.float16).to(torch.float32)
+
+    def row_error(s):  # (W_q - W) H (W_q - W)^T per row, for scales s [out, G]
+        D = V * s[:, g_idx] - W
+        return ((D @ H) * D).sum(1)
+
+    keep = row_error(new) < row_error(old)
+    scales = torch.where(keep.unsqueeze(-1), new, old).t().contiguous()
+    return IntLayer(q=layer.q, zeros=layer.zeros, scales=scales.to(layer.scales.device), g_idx=layer.g_idx)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor | PreparedHessian,
@@ -230,6 +270,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 32,
     clip: bool = True,
+    refit: bool = True,
     min_zero: int = 0,
     where: str = "layer",
 ) -> GPTQResult:
@@ -242,14 +283,14 @@ def gptq_quantize(
         with one_thread():
             return _gptq_quantize(weight, hessian, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                                   static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
-                                  clip=clip, min_zero=min_zero, where=where)
+                                  clip=clip, refit=refit, min_zero=min_zero, where=where)
     return _gptq_quantize(weight, hessian, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                           static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
-                          clip=clip, min_zero=min_zero, where=where)
+                          clip=clip, refit=refit, min_zero=min_zero, where=where)
 
 
 def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_groups, damp_percent, block_size,
-                   clip, min_zero, where) -> GPTQResult:
+                   clip, refit, min_zero, where) -> GPTQResult:
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, not {bits}")
     out_features, in_features = weight.shape
@@ -325,7 +366,11 @@ def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_g
         if i2 < in_features:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
-    layer = IntLayer(q=Q[invperm].contiguous().cpu(), zeros=zeros.to(torch.int64).cpu(),
-                     scales=scales.cpu(), g_idx=g_idx)
+    layer = IntLayer(q=Q[invperm].contiguous(), zeros=zeros.to(torch.int64), scales=scales, g_idx=g_idx.to(device))
+    if refit:
+        w0 = weight.detach().to(torch.float32)
+        w0 = w0.masked_fill(prepared.dead.to(device).unsqueeze(0), 0.0)
+        layer = refit_scales(layer, w0, prepared.hessian)
+    layer = IntLayer(q=layer.q.cpu(), zeros=layer.zeros.cpu(), scales=layer.scales.cpu(), g_idx=layer.g_idx.cpu())
     return GPTQResult(layer=layer, damp=prepared.damp, loss=float(loss.double().sum()),
                       dead_columns=int(prepared.dead.sum()))

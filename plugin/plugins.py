@@ -16,6 +16,7 @@ DEFAULT_PLUGINS = (
     "gptq_bridge.kernels.torch_ref",
     "gptq_bridge.loader",
     "gptq_bridge.explain",
+    "gptq_bridge.quantize",
     "gptq_bridge.generation",
     "gptq_bridge.prompts",
     "gptq_bridge.commands",
