@@ -172,6 +172,23 @@ def _read_line(interactive: bool) -> str | None:
     return None if line == "" else line.rstrip("\n")
 
 
+def fit_history(lm, history: list[dict], params: dict) -> tuple[list[dict], int]:
+    """Drop the oldest exchanges (never the system message or the newest question) until the conversation fits
+    the context whole: cutting tokens off the front would cut into the prompt format's markup."""
+    from .generation import make_request, prepare
+
+    dropped = 0
+    while True:
+        prep = prepare(lm, make_request(history, **params))
+        turns = [i for i, m in enumerate(history) if m["role"] != "system"]
+        if not prep.truncated or len(turns) <= 1:
+            return history, dropped
+        first = turns[0]
+        cut = 2 if len(turns) > 2 and history[first + 1]["role"] == "assistant" else 1
+        history = history[:first] + history[first + cut:]
+        dropped += cut
+
+
 def _cmd_chat(args) -> int:
     from .generation import make_params
 
@@ -211,6 +228,10 @@ def _cmd_chat(args) -> int:
             print(f"unknown command {command.split()[0]!r}; {CHAT_HELP}", file=sys.stderr, flush=True)
             continue
         history.append({"role": "user", "content": line})
+        history, dropped = fit_history(lm, history, params)
+        if dropped:
+            print(f"(the conversation outgrew the context: its {dropped} oldest messages are left out)",
+                  file=sys.stderr, flush=True)
         stream = lm.stream(history, **params)
         with stream, ctrl_c_cancels(stream):
             write_stream(stream, sys.stdout)

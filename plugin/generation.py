@@ -13,6 +13,7 @@ cancelled or abandoned generation leaves nothing behind. Cancellation is checked
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -268,6 +269,19 @@ def new_cache(hf_model):
         return DynamicCache()
 
 
+def _attention_backends(device: torch.device):
+    """On CUDA, keep scaled_dot_product_attention off the cuDNN backend: it costs ~10 ms of host time per call
+    when the sequence length changes, i.e. at every decode step (docs/TRAPS: measured on the H100)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory and lets a cancel in between
+
+
 class Decoder:
     """The model plus one call's KV cache: `prefill(ids)` then `step(token)`, each giving the next logits."""
 
@@ -279,12 +293,17 @@ class Decoder:
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), _attention_backends(self.device):
             out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self.arg: self.cache})
         return out.logits[0, -1].float()
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        return self._forward(ids)
+    def prefill(self, ids: list[int], cancelled=lambda: False) -> torch.Tensor | None:
+        """Logits after the prompt; None when cancelled between chunks."""
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            if start and cancelled():
+                return None
+            logits = self._forward(ids[start:start + PREFILL_CHUNK])
+        return logits
 
     def step(self, token: int) -> torch.Tensor:
         return self._forward([token])
@@ -336,8 +355,10 @@ def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMat
             finish = "cancelled"
         else:
             net = Decoder(model.model, model.device.torch_device)
-            logits = net.prefill(prep.ids)
-            for step in range(prep.max_new_tokens):
+            logits = net.prefill(prep.ids, cancelled)
+            if logits is None:
+                finish = "cancelled"
+            for step in range(prep.max_new_tokens if logits is not None else 0):
                 token = sampler(logits, context[:n])
                 generated.append(token)
                 unreported.append(token)

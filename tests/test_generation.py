@@ -57,6 +57,13 @@ def test_greedy_with_the_kv_cache_matches_full_forwards(lm):
     assert result.usage.prompt_tokens == 4
 
 
+def test_a_prompt_prefilled_in_chunks_gives_the_same_tokens(lm, monkeypatch):
+    prompt = " ".join(["the", "a", "of", "to", "and"] * 4)
+    whole = lm.generate(prompt, max_new_tokens=6, ban_eos=True)
+    monkeypatch.setattr("gptq_bridge.generation.PREFILL_CHUNK", 3)
+    assert lm.generate(prompt, max_new_tokens=6, ban_eos=True).token_ids == whole.token_ids
+
+
 def test_chunks_add_up_to_the_result(lm):
     stream = lm.stream("the a of", max_new_tokens=10, ban_eos=True, temperature=1.0, seed=5)
     chunks = list(stream)
