@@ -384,9 +384,9 @@ def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMat
                     finish = "cancelled"
                     break
                 logits = net.step(token)
-        if finish != "stop":
+        if matcher.stopped is None:  # ended by length, EOS, a stop token or a cancel: release what was held
             tail = matcher.feed(decoder.flush())
-            if matcher.stopped is not None:
+            if matcher.stopped is not None:  # the last piece completed a stop string (it came before any stop token)
                 finish, stop_string = "stop", matcher.stopped
             tail += matcher.flush()
             if tail:

@@ -148,6 +148,14 @@ def test_special_token_stop_strings_match_as_tokens(byte_path):
     assert result.finish_reason == "stop" and result.stop_string == "<|im_end|>" and result.text == "the cat"
 
 
+def test_text_held_for_a_stop_string_is_released_when_a_stop_token_ends(byte_path):
+    lm = gptq_bridge.load_model(str(byte_path))
+    script = ids(lm, "the c") + [lm.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    set_head(lm, ScriptedHead(script, BYTE_VOCAB))
+    result = lm.generate("x", max_new_tokens=20, stop=["c at", "<|im_end|>"])  # 'c' waits to see if 'c at' follows
+    assert result.text == "the c" and result.stop_string == "<|im_end|>"
+
+
 def test_keep_special_tokens(byte_path):
     lm = gptq_bridge.load_model(str(byte_path))
     start = lm.tokenizer.convert_tokens_to_ids("<|im_start|>")
