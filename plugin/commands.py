@@ -37,12 +37,13 @@ def open_model(args):
     start = time.perf_counter()
     lm = load_model(source, kernel=args.kernel, device=args.device, revision=args.revision,
                     trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    if getattr(args, "prompt_format", None):
-        from .prompts import choose_prompt_format
+    from .prompts import choose_prompt_format
 
-        choose_prompt_format(lm.tokenizer, lm.source, args.prompt_format)  # an unknown name fails now
-        lm.prompt_format = args.prompt_format
-    progress(args, f"loaded in {time.perf_counter() - start:.1f} s (kernel {lm.kernel}, {lm.device})")
+    explicit = getattr(args, "prompt_format", None)
+    choice = choose_prompt_format(lm.tokenizer, lm.source, explicit)  # an unknown name fails now
+    lm.prompt_format = explicit
+    fmt = "" if getattr(args, "raw", False) else f"; prompt format {choice.name}: {choice.reason}"
+    progress(args, f"loaded in {time.perf_counter() - start:.1f} s (kernel {lm.kernel} on {lm.device}{fmt})")
     return lm
 
 
