@@ -89,12 +89,13 @@ def sampling_params(args) -> dict:
 
 
 @contextlib.contextmanager
-def ctrl_c_cancels(stream):
-    """While an answer is written, Ctrl-C cancels it (the generator stops before its next token)."""
+def ctrl_c_cancels(cancel: threading.Event):
+    """While an answer is prepared and written, Ctrl-C sets `cancel` (the generator stops before its next token)
+    instead of raising KeyboardInterrupt somewhere in the middle of the model."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: cancel.set())
     try:
         yield
     finally:
@@ -133,8 +134,8 @@ def _cmd_generate(args) -> int:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
         extra = {"input": args.input} if args.input else {}
     start = time.perf_counter()
-    stream = lm.stream(prompt, **params, **extra)
-    with stream, ctrl_c_cancels(stream):
+    cancel = threading.Event()
+    with ctrl_c_cancels(cancel), lm.stream(prompt, cancel=cancel, **params, **extra) as stream:
         if args.json:
             result = stream.consume()
         else:
@@ -228,14 +229,19 @@ def _cmd_chat(args) -> int:
         if command.startswith("/"):
             print(f"unknown command {command.split()[0]!r}; {CHAT_HELP}", file=sys.stderr, flush=True)
             continue
-        history.append({"role": "user", "content": line})
-        history, dropped = fit_history(lm, history, params)
-        if dropped:
-            print(f"(the conversation outgrew the context: its {dropped} oldest messages are left out)",
-                  file=sys.stderr, flush=True)
-        stream = lm.stream(history, **params)
-        with stream, ctrl_c_cancels(stream):
-            write_stream(stream, sys.stdout)
+        cancel = threading.Event()
+        try:
+            with ctrl_c_cancels(cancel):
+                asked, dropped = fit_history(lm, history + [{"role": "user", "content": line}], params)
+                if dropped:
+                    print(f"(the conversation outgrew the context: its {dropped} oldest messages are left out)",
+                          file=sys.stderr, flush=True)
+                with lm.stream(asked, cancel=cancel, **params) as stream:
+                    write_stream(stream, sys.stdout)
+        except KeyboardInterrupt:  # Ctrl-C in the instant before the handler was in place: drop the question
+            print("\n(answer stopped)", file=sys.stderr, flush=True)
+            continue
+        history = asked
         result = stream.result
         sys.stdout.write("\n")
         sys.stdout.flush()

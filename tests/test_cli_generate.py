@@ -237,6 +237,24 @@ def test_chat_in_a_terminal_ctrl_c_stops_the_answer_not_the_program(model_dir):
         os.close(term.fd)
 
 
+def test_ctrl_c_stops_generate_with_the_text_so_far(model_dir):
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "gptq_bridge.cli", "generate", "the a", "-m", model_dir,
+                             "--max-new-tokens", "200", "--ban-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    try:
+        first = proc.stdout.read(1)  # the answer has begun
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "finish: cancelled" in err.decode() and "Traceback" not in err.decode()
+    assert 0 < len((first + out).split()) < 200
+
+
 # --- info -------------------------------------------------------------------------------------------------------
 
 
