@@ -29,7 +29,7 @@ from .errors import GPTQBridgeError
 from .hookspecs import hookimpl
 from .sampling import Sampler
 from .stopping import StopMatcher
-from .types import ChatMessage, GenerationChunk, GenerationParams, GenerationRequest, GenerationResult, Usage
+from .types import GenerationChunk, GenerationParams, GenerationRequest, GenerationResult, Usage
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a whole UTF-8 character
 
