@@ -264,6 +264,20 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def kernel_layer_bytes(module) -> int:
+    """Bytes a quantized layer holds once its kernel has prepared it, found by preparing it on the meta device
+    (shapes only, no data); a kernel whose preparation needs real data is counted as loaded."""
+    fill = getattr(module, "fill_missing", None)
+    try:
+        if fill is not None:
+            fill()
+        module.prepare()
+    except Exception:  # data-dependent preparation: the loaded tensors are the best estimate left
+        pass
+    tensors = {id(t): t for t in list(module.buffers()) + list(module.parameters())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def model_info(source: str, *, device=None, kernel: str = "auto", revision=None, trust_remote_code=False,
                allow_pickle=False, prompt_format: str | None = None) -> dict:
     """What `info` shows, without reading any weights: settings, kernel, prompt format, size, memory."""
@@ -299,8 +313,7 @@ def model_info(source: str, *, device=None, kernel: str = "auto", revision=None,
     quant_bytes = 0
     with torch.device("meta"):
         for layer in plan.layers:
-            module = spec.factory(layer, plan.config, dtype)
-            quant_bytes += sum(t.numel() * t.element_size() for t in list(module.buffers()) + list(module.parameters()))
+            quant_bytes += kernel_layer_bytes(spec.factory(layer, plan.config, dtype))
     cfg = plan.hf_config
     ctx = getattr(cfg, "max_position_embeddings", None)
     layers = getattr(cfg, "num_hidden_layers", 0)

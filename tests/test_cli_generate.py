@@ -258,22 +258,47 @@ def test_ctrl_c_stops_generate_with_the_text_so_far(model_dir):
 # --- info -------------------------------------------------------------------------------------------------------
 
 
-def test_info(capsys, ckpt, model_dir):
+def loaded_bytes(lm) -> int:
+    """What a loaded model holds: parameters and persistent buffers, plus everything kernels hold."""
+    from gptq_bridge.kernels.base import GPTQLinear
+
+    tensors = {}
+    for module in lm.model.modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for name, t in own:
+            if isinstance(module, GPTQLinear) or name not in module._non_persistent_buffers_set:
+                tensors[id(t)] = t
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_info(capsys, ckpt, model_dir, lm):
+    from gptq_bridge.explain import explain
+
     rc, out, _ = cli(capsys, "info", model_dir, "--json")
     info = json.loads(out)
     assert rc == 0
     assert info["parameters"] == sum(p.numel() for p in ckpt.reference.parameters())
-    assert info["kernel"] == "torch" and info["prompt_format"] == "plain" and info["context_length"] == 256
+    chosen = explain(model_dir).chosen
+    assert info["kernel"] == chosen == lm.kernel
+    assert info["prompt_format"] == "plain" and info["context_length"] == 256
     assert info["quantization"] == "4-bit, group 32, no act-order, sym, v1 zeros"
     # 2 layers x 2 kv heads x 40 head dim x (k and v) x 4 bytes
     assert info["kv_cache_bytes_per_token"] == 2 * 2 * 40 * 2 * 4
-    # the weights: fewer bytes than float32 would take, more than 4 bits a parameter
-    assert info["parameters"] * 0.5 < info["weights_bytes"] < info["parameters"] * 4
+    # the weights as the chosen kernel holds them once prepared: what the loaded model really holds
+    assert info["weights_bytes"] == loaded_bytes(lm)
     rc, out, _ = cli(capsys, "info", model_dir)
     assert rc == 0
-    assert re.search(r"^kernel: +torch on cpu", out, re.M) and re.search(r"^prompt format: +plain", out, re.M)
+    assert re.search(rf"^kernel: +{re.escape(chosen)} on cpu", out, re.M)
+    assert re.search(r"^prompt format: +plain", out, re.M)
     assert re.search(rf"^parameters: +{info['parameters']:,}$", out, re.M)
-    assert re.search(r"^memory: +weights [\d.]+ KiB \+ KV cache", out, re.M)
+    assert re.search(r"^memory: +weights [\d.]+ [KMG]iB \+ KV cache [\d.]+ KiB/token", out, re.M)
+
+
+def test_info_for_the_reference_kernel(capsys, model_dir):
+    rc, out, _ = cli(capsys, "info", model_dir, "--kernel", "torch", "--json")
+    info = json.loads(out)
+    lm = gptq_bridge.load_model(model_dir, kernel="torch")
+    assert rc == 0 and info["kernel"] == "torch" and info["weights_bytes"] == loaded_bytes(lm)
 
 
 def test_info_shows_the_format_a_model_name_implies(capsys, model_dir, tmp_path):
