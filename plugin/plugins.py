@@ -14,6 +14,7 @@ from .types import KernelSpec
 # Built-in plugins, registered through the same hooks as any third-party plugin.
 DEFAULT_PLUGINS = (
     "gptq_bridge.kernels.torch_ref",
+    "gptq_bridge.kernels.triton_gptq",
     "gptq_bridge.loader",
     "gptq_bridge.explain",
     "gptq_bridge.quantize",

@@ -1,0 +1,573 @@
+"""The project's own Triton kernels: fused dequantize + matmul for every GPTQ setting (2/3/4/8 bits, any
+group size, act-order, v1/v2 zeros, sym/asym).
+
+Layout, decided once in `prepare()`:
+- rows are sorted by group (act-order), so each run of `P` consecutive "slots" belongs to one group and a
+  kernel never gathers scales per row; the activations are read through `perm` (slot -> input row) instead.
+  Regular checkpoints (g_idx == i // g, g a multiple of 32) keep the on-disk words untouched: no copy.
+- groups whose row count is irregular (or not a multiple of 32) are padded to `P` slots; pad slots point to
+  no input row and hold q = 0, so they add nothing.
+- zero points become one float16 per (group, column) (exact for every bit width, v1's +1 applied).
+
+Three paths, picked per call by the number of rows m:
+- decode (m <= 16): bandwidth-bound. Split-K over a grid that fills every SM; each program reads the packed
+  words once and dequantizes each field with a mask and one float add: `(w & (mask << pos)) | 0x4B000000`
+  is the float 2**23 + q * 2**pos, so `f - (2**23 + z * 2**pos)` is exactly (q - z) * 2**pos with no
+  integer-to-float conversion (a slow instruction on NVIDIA GPUs) and no shift per value; the 2**-pos is
+  folded into the activation. Scales multiply once per 32-row block. The split partials are summed by the
+  last program of each column tile (a counter that resets itself), so a call is one launch.
+- gemm (m > 16): dequantize a [BLOCK_K, BLOCK_N] tile in registers and feed the tensor cores (`tl.dot`).
+- dequant + cuBLAS: write the fp16 weight once per call and call torch.matmul (for large m where the
+  benchmark found it faster).
+
+Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors; the kernels are jitted
+lazily, at first use, because the interpreter switch is read when `triton.jit` wraps a function.
+"""
+
+import math
+import os
+
+import torch
+
+from ..config import QuantizeConfig
+from ..hookspecs import hookimpl
+from ..packing import pack, unpack
+from ..types import KernelSpec, LayerShape
+from .base import GPTQLinear
+
+try:  # triton is optional: without it the kernel registers as unavailable, with the reason
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # ImportError, or a broken install raising something else
+    triton = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+    class tl:  # stand-in so the kernel definitions below (annotations only) still evaluate
+        constexpr = None
+
+
+_MAGIC = 0x4B000000  # float32 bit pattern of 2**23; OR-ing an integer below 2**23 into it adds that integer
+_TWO23 = 8388608.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels (plain functions; jitted on first use by `_jit`)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _decode_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, NBLK, P, stride_xm, stride_om, magic, tiles,
+    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """out[m, n] = sum_k x[m, k] * w[k, n] for few rows m; program (n-tile, k-split), one 32-row block a step.
+
+    Every tensor is 2-D with a leading row axis of 1 or BLOCK_M, so all share one register layout and the
+    compiler inserts no layout conversions (a 3-D [m, r, n] version spent half its time in shared memory).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [1, BN]
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
+    mask_m = offs_m < M
+    MASKV: tl.constexpr = (1 << BITS) - 1
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # `tiles` blocks per split; the host makes every split non-empty, blocks past the end are masked.
+    for i in range(tiles):
+        blk = pid_k * tiles + i
+        valid = blk < NBLK
+        wmask = mask_n & valid
+        grp = (blk * 32) // P
+        zf = tl.load(z_ptr + grp * N + offs_n, mask=wmask, other=0.0).to(tl.float32)
+        sc = tl.load(s_ptr + grp * N + offs_n, mask=wmask, other=0.0).to(tl.float32)
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        prev = tl.zeros([1, BLOCK_N], dtype=tl.int32)
+        for wi in tl.static_range(BITS):
+            w = tl.load(qw_ptr + (blk * BITS + wi) * N + offs_n, mask=wmask, other=0)
+            hi = w >> 16
+            for v in tl.static_range(32):
+                # value v of the block occupies bits [v*BITS, v*BITS + BITS) of the block's bit stream;
+                # handle it in the word where it ends (a 3-bit value may start in the previous word)
+                if (v * BITS + BITS - 1) // 32 == wi:
+                    off = (v * BITS) % 32
+                    if off + BITS > 32:  # straddles prev -> w (3-bit values 10 and 21)
+                        nlo = 32 - off
+                        q = ((prev >> off) & ((1 << nlo) - 1)) | ((w & ((1 << (BITS - nlo)) - 1)) << nlo)
+                        pos = 0
+                        f = (q | magic).to(tl.float32, bitcast=True)
+                    elif off < 16:
+                        pos = off
+                        f = ((w & (MASKV << pos)) | magic).to(tl.float32, bitcast=True)
+                    else:
+                        pos = off - 16
+                        f = ((hi & (MASKV << pos)) | magic).to(tl.float32, bitcast=True)
+                    d = f - (8388608.0 + zf * (1 << pos))  # (q - z) * 2**pos, exact
+                    k = blk * 32 + v
+                    if HAS_PERM:
+                        row = tl.load(perm_ptr + k, mask=valid, other=-1)
+                        xmask = mask_m & valid & (row >= 0)
+                    else:
+                        row = k
+                        xmask = mask_m & valid & (k < K)
+                    xv = tl.load(x_ptr + offs_m * stride_xm + row, mask=xmask, other=0.0).to(tl.float32)
+                    part += (xv * (1.0 / (1 << pos))) * d
+            prev = w
+        acc += part * sc
+
+    omask = mask_m & mask_n
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(ws_ptr + (pid_k * BLOCK_M + offs_m) * N + offs_n, acc, mask=omask)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLIT - 1:  # the last split of this column tile sums all partials
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(ws_ptr + (s * BLOCK_M + offs_m) * N + offs_n, mask=omask, other=0.0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call
+
+
+def _gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, KX, KS, P, stride_xm, stride_om, tiles,
+    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+):
+    """out = x_slots @ dequant(qw) on the tensor cores; x_slots is x already in slot order (KX columns)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m  # neighbouring programs share a weight tile: it is read from DRAM once
+    pid_n = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    MASKV: tl.constexpr = (1 << BITS) - 1
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i in range(tiles):
+        t = pid_k * tiles + i
+        k = t * BLOCK_K + offs_k
+        kmask = k < KS
+        g = (t * BLOCK_K) // P  # BLOCK_K divides P: one group per tile
+        tmask = mask_n & (t * BLOCK_K < KS)  # the last split may run past the end: read nothing there
+        zf = tl.load(z_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
+        sc = tl.load(s_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
+        if BITS == 3:  # values straddle words: address every row's word(s)
+            bit = (k % 32) * BITS
+            word = (k // 32) * BITS + bit // 32
+            off = bit % 32
+            wmask = kmask[:, None] & mask_n[None, :]
+            w = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=wmask, other=0)
+            spill = (off + BITS > 32) & kmask
+            w2 = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :], mask=spill[:, None] & mask_n[None, :],
+                         other=0)
+            low = (w.to(tl.uint32, bitcast=True) >> off[:, None]).to(tl.int32, bitcast=True)  # logical shift
+            q = (low & MASKV) | (((w2 << 1) << (31 - off)[:, None]) & MASKV)
+        else:  # 32 // BITS values per word, in row order: load each word once and spread it
+            VPW: tl.constexpr = 32 // BITS
+            r = t * (BLOCK_K // VPW) + tl.arange(0, BLOCK_K // VPW)
+            w = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=(r < KS // VPW)[:, None] & mask_n[None, :],
+                        other=0)
+            sh = tl.arange(0, VPW) * BITS
+            q = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASKV, [BLOCK_K, BLOCK_N])
+        wf = ((q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + zf)[None, :]) * sc[None, :]
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < KX)[None, :],
+                     other=0.0)
+        if IEEE:
+            acc = tl.dot(xt, wf.to(xt.dtype), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wf.to(xt.dtype), acc)
+
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=omask)
+    else:
+        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=omask)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(ws_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=omask, other=0.0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                     total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+
+
+def _dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KS, P,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr,
+):
+    """w[row, n] = (q - z) * s in the original row order (rows scattered back through perm)."""
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < KS
+    MASKV: tl.constexpr = (1 << BITS) - 1
+    g = (t * BLOCK_K) // P
+    zf = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if BITS == 3:
+        bit = (k % 32) * BITS
+        word = (k // 32) * BITS + bit // 32
+        off = bit % 32
+        w = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=kmask[:, None] & mask_n[None, :], other=0)
+        spill = (off + BITS > 32) & kmask
+        w2 = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :], mask=spill[:, None] & mask_n[None, :],
+                     other=0)
+        low = (w.to(tl.uint32, bitcast=True) >> off[:, None]).to(tl.int32, bitcast=True)  # logical shift
+        q = (low & MASKV) | (((w2 << 1) << (31 - off)[:, None]) & MASKV)
+    else:
+        VPW: tl.constexpr = 32 // BITS
+        r = t * (BLOCK_K // VPW) + tl.arange(0, BLOCK_K // VPW)
+        w = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=(r < KS // VPW)[:, None] & mask_n[None, :],
+                    other=0)
+        sh = tl.arange(0, VPW) * BITS
+        q = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASKV, [BLOCK_K, BLOCK_N])
+    wf = ((q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + zf)[None, :]) * sc[None, :]
+    if HAS_PERM:
+        row = tl.load(perm_ptr + k, mask=kmask, other=-1)
+    else:
+        row = k
+    rmask = kmask & (row >= 0) & (row < K)
+    tl.store(w_ptr + row[:, None] * N + offs_n[None, :], wf.to(w_ptr.dtype.element_ty),
+             mask=rmask[:, None] & mask_n[None, :])
+
+
+_JITTED: dict[bool, dict[str, object]] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fix_interpreter_index() -> None:
+    """Let triton's interpreter use a run-time scalar as a loop bound under numpy >= 2.4.
+
+    triton 3.6's interpreter turns a scalar into a Python int with int() on a 1-element array, which numpy
+    2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); triton 3.9 squeezes first.
+    Do the same, for the interpreter only (it patches its own tensor class on every launch).
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_gptq_bridge_fix", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch._gptq_bridge_fix = True
+    interpreter._patch_lang_tensor = patch
+
+
+def _jit() -> dict[str, object]:
+    """The jitted kernels for the current mode (interpreter or compiled), built on first use."""
+    mode = _interpreting()
+    if mode not in _JITTED:
+        if triton is None:
+            raise RuntimeError(f"triton is not importable ({_IMPORT_ERROR})")
+        if mode:
+            _fix_interpreter_index()
+        # triton.jit reads TRITON_INTERPRET when it wraps a function, so wrap here, not at import
+        _JITTED[mode] = {
+            "decode": triton.jit(_decode_kernel),
+            "gemm": triton.jit(_gemm_kernel),
+            "dequant": triton.jit(_dequant_kernel),
+        }
+    return _JITTED[mode]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------
+
+DECODE_MAX_M = 16  # the decode kernel takes at most this many rows
+# Dispatch by rows m, from bench/kernels.py on the H100 (see MEASURED_US below): the decode kernel up to
+# DECODE_UP_TO_M rows, the fused tensor-core kernel up to CUBLAS_MIN_M, dequantize + cuBLAS from there on.
+DECODE_UP_TO_M = 2
+CUBLAS_MIN_M = 128
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TritonQuantLinear(GPTQLinear):
+    """GPTQ Linear served by the Triton kernels; `prepare()` builds the slot layout described above."""
+
+    def __init__(self, layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype):
+        super().__init__(layer, config, dtype)
+        self._ready = False
+        self.decode_config: dict | None = None  # overrides for benchmarks: BLOCK_N, R, SPLIT, num_warps
+        self.gemm_config: dict | None = None
+        self.dequant_config: dict | None = None
+
+    # --- layout ---------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        if self._ready:
+            return
+        dev = self.qweight.device
+        K, N, bits = self.in_features, self.out_features, self.bits
+        G = self.scales.shape[0]
+        g_idx = (self.g_idx if not self.g_idx.is_meta else self.default_g_idx(dev)).to(dev).long()
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
+            raise ValueError(f"g_idx holds groups outside 0..{G - 1}")
+        gs = self.group_size
+        ar = torch.arange(K, device=dev)
+        perm = None
+        if gs % 32 == 0 and torch.equal(g_idx, ar // gs):
+            qw, P, KS = self.qweight, gs, K  # the on-disk words as they are
+        else:
+            order = torch.argsort(g_idx, stable=True)
+            counts = torch.bincount(g_idx, minlength=G)
+            regular = gs % 32 == 0 and bool((counts[:-1] == gs).all()) and int(counts[-1]) <= gs
+            if regular:  # act-order with whole groups: sorted position = slot
+                P, KS = gs, K
+                slots = ar
+            else:  # irregular groups: pad each group to P slots
+                P = max(32, -(-int(counts.max()) // 32) * 32)
+                KS = G * P
+                starts = torch.cumsum(counts, 0) - counts
+                sorted_g = g_idx[order]
+                slots = sorted_g * P + (ar - starts[sorted_g])
+            q = unpack(self.qweight, bits, 0, K)
+            qs = torch.zeros(KS, N, dtype=torch.int32, device=dev)
+            qs[slots] = q[order]
+            del q
+            qw = pack(qs, bits, 0)
+            del qs
+            perm = torch.full((KS,), -1, dtype=torch.int32, device=dev)
+            perm[slots] = order.to(torch.int32)
+            # one copy of the weights in memory: the sorted words replace the on-disk ones
+            self.qweight = torch.empty(0, dtype=torch.int32, device=dev)
+        z = unpack(self.qzeros, bits, 1, N) + self.zero_offset
+        self.register_buffer("tq_qweight", qw.contiguous(), persistent=False)
+        self.register_buffer("tq_zeros", z.to(torch.float16).contiguous(), persistent=False)
+        self.register_buffer("tq_scales", self.scales.contiguous(), persistent=False)
+        self.register_buffer("tq_perm", perm, persistent=False)
+        self.slots, self.slots_per_group = KS, P
+        self.register_buffer("tq_counters", torch.zeros(4096, dtype=torch.int32, device=dev), persistent=False)
+        self._ready = True
+
+    # --- paths ----------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        if m <= DECODE_UP_TO_M:
+            out = self.forward_decode(x2)
+        elif m >= CUBLAS_MIN_M and x2.is_cuda:
+            out = self.forward_dequant(x2)
+        else:
+            out = self.forward_gemm(x2)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready:
+            raise RuntimeError("prepare() was not called on this layer (the loader calls it after loading)")
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        return x
+
+    def forward_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Few rows (m <= 16): split-K, bandwidth-bound."""
+        x = self._check(x)
+        M, N = x.shape[0], self.out_features
+        if M > DECODE_MAX_M:
+            raise ValueError(f"the decode kernel takes at most {DECODE_MAX_M} rows, got {M}")
+        cfg = self.decode_config or {}
+        block_m = max(1, triton.next_power_of_2(M))
+        # measured (bench/kernels.py sweep, H100): 512 columns a program for the 8192-wide layers, 2048 for
+        # the 28672-wide ones; 4 warps
+        block_n = cfg.get("BLOCK_N", 512 if self.in_features * N < 100_000_000 else 2048)
+        nblk = self.slots // 32
+        k_tiles = nblk
+        n_tiles = -(-N // block_n)
+        split = cfg.get("SPLIT")
+        if split is None:
+            want = 4 * _sm_count(x.device)
+            split = max(1, min(k_tiles, -(-want // n_tiles), 64))  # 128 measured slower (8192x1024: 33 vs 23 us)
+        tiles_per_split = -(-k_tiles // split)
+        split = -(-k_tiles // tiles_per_split)  # no empty splits
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        ws = torch.empty(split * block_m * N if split > 1 else 1, dtype=torch.float32, device=x.device)
+        if split > 1 and n_tiles > self.tq_counters.numel():
+            self.tq_counters = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
+        perm = self.tq_perm
+        bias = self.bias
+        _jit()["decode"][(n_tiles, split)](
+            x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
+            bias if bias is not None else x, out, ws, self.tq_counters,
+            M, N, self.in_features, nblk, self.slots_per_group, x.stride(0), out.stride(0), _MAGIC,
+            tiles_per_split, BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
+            HAS_PERM=perm is not None, HAS_BIAS=bias is not None, num_warps=cfg.get("num_warps", 4),
+        )
+        return out
+
+    def _slot_x(self, x: torch.Tensor) -> torch.Tensor:
+        """x with its columns in slot order (pad slots read zero); x itself when no sorting was needed."""
+        if self.tq_perm is None:
+            return x
+        xz = torch.nn.functional.pad(x, (0, 1))  # column K is the zero the pad slots point at
+        idx = torch.where(self.tq_perm >= 0, self.tq_perm, self.in_features).long()
+        return xz.index_select(1, idx)
+
+    def forward_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows: dequantize tiles in registers, multiply on the tensor cores."""
+        x = self._check(x)
+        xs = self._slot_x(x)
+        M, N = x.shape[0], self.out_features
+        cfg = self.gemm_config or {}
+        block_m = cfg.get("BLOCK_M", 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128)
+        block_n = cfg.get("BLOCK_N", 128)
+        block_k = min(cfg.get("BLOCK_K", 128 if M <= 16 else 64), _pow2_divisor(self.slots_per_group, 128))
+        stages = cfg.get("num_stages", 3)
+        if self.bits == 3:  # its per-row word addressing needs more shared memory per stage
+            block_k, block_n, stages = min(block_k, 64), min(block_n, 128), min(stages, 2)
+        n_tiles = -(-M // block_m) * -(-N // block_n)
+        k_tiles = -(-self.slots // block_k)
+        split = cfg.get("SPLIT")
+        if split is None:
+            want = 2 * _sm_count(x.device)
+            split = max(1, min(k_tiles, -(-want // n_tiles), 32)) if n_tiles < want else 1
+        tiles_per_split = -(-k_tiles // split)
+        split = -(-k_tiles // tiles_per_split)
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        ws = torch.empty(split * M * N if split > 1 else 1, dtype=torch.float32, device=x.device)
+        if split > 1 and n_tiles > self.tq_counters.numel():
+            self.tq_counters = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
+        bias = self.bias
+        _jit()["gemm"][(n_tiles, split)](
+            xs, self.tq_qweight, self.tq_scales, self.tq_zeros, bias if bias is not None else x, out, ws,
+            self.tq_counters, M, N, xs.shape[1], self.slots, self.slots_per_group, xs.stride(0), out.stride(0),
+            tiles_per_split, BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
+            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+            num_warps=cfg.get("num_warps", 4 if block_m <= 64 else 8), num_stages=stages,
+        )
+        return out
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [in, out] in `dtype`, rows in their original order (one kernel launch)."""
+        if not self._ready:
+            raise RuntimeError("prepare() was not called on this layer")
+        K, N = self.in_features, self.out_features
+        w = torch.empty(K, N, dtype=dtype, device=self.tq_qweight.device)
+        cfg = self.dequant_config or {}
+        block_k = min(cfg.get("BLOCK_K", 64), _pow2_divisor(self.slots_per_group, 128))
+        block_n = cfg.get("BLOCK_N", 256)
+        perm = self.tq_perm
+        _jit()["dequant"][(-(-self.slots // block_k), -(-N // block_n))](
+            self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else w, w,
+            N, K, self.slots, self.slots_per_group,
+            BITS=self.bits, BLOCK_N=block_n, BLOCK_K=block_k, HAS_PERM=perm is not None,
+            num_warps=cfg.get("num_warps", 4),
+        )
+        return w
+
+    def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows: write the fp16 weight once, then cuBLAS."""
+        x = self._check(x)
+        out = x @ self.dequantize(x.dtype)
+        return out + self.bias if self.bias is not None else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registration and selection order
+# ----------------------------------------------------------------------------------------------------------
+
+# Measured speed, microseconds per call (median over CUDA-graph replays, weights rotated past L2), Llama-2-70B
+# shape 8192x28672, group 128, act-order, by `python bench/kernels.py --bits 4,3 --ms 1,8,32,512 --torch-ref`
+# on one NVIDIA H100 80GB HBM3, 2026-11-27 (docs/PERFORMANCE.md has every shape). Keyed by (bits, m).
+MEASURED_US: dict[tuple[int, int], dict[str, float]] = {
+    (4, 1): {"triton": 69.6, "torch": 5516.0, "cublas_fp16": 158.4},
+    (4, 8): {"triton": 148.4, "cublas_fp16": 158.3},
+    (4, 32): {"triton": 165.1, "cublas_fp16": 174.2},
+    (4, 512): {"triton": 557.3, "cublas_fp16": 361.3},
+    (3, 1): {"triton": 74.1, "torch": 13220.0, "cublas_fp16": 159.0},
+    (3, 512): {"triton": 619.5, "cublas_fp16": 360.2},
+}
+
+
+def _priority() -> int:
+    """Higher than the torch kernel (0) when triton measured faster for every (bits, m) in the table."""
+    if not MEASURED_US:
+        return 10
+    faster = all(v["triton"] < v["torch"] for v in MEASURED_US.values() if "torch" in v and "triton" in v)
+    return 10 if faster else -10
+
+
+def _check_available() -> str | None:
+    if triton is None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    if not _interpreting() and not torch.cuda.is_available():
+        return "no CUDA device (on the CPU, triton runs only in its interpreter: set TRITON_INTERPRET=1)"
+    return None
+
+
+def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
+    if layer.in_features % 32:
+        return "input features must be a multiple of 32 (GPTQ packs 32 rows at a time)"
+    return None
+
+
+def make_triton_linear(layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype) -> TritonQuantLinear:
+    return TritonQuantLinear(layer, config, dtype)
+
+
+def kernel_spec() -> KernelSpec:
+    devices = {"cuda"} | ({"cpu"} if _interpreting() else set())
+    return KernelSpec(
+        name="triton",
+        description="gptq-bridge's Triton kernels: fused dequantize + matmul, split-K decode "
+                    "(CPU only under TRITON_INTERPRET=1)",
+        bits=frozenset({2, 3, 4, 8}),
+        devices=frozenset(devices),
+        priority=_priority(),
+        factory=make_triton_linear,
+        check_available=_check_available,
+        check_layer=_check_layer,
+    )
+
+
+@hookimpl
+def gptq_register_kernels(register):
+    register(kernel_spec())
