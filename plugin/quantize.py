@@ -22,6 +22,7 @@ memory stays near the size of the source model.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -339,6 +340,7 @@ def capture_block_inputs(model, blocks: nn.ModuleList, parent: nn.Module, attr: 
 class _BlockJob:
     settings: dict[str, Any]
     clip: bool
+    refit: bool
     prefix: str  # e.g. model.layers.3
     tensors: dict[str, torch.Tensor]
     reports: list[LayerReport]
@@ -355,7 +357,8 @@ class _BlockJob:
         result = gptq_quantize(
             module.weight.data, hessian, bits=s["bits"], group_size=s["group_size"], sym=s["sym"],
             desc_act=s["desc_act"], static_groups=s["static_groups"], damp_percent=s["damp_percent"],
-            clip=self.clip, min_zero=1 if (fmt == "gptq" and not s["sym"]) else 0, where=f"{self.prefix}.{name}",
+            clip=self.clip, refit=self.refit, min_zero=1 if (fmt == "gptq" and not s["sym"]) else 0,
+            where=f"{self.prefix}.{name}",
         )
         key = f"{self.prefix}.{name}"
         for k, v in pack_layer(result.layer, s["bits"], fmt).items():
@@ -532,6 +535,7 @@ def quantize(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     clip: bool = True,
+    refit: bool = True,
     revision: str | None = None,
     trust_remote_code: bool = False,
     model: nn.Module | None = None,
@@ -543,8 +547,10 @@ def quantize(
     Settings: a `preset` (see PRESETS) and/or the explicit ones, which win. Calibration: text `dataset`
     files and/or `texts` strings, cut into `nsamples` windows of `seq_len` tokens. `batch_size` windows go
     through a block at once (default: all of them when they total at most 32k tokens). `clip` enables the
-    per-group clipping search. An already-loaded `model` and `tokenizer` may be passed instead of loading
-    `source` (then `source` is only recorded). `progress`: True prints one line per block to stderr.
+    per-group clipping search, `refit` the least-squares scale refit. An already-loaded `model` and `tokenizer`
+    may be passed instead of loading `source` (then `source` is only recorded); the model is consumed: its
+    decoder Linears are released block by block. `progress`: True prints one line per block to stderr, a
+    callable receives `Progress` events (it may raise to abort; nothing is written then).
     """
     from .types import DeviceInfo
 
@@ -593,7 +599,7 @@ def quantize(
         original_dtype = next(block.parameters()).dtype
         block.to(device=dev, dtype=compute)
         prefix = f"{blocks_name}.{i}"
-        job = _BlockJob(settings=s, clip=clip, prefix=prefix, tensors=tensors, reports=reports)
+        job = _BlockJob(settings=s, clip=clip, refit=refit, prefix=prefix, tensors=tensors, reports=reports)
         states = quantize_block(block, states, kwargs_list, job, s["true_sequential"])
         quantized = set(_linears(block))
         for key, value in block.state_dict().items():
@@ -629,7 +635,7 @@ def quantize(
         model_name_or_path=str(out), model_file_base_name=model_file_base_name(s["bits"], s["group_size"]),
         quant_method="gptq", checkpoint_format=s["checkpoint_format"],
     )
-    hf_config = model.config
+    hf_config = copy.deepcopy(model.config)
     hf_config.dtype = torch.float16  # what the non-quantized tensors are stored as
     extra: dict[str, str | bytes] = {}
     if source_dir is not None:
@@ -657,7 +663,7 @@ def _cmd_quantize(args) -> int:
         desc_act=args.desc_act, sym=args.sym, static_groups=args.static_groups, damp_percent=args.damp,
         true_sequential=args.true_sequential, checkpoint_format=args.format, dataset=args.dataset,
         nsamples=args.nsamples, seq_len=args.seq_len, device=args.device, batch_size=args.batch_size,
-        clip=args.clip, revision=args.revision, trust_remote_code=args.trust_remote_code,
+        clip=args.clip, refit=args.refit, revision=args.revision, trust_remote_code=args.trust_remote_code,
     )
     print(result.path)
     return 0
@@ -694,6 +700,8 @@ def gptq_register_commands(subparsers):
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: up to 32k tokens)")
     p.add_argument("--no-clip", dest="clip", action="store_false", help="plain min/max ranges (no clipping search)")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="keep GPTQ's scales (no least-squares refit of the scales after rounding)")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of the source")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own Python code")
     p.set_defaults(func=_cmd_quantize)

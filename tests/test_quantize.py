@@ -142,6 +142,17 @@ def test_pure_gptq_without_clipping_also_beats_rtn_and_clipping_helps_at_3_bits(
     assert clipped_err < plain_err
 
 
+@pytest.mark.parametrize("bits,group_size,static_groups", [(4, 32, False), (3, 64, True), (2, -1, False)])
+def test_scale_refit_never_increases_the_output_error(layer_case, bits, group_size, static_groups):
+    x, w, hess = layer_case
+    kw = dict(bits=bits, group_size=group_size, desc_act=True, static_groups=static_groups)
+    plain = gptq_quantize(w, hess, refit=False, **kw).layer
+    refit = gptq_quantize(w, hess, refit=True, **kw).layer
+    assert torch.equal(plain.q, refit.q) and torch.equal(plain.zeros, refit.zeros)
+    assert not torch.equal(plain.scales, refit.scales)
+    assert output_error(x, refit.dequantize().t(), w) <= output_error(x, plain.dequantize().t(), w)
+
+
 def test_partial_last_group_and_act_order_g_idx(layer_case):
     _, w, hess = layer_case
     # 160 = 2 x 64 + 32: three groups, the last one holds 32 rows
@@ -403,6 +414,23 @@ def test_tied_embeddings_are_stored_once(tmp_path, calib_file):
         assert "lm_head.weight" not in set(f.keys())
     lm = gptq_bridge.load_model(str(out), device="cpu")
     assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_python_api_with_a_loaded_model_and_text_strings(tmp_path):
+    """What the embedded default model's preparation does: its own model object and calibration strings."""
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(llama_config()).float().eval()
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    text = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(700))
+    seen: list[Progress] = []
+    result = quantize("my-model", tmp_path / "q", model=model, tokenizer=tiny_tokenizer(), texts=[text, text[::-1]],
+                      preset="gptq-4bit-128g-actorder_True", nsamples=4, seq_len=128, progress=seen.append)
+    assert [p.stage for p in seen] == ["calibrate", "block", "block", "write", "done"]
+    assert seen[1].remaining_s is not None and seen[1].blocks == 2 and seen[-1].remaining_s == 0
+    assert result.config.group_size == 128 and result.config.damp_percent == 0.1
+    lm = gptq_bridge.load_model(str(tmp_path / "q"), device="cpu")
+    assert (lm.model.model.embed_tokens.weight.float() - reference["model.embed_tokens.weight"]).abs().max() < 1e-3
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bits"] == 4
 
 
 def test_interrupted_run_leaves_nothing(source, calib_file, tmp_path):
