@@ -528,7 +528,13 @@ MEASURED_US: dict[tuple[int, int], dict[str, float]] = {
 
 
 def _priority() -> int:
-    """Higher than the torch kernel (0) when triton measured faster for every (bits, m) in the table."""
+    """Higher than the torch kernel (0) when triton measured faster for every (bits, m) in the table.
+
+    Under TRITON_INTERPRET=1 (a test mode: numpy runs every program) it ranks last, so "auto" never picks
+    the interpreter; `kernel="triton"` still does.
+    """
+    if _interpreting():
+        return -10
     if not MEASURED_US:
         return 10
     faster = all(v["triton"] < v["torch"] for v in MEASURED_US.values() if "torch" in v and "triton" in v)
