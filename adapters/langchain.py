@@ -37,7 +37,7 @@ class GPTQParams(BaseModel):
     kernel: str = "auto"
     device: str | None = None
     temperature: float = 0.0
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None: the generator's default (adapted to the context)
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
@@ -52,18 +52,20 @@ class GPTQParams(BaseModel):
     def _loaded(self):
         return shared_model(self.model, kernel=self.kernel, device=self.device)
 
-    def _generation_kwargs(self, stop: list[str] | None, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _generation_kwargs(self, stop: list[str] | None, call_kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
         params = {
-            "max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
             "seed": self.seed, **self.model_kwargs,
         }
+        if self.max_tokens is not None:
+            params["max_new_tokens"] = self.max_tokens
         if "max_tokens" in call_kwargs:
             call_kwargs["max_new_tokens"] = call_kwargs.pop("max_tokens")
         params.update(call_kwargs)
         params["stop"] = list(dict.fromkeys((self.stop or []) + (stop or []) + list(params.get("stop") or [])))
-        if self.prompt_format and "prompt_format" not in params:
+        if chat and self.prompt_format and "prompt_format" not in params:  # completions are sent as they are
             params["prompt_format"] = self.prompt_format
         return params
 
@@ -128,7 +130,7 @@ class GPTQLLM(GPTQParams, LLM):
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        with self._loaded().stream(prompt, **self._generation_kwargs(stop, kwargs)) as stream:
+        with self._loaded().stream(prompt, **self._generation_kwargs(stop, kwargs, chat=False)) as stream:
             for piece in stream:
                 if not piece.text:
                     continue
@@ -170,7 +172,7 @@ class ChatGPTQ(GPTQParams, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         loaded = self._loaded()
-        with loaded.stream(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs)) as stream:
+        with loaded.stream(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs, chat=True)) as stream:
             for piece in stream:
                 if not piece.text:
                     continue

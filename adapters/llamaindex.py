@@ -79,23 +79,23 @@ class GPTQLLM(LLM):
         return LLMMetadata(context_window=window, num_output=self.max_new_tokens, is_chat_model=True,
                            model_name=model_display_name(self.model, loaded))
 
-    def _kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _kwargs(self, kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
         params = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, **self.generate_kwargs}
         kwargs = {k: v for k, v in kwargs.items() if k != "formatted"}
         params.update(kwargs)
         params["stop"] = list(dict.fromkeys(self.stop + list(params.get("stop") or [])))
-        if self.prompt_format and "prompt_format" not in params:
+        if chat and self.prompt_format and "prompt_format" not in params:  # completions are sent as they are
             params["prompt_format"] = self.prompt_format
         if self.context_window and "context_length" not in params:
             params["context_length"] = self.context_window
         return params
 
     def _chat_stream(self, messages: Sequence[LIChatMessage], kwargs: dict[str, Any]):
-        return self._loaded().stream(to_chat_messages(messages), **self._kwargs(kwargs))
+        return self._loaded().stream(to_chat_messages(messages), **self._kwargs(kwargs, chat=True))
 
     def _complete_stream(self, prompt: str, kwargs: dict[str, Any]):
-        return self._loaded().stream(prompt, **self._kwargs(kwargs))
+        return self._loaded().stream(prompt, **self._kwargs(kwargs, chat=False))
 
     @staticmethod
     def _raw(result) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def why_not(
         problem = spec.check_layer(layer, config)
         if problem:
             return f"layer {layer.name} ({layer.in_features}x{layer.out_features}): {problem}"
-    return spec.check_available()
+    return spec.check_model(layers, config, device, dtype) or spec.check_available()
 
 
 def select_kernel(

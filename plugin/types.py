@@ -95,6 +95,9 @@ class KernelSpec(BaseModel):
     factory: KernelFactory
     check_available: Callable[[], str | None] = Field(default=lambda: None)
     check_layer: Callable[[LayerShape, QuantizeConfig], str | None] = Field(default=lambda layer, config: None)
+    # Whole-model check, run after the layer checks: (layers, config, device, dtype) -> reason or None.
+    check_model: Callable[[Any, QuantizeConfig, "DeviceInfo", torch.dtype], str | None] = Field(
+        default=lambda layers, config, device, dtype: None)
 
     @field_validator("name")
     @classmethod

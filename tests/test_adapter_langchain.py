@@ -135,3 +135,11 @@ def test_adapters_share_the_loaded_model():
     a = ChatGPTQ(model=adapter_source(), **PARAMS)
     b = GPTQLLM(model=adapter_source(), max_tokens=4)
     assert a._loaded() is b._loaded()
+
+
+def test_prompt_format_applies_to_chat_only():
+    chat = ChatGPTQ(model=adapter_source(), prompt_format="alpaca", **PARAMS)
+    llm = GPTQLLM(model=adapter_source(), prompt_format="alpaca", max_tokens=4, model_kwargs={"ban_eos": True})
+    reply = chat.invoke("hi")
+    assert reply.content and llm.invoke("the cat")  # the completion is sent as it is, not refused
+    assert "### Instruction:" not in reply.content

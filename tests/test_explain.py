@@ -22,16 +22,16 @@ def test_text_table(checkpoint, capsys):
     assert "settings: 3-bit, group 128, act-order, sym, v1 zeros  (from " in out
     assert "config.json[quantization_config]" in out
     assert "14 quantized Linear layers" in out
-    assert "* torch" in out and out.strip().endswith("chosen: torch")
+    assert "* torch-dense" in out and out.strip().endswith("chosen: torch-dense")
 
 
 def test_json_object(checkpoint, capsys):
     assert cli.main(["explain", str(checkpoint), "--device", "cpu", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["source"] == str(checkpoint) and data["chosen"] == "torch"
+    assert data["source"] == str(checkpoint) and data["chosen"] == "torch-dense"
     assert data["config_file"].endswith("config.json[quantization_config]")
     names = [k["name"] for k in data["kernels"]]
-    assert "torch" in names and all(set(k) == {"name", "eligible", "reason"} for k in data["kernels"])
+    assert {"torch", "torch-dense"} <= set(names) and all(set(k) == {"name", "eligible", "reason"} for k in data["kernels"])
     assert data["settings"]["bits"] == 3 and data["device"] == "cpu" and data["dtype"] == "float32"
 
 
@@ -57,4 +57,4 @@ def test_explain_reads_no_weights(checkpoint, tmp_path):
     header_end = 8 + int.from_bytes(data[:8], "little")
     data[header_end:] = b"\xff" * (len(data) - header_end)
     weights.write_bytes(bytes(data))
-    assert explain(str(copy), device="cpu").chosen == "torch"
+    assert explain(str(copy), device="cpu").chosen == "torch-dense"

@@ -23,20 +23,22 @@ COMBOS = list(itertools.product([2, 3, 4, 8], [-1, 32, 128], [False, True], ["gp
 def test_logits_match_dequantized_reference(tmp_path, bits, group_size, desc_act, fmt, sym, location):
     ck = build(tmp_path / "ck", bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
                checkpoint_format=fmt, config_location=location, seed=bits * 7 + group_size)
-    assert explain(str(ck.path), device="cpu").chosen == "torch"
-    lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32)
-    assert lm.kernel == "torch" and lm.quantize_config.bits == bits
-    assert lm.config_file.path.name == ("quantize_config.json" if location == "quantize_config" else "config.json")
+    assert explain(str(ck.path), device="cpu").chosen == "torch-dense"
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        got, want = lm.model(ids).logits, ck.reference(ids).logits
-    assert relative_error(got, want) < 1e-4
+        want = ck.reference(ids).logits
+    for kernel in ("torch", "torch-dense"):  # dequantize per call, and once at load time
+        lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel=kernel)
+        assert lm.kernel == kernel and lm.quantize_config.bits == bits
+        assert lm.config_file.path.name == ("quantize_config.json" if location == "quantize_config" else "config.json")
+        with torch.no_grad():
+            assert relative_error(lm.model(ids).logits, want) < 1e-4
 
 
 def test_act_order_g_idx_matters(tmp_path):
     """Negative control: the comparison above would catch a kernel that ignored g_idx."""
     ck = build(tmp_path / "ck", bits=4, group_size=32, desc_act=True, sym=False)
-    lm = gptq_bridge.load_model(str(ck.path), device="cpu")
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu", kernel="torch")
     layer = lm.model.model.layers[0].mlp.down_proj
     assert not torch.equal(layer.g_idx, torch.sort(layer.g_idx).values)  # really act-order
     ids = torch.randint(0, 96, (1, 8))

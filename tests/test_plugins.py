@@ -55,7 +55,7 @@ def test_registered_kernel_is_selected_and_used(tmp_path, plugin):
     CountingLinear.calls = 0
     lm = gptq_bridge.load_model(str(ck.path), device="cpu")
     assert lm.kernel == "counting"
-    assert [v.name for v in lm.choice.verdicts][:2] == ["counting", "torch"]
+    assert [v.name for v in lm.choice.verdicts][:3] == ["counting", "torch-dense", "torch"]
     ids = torch.randint(0, 96, (1, 6))
     with torch.no_grad():
         assert relative_error(lm.model(ids).logits, ck.reference(ids).logits) < 1e-4
@@ -63,7 +63,7 @@ def test_registered_kernel_is_selected_and_used(tmp_path, plugin):
     # it serves only 4-bit: a 3-bit checkpoint falls through to the reference kernel, with the reason
     ck3 = build(tmp_path / "ck3", bits=3, group_size=32)
     lm3 = gptq_bridge.load_model(str(ck3.path), device="cpu")
-    assert lm3.kernel == "torch"
+    assert lm3.kernel == "torch-dense"
     assert {v.name: v.reason for v in lm3.choice.verdicts}["counting"] == "supports 4-bit, checkpoint is 3-bit"
 
 
@@ -91,7 +91,7 @@ def test_loader_plugin_takes_over_before_the_builtin(tmp_path, plugin):
     plugin(Loader())
     ck = build(tmp_path / "ck")
     lm = gptq_bridge.load_model(str(ck.path), device="cpu")
-    assert seen == [ck.path.resolve()] and lm.kernel == "torch"
+    assert seen == [ck.path.resolve()] and lm.kernel == "torch-dense"
 
     class Taker:
         @hookimpl

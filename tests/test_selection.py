@@ -108,3 +108,18 @@ def test_device_parsing_errors():
     if not torch.cuda.is_available():
         with pytest.raises(GPTQBridgeError, match="torch sees no CUDA device"):
             DeviceInfo.parse("cuda:0")
+
+
+def test_dense_cpu_kernel_is_preferred_only_when_its_weights_fit(monkeypatch):
+    from gptq_bridge.kernels import torch_ref
+
+    kernels = [torch_ref.TORCH_KERNEL, torch_ref.TORCH_DENSE_KERNEL]
+    layers = [LayerShape(name="m.l", in_features=8192, out_features=8192)]  # 268 MB dense in float32
+    monkeypatch.setattr(torch_ref, "available_memory_bytes", lambda: 16 * 10**9)
+    assert select_kernel(QuantizeConfig(bits=4), layers, CPU, torch.float32, kernels).chosen == "torch-dense"
+    monkeypatch.setattr(torch_ref, "available_memory_bytes", lambda: 400 * 10**6)
+    choice = select_kernel(QuantizeConfig(bits=4), layers, CPU, torch.float32, kernels)
+    assert choice.chosen == "torch"
+    assert reasons(choice)["torch-dense"] == "dense weights need 0.3 GB, more than half of the 0.4 GB available"
+    assert reasons(select_kernel(QuantizeConfig(bits=4), layers, H100, torch.float16, kernels))["torch-dense"] == \
+        "runs on cpu, not cuda"

@@ -69,5 +69,5 @@ def test_cli_reads_hub_cache_offline(cache):
     out = subprocess.run([sys.executable, "-m", "gptq_bridge.cli", "explain", f"{REPO}:gptq-4bit-32g-actorder_True",
                           "--json"], capture_output=True, text=True, env=env, check=True).stdout
     data = json.loads(out)
-    assert data["chosen"] == "torch" and data["settings"]["group_size"] == 32
+    assert data["chosen"] == "torch-dense" and data["settings"]["group_size"] == 32
     assert data["config_file"].endswith("quantize_config.json")
