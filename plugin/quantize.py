@@ -500,6 +500,11 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
             job.quantize_linear(n, linears[n], prepared[id(h)])
             done.add(n)
         del prepared, hessians
+    rest: dict[str, Hessian] = {}
+    hessian_of(linears, rest)  # Linears no forward pass reached
+    for n, h in rest.items():
+        job.quantize_linear(n, linears[n], job.prepare(h, n))
+        done.add(n)
     return _run(block, states, kwargs_list)
 
 
@@ -680,7 +685,8 @@ def gptq_register_commands(subparsers):
     )
     p.add_argument("source", help="model directory, hub id org/name[:branch], or a .gguf file")
     p.add_argument("out", help="output directory (must not exist; written atomically)")
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="settings of one of the card's branches")
+    p.add_argument("--preset", choices=list(PRESETS), default=None, metavar="NAME",
+                   help="settings of one of the card's branches: " + ", ".join(PRESETS))
     p.add_argument("--bits", type=int, choices=list(ALLOWED_BITS), default=None, help="default 4")
     p.add_argument("--group-size", type=int, default=None, help="rows per group, or -1 for one group (default 128)")
     p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
