@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import torch
 
 from .config import QuantizeConfig, read_quantize_config
@@ -16,6 +18,11 @@ from .loaded_model import LoadedModel
 from .plugins import get_plugin_manager, registered_kernels
 from .sources import resolve_source
 from .types import DeviceInfo, LoadOptions
+
+try:
+    __version__ = metadata.version("gptq-bridge")
+except metadata.PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "load_model", "LoadedModel", "QuantizeConfig", "read_quantize_config", "hookimpl", "get_plugin_manager",
@@ -29,7 +36,7 @@ def default_dtype(device: DeviceInfo) -> torch.dtype:
 
 
 def load_model(
-    source: str,
+    source: str | None = None,
     *,
     kernel: str = "auto",
     device: str | torch.device | None = None,
@@ -41,8 +48,13 @@ def load_model(
 ) -> LoadedModel:
     """Load a GPTQ checkpoint (a directory, or a hub id `org/name[:branch]`) ready to run.
 
+    With no source, the embedded default model (prepared on first use, see default_model.py).
     The first loader plugin that accepts the source loads it; the built-in loader goes last.
     """
+    if source is None:
+        from .default_model import default_source
+
+        source = default_source()
     resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
     dev = DeviceInfo.parse(device)
     options = LoadOptions(kernel=kernel, device=dev, dtype=dtype or default_dtype(dev),

@@ -1,5 +1,22 @@
 import os
+from pathlib import Path
+
+import pytest
 
 # Tests never touch the network: huggingface_hub reads this once, at import, so it is set before any import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The embedded default model is prepared once per test session into a private cache (a few minutes on a
+# small CPU). Developers may point GPTQ_BRIDGE_TEST_CACHE at a folder to keep the prepared model between runs.
+_TEST_CACHE = os.environ.get("GPTQ_BRIDGE_TEST_CACHE")
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory) -> Path:
+    """The prepared default model's directory; GPTQ_BRIDGE_CACHE points at the cache holding it."""
+    from gptq_bridge.default_model import CACHE_ENV, default_source
+
+    cache = Path(_TEST_CACHE) if _TEST_CACHE else tmp_path_factory.mktemp("gptq-bridge-cache")
+    os.environ[CACHE_ENV] = str(cache)
+    return Path(default_source())

@@ -96,7 +96,6 @@ def test_generate_truncation_is_reported(capsys, model_dir):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "hi"], "no model given: pass --model"),
     (["generate", "hi", "-m", "{model}", "--top-p", "2"], "top_p: Input should be less than or equal to 1"),
     (["generate", "hi", "-m", "{model}", "--temperature", "-1"], "temperature: Input should be greater"),
     (["generate", "hi", "-m", "{model}", "--prompt-format", "nope"], "prompt_format 'nope' is not registered"),
