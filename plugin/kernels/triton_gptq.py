@@ -9,22 +9,22 @@ Layout, decided once in `prepare()`:
   no input row and hold q = 0, so they add nothing.
 - zero points become one float16 per (group, column) (exact for every bit width, v1's +1 applied).
 
-Three paths, picked per call by the number of rows m:
+Three paths (forward() picks by the number of rows m: decode up to DECODE_UP_TO_M, gemm below
+CUBLAS_MIN_M, dequant + cuBLAS from there; each path can also be called on its own):
 - decode (m <= 16): bandwidth-bound. Split-K over a grid that fills every SM; each program reads the packed
   words once and dequantizes each field with a mask and one float add: `(w & (mask << pos)) | 0x4B000000`
   is the float 2**23 + q * 2**pos, so `f - (2**23 + z * 2**pos)` is exactly (q - z) * 2**pos with no
   integer-to-float conversion (a slow instruction on NVIDIA GPUs) and no shift per value; the 2**-pos is
-  folded into the activation. Scales multiply once per 32-row block. The split partials are summed by the
-  last program of each column tile (a counter that resets itself), so a call is one launch.
-- gemm (m > 16): dequantize a [BLOCK_K, BLOCK_N] tile in registers and feed the tensor cores (`tl.dot`).
-- dequant + cuBLAS: write the fp16 weight once per call and call torch.matmul (for large m where the
-  benchmark found it faster).
+  folded into the activation. 4-bit with fp16 activations and one row uses packed half2 math instead
+  (`_HALF2_DOT`). Scales multiply once per 32-row block. The split partials are summed by the last program
+  of each column tile (a counter that resets itself), so a call is one launch.
+- gemm: dequantize a [BLOCK_K, BLOCK_N] tile in registers and feed the tensor cores (`tl.dot`).
+- dequant + cuBLAS: write the fp16 weight once per call and call torch.matmul.
 
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors; the kernels are jitted
 lazily, at first use, because the interpreter switch is read when `triton.jit` wraps a function.
 """
 
-import math
 import os
 
 import torch
@@ -44,9 +44,43 @@ except Exception as exc:  # ImportError, or a broken install raising something e
     triton = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-    class tl:  # stand-in so the kernel definitions below (annotations only) still evaluate
-        constexpr = None
+    class tl:  # stand-in so the kernel definitions below (annotations, constants) still evaluate
+        @staticmethod
+        def constexpr(value=None):
+            return value
 
+
+# One 4-bit word (8 values of one column, rows j and j + 4 paired) times 8 activations packed as 4 half2:
+# (w >> 4j) & 0x000F000F | 0x54005400 is the half2 (64 + q_j / 16, 64 + q_j+4 / 16) (one LOP3; the fp16
+# spacing at 64 is 1/16), minus 64 + z / 16 is exactly (q - z) / 16; four half2 FMAs, then the two halves are
+# summed in float32 (and multiplied by 16 once per block). At most 4 products are summed in half precision,
+# each at most |x|, so activations up to ~16,000 cannot overflow.
+_HALF2_DOT = tl.constexpr("""
+{
+.reg .b32 t, h, a;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 h, $1, 0x000F000F, 0x54005400, 0xEA;
+sub.f16x2 h, h, $2;
+mul.rn.f16x2 a, h, $3;
+shr.u32 t, $1, 4;
+lop3.b32 h, t, 0x000F000F, 0x54005400, 0xEA;
+sub.f16x2 h, h, $2;
+fma.rn.f16x2 a, h, $4, a;
+shr.u32 t, $1, 8;
+lop3.b32 h, t, 0x000F000F, 0x54005400, 0xEA;
+sub.f16x2 h, h, $2;
+fma.rn.f16x2 a, h, $5, a;
+shr.u32 t, $1, 12;
+lop3.b32 h, t, 0x000F000F, 0x54005400, 0xEA;
+sub.f16x2 h, h, $2;
+fma.rn.f16x2 a, h, $6, a;
+mov.b32 {lo, hi}, a;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+""")
 
 _MAGIC = 0x4B000000  # float32 bit pattern of 2**23; OR-ing an integer below 2**23 into it adds that integer
 _TWO23 = 8388608.0
@@ -61,7 +95,7 @@ def _decode_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, NBLK, P, stride_xm, stride_om, magic, tiles,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, HALF2: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[k, n] for few rows m; program (n-tile, k-split), one 32-row block a step.
 
@@ -85,37 +119,79 @@ def _decode_kernel(
         zf = tl.load(z_ptr + grp * N + offs_n, mask=wmask, other=0.0).to(tl.float32)
         sc = tl.load(s_ptr + grp * N + offs_n, mask=wmask, other=0.0).to(tl.float32)
         part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        prev = tl.zeros([1, BLOCK_N], dtype=tl.int32)
-        for wi in tl.static_range(BITS):
-            w = tl.load(qw_ptr + (blk * BITS + wi) * N + offs_n, mask=wmask, other=0)
-            hi = w >> 16
-            for v in tl.static_range(32):
-                # value v of the block occupies bits [v*BITS, v*BITS + BITS) of the block's bit stream;
-                # handle it in the word where it ends (a 3-bit value may start in the previous word)
-                if (v * BITS + BITS - 1) // 32 == wi:
-                    off = (v * BITS) % 32
-                    if off + BITS > 32:  # straddles prev -> w (3-bit values 10 and 21)
-                        nlo = 32 - off
-                        q = ((prev >> off) & ((1 << nlo) - 1)) | ((w & ((1 << (BITS - nlo)) - 1)) << nlo)
-                        pos = 0
-                        f = (q | magic).to(tl.float32, bitcast=True)
-                    elif off < 16:
-                        pos = off
-                        f = ((w & (MASKV << pos)) | magic).to(tl.float32, bitcast=True)
-                    else:
-                        pos = off - 16
-                        f = ((hi & (MASKV << pos)) | magic).to(tl.float32, bitcast=True)
-                    d = f - (8388608.0 + zf * (1 << pos))  # (q - z) * 2**pos, exact
-                    k = blk * 32 + v
-                    if HAS_PERM:
-                        row = tl.load(perm_ptr + k, mask=valid, other=-1)
-                        xmask = mask_m & valid & (row >= 0)
-                    else:
-                        row = k
-                        xmask = mask_m & valid & (k < K)
-                    xv = tl.load(x_ptr + offs_m * stride_xm + row, mask=xmask, other=0.0).to(tl.float32)
-                    part += (xv * (1.0 / (1 << pos))) * d
-            prev = w
+        if HALF2:  # 4-bit, fp16 activations, one row: packed half2 arithmetic (see _HALF2_DOT)
+            zh = (zf * 0.0625 + 64.0).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            c2 = zh | (zh << 16)  # 64 + z / 16 in both halves (exact)
+            for wi in tl.static_range(4):
+                w = tl.load(qw_ptr + (blk * 4 + wi) * N + offs_n, mask=wmask, other=0)
+                k0 = blk * 32 + wi * 8
+                if HAS_PERM:
+                    row0 = tl.load(perm_ptr + k0 + 0, mask=valid, other=-1)
+                    row1 = tl.load(perm_ptr + k0 + 1, mask=valid, other=-1)
+                    row2 = tl.load(perm_ptr + k0 + 2, mask=valid, other=-1)
+                    row3 = tl.load(perm_ptr + k0 + 3, mask=valid, other=-1)
+                    row4 = tl.load(perm_ptr + k0 + 4, mask=valid, other=-1)
+                    row5 = tl.load(perm_ptr + k0 + 5, mask=valid, other=-1)
+                    row6 = tl.load(perm_ptr + k0 + 6, mask=valid, other=-1)
+                    row7 = tl.load(perm_ptr + k0 + 7, mask=valid, other=-1)
+                else:
+                    row0 = tl.where(k0 + 0 < K, k0 + 0, -1)
+                    row1 = tl.where(k0 + 1 < K, k0 + 1, -1)
+                    row2 = tl.where(k0 + 2 < K, k0 + 2, -1)
+                    row3 = tl.where(k0 + 3 < K, k0 + 3, -1)
+                    row4 = tl.where(k0 + 4 < K, k0 + 4, -1)
+                    row5 = tl.where(k0 + 5 < K, k0 + 5, -1)
+                    row6 = tl.where(k0 + 6 < K, k0 + 6, -1)
+                    row7 = tl.where(k0 + 7 < K, k0 + 7, -1)
+                x0 = tl.load(x_ptr + row0, mask=valid & (row0 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                x1 = tl.load(x_ptr + row1, mask=valid & (row1 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                x2 = tl.load(x_ptr + row2, mask=valid & (row2 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                x3 = tl.load(x_ptr + row3, mask=valid & (row3 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                x4 = tl.load(x_ptr + row4, mask=valid & (row4 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                x5 = tl.load(x_ptr + row5, mask=valid & (row5 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                x6 = tl.load(x_ptr + row6, mask=valid & (row6 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                x7 = tl.load(x_ptr + row7, mask=valid & (row7 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                # half2 pairs (row j, row j + 4): the nibbles at bits 4j and 4j + 16 of the word
+                p0 = tl.broadcast_to(x0 | (x4 << 16), [1, BLOCK_N])
+                p1 = tl.broadcast_to(x1 | (x5 << 16), [1, BLOCK_N])
+                p2 = tl.broadcast_to(x2 | (x6 << 16), [1, BLOCK_N])
+                p3 = tl.broadcast_to(x3 | (x7 << 16), [1, BLOCK_N])
+                part += tl.inline_asm_elementwise(_HALF2_DOT, "=f,r,r,r,r,r,r", [w, c2, p0, p1, p2, p3],
+                                                  dtype=tl.float32, is_pure=True, pack=1)
+            part = part * 16.0  # the weights came out as (q - z) / 16, so 4 half products cannot overflow
+        else:
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            prev = tl.zeros([1, BLOCK_N], dtype=tl.int32)
+            for wi in tl.static_range(BITS):
+                w = tl.load(qw_ptr + (blk * BITS + wi) * N + offs_n, mask=wmask, other=0)
+                hi = w >> 16
+                for v in tl.static_range(32):
+                    # value v of the block occupies bits [v*BITS, v*BITS + BITS) of the block's bit stream;
+                    # handle it in the word where it ends (a 3-bit value may start in the previous word)
+                    if (v * BITS + BITS - 1) // 32 == wi:
+                        off = (v * BITS) % 32
+                        if off + BITS > 32:  # straddles prev -> w (3-bit values 10 and 21)
+                            nlo = 32 - off
+                            q = ((prev >> off) & ((1 << nlo) - 1)) | ((w & ((1 << (BITS - nlo)) - 1)) << nlo)
+                            pos = 0
+                            f = (q | magic).to(tl.float32, bitcast=True)
+                        elif off < 16:
+                            pos = off
+                            f = ((w & (MASKV << pos)) | magic).to(tl.float32, bitcast=True)
+                        else:
+                            pos = off - 16
+                            f = ((hi & (MASKV << pos)) | magic).to(tl.float32, bitcast=True)
+                        d = f - (8388608.0 + zf * (1 << pos))  # (q - z) * 2**pos, exact
+                        k = blk * 32 + v
+                        if HAS_PERM:
+                            row = tl.load(perm_ptr + k, mask=valid, other=-1)
+                            xmask = mask_m & valid & (row >= 0)
+                        else:
+                            row = k
+                            xmask = mask_m & valid & (k < K)
+                        xv = tl.load(x_ptr + offs_m * stride_xm + row, mask=xmask, other=0.0).to(tl.float32)
+                        part += (xv * (1.0 / (1 << pos))) * d
+                prev = w
         acc += part * sc
 
     omask = mask_m & mask_n
@@ -439,7 +515,10 @@ class TritonQuantLinear(GPTQLinear):
             bias if bias is not None else x, out, ws, self.tq_counters,
             M, N, self.in_features, nblk, self.slots_per_group, x.stride(0), out.stride(0), _MAGIC,
             tiles_per_split, BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
-            HAS_PERM=perm is not None, HAS_BIAS=bias is not None, num_warps=cfg.get("num_warps", 4),
+            HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
+            HALF2=cfg.get("HALF2", True) and self.bits == 4 and block_m == 1 and x.dtype == torch.float16
+            and not _interpreting(),
+            num_warps=cfg.get("num_warps", 4),
         )
         return out
 
@@ -516,9 +595,10 @@ class TritonQuantLinear(GPTQLinear):
 
 # Measured speed, microseconds per call (median over CUDA-graph replays, weights rotated past L2), Llama-2-70B
 # shape 8192x28672, group 128, act-order, by `python bench/kernels.py --bits 4,3 --ms 1,8,32,512 --torch-ref`
-# on one NVIDIA H100 80GB HBM3, 2026-11-27 (docs/PERFORMANCE.md has every shape). Keyed by (bits, m).
+# on one NVIDIA H100 80GB HBM3, 2026-11-27 (run 3; m = 1 for 4-bit from run 5, after the half2 decode path:
+# `--bits 4,3 --ms 1 --sweep-decode-up-to 1`). docs/PERFORMANCE.md has every shape. Keyed by (bits, m).
 MEASURED_US: dict[tuple[int, int], dict[str, float]] = {
-    (4, 1): {"triton": 69.6, "torch": 5516.0, "cublas_fp16": 158.4},
+    (4, 1): {"triton": 70.5, "torch": 5516.0, "cublas_fp16": 158.7},
     (4, 8): {"triton": 148.4, "cublas_fp16": 158.3},
     (4, 32): {"triton": 165.1, "cublas_fp16": 174.2},
     (4, 512): {"triton": 557.3, "cublas_fp16": 361.3},

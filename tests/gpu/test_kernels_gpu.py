@@ -135,3 +135,15 @@ def test_whole_model_logits_agree(tmp_path):
             assert relative_error(got, want) < 1e-2, f"shape {shape} (seed {SEED})"
             assert relative_error(got, ck.reference.to(DEV)(ids).logits) < 2e-2
             ck.reference.cpu()
+
+
+def test_decode_with_outlier_activations():
+    """Llama activations have a few channels in the thousands; the half2 decode path must not overflow."""
+    tri, weight, gen = make_modules(8192, 1024, 4, 128, True, seed=11)
+    x = torch.randn(1, 8192, generator=gen, device=DEV)
+    idx = torch.randint(0, 8192, (16,), generator=gen, device=DEV)
+    x[0, idx] = 3000.0 * torch.sign(torch.randn(16, generator=gen, device=DEV))
+    x = x.half()
+    got = tri.forward_decode(x)
+    assert not torch.isinf(got).any() and not torch.isnan(got).any()
+    assert relative_error(got, x.float() @ weight) < 2e-3
