@@ -88,20 +88,27 @@ class GPTQResult:
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float = 1.0,
                            where: str = "layer") -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, increasing damp until it exists."""
-    h = hessian.to(torch.float64)
-    if not bool(torch.isfinite(h).all()):
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, increasing damp until it exists.
+
+    Tried in float32 first (fast; what GPTQ implementations use), then in float64 at the same damping,
+    and only then with more damping.
+    """
+    if not bool(torch.isfinite(hessian.sum())):  # an inf or NaN anywhere makes the sum non-finite
         raise GPTQBridgeError(f"{where}: the Hessian of the calibration inputs has inf/NaN entries "
                               "(activations overflowed; quantize from float32 or bfloat16 weights)")
-    mean_diag = float(h.diagonal().mean())
+    mean_diag = float(hessian.diagonal().double().mean())
     if mean_diag <= 0:
         mean_diag = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     d = damp
     while d <= max_damp:
-        lower, info = torch.linalg.cholesky_ex(h + eye * (d * mean_diag))
-        if int(info) == 0:
+        for dtype in (torch.float32, torch.float64):
+            h = hessian.to(dtype).clone()
+            h.diagonal().add_(d * mean_diag)
+            lower, info = torch.linalg.cholesky_ex(h)
+            if int(info) != 0:
+                continue
             # H^-1 = L^-T L^-1 through a triangular solve (much faster here than cholesky_inverse)
+            eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
             lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
             upper, info = torch.linalg.cholesky_ex(lower_inv.t() @ lower_inv, upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
@@ -249,9 +256,8 @@ def refit_scales(layer: IntLayer, weight: torch.Tensor, hessian: torch.Tensor) -
     new = torch.where(torch.isfinite(new) & (new > SMALLEST_SCALE), new, old).clamp(max=65504.0)
     new = new.to(torch.float16).to(torch.float32)
 
-    def row_error(s):  # (W_q - W) H (W_q - W)^T per row, for scales s [out, G]
-        D = V * s[:, g_idx] - W
-        return ((D @ H) * D).sum(1)
+    def row_error(s):  # (W_q - W) H (W_q - W)^T per row, less the constant w H w^T: s A s - 2 s b
+        return torch.einsum("og,ogh,oh->o", s, A, s) - 2 * (s * b).sum(1)
 
     keep = row_error(new) < row_error(old)
     scales = torch.where(keep.unsqueeze(-1), new, old).t().contiguous()
@@ -333,7 +339,7 @@ def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_g
     # rest of the block is a contiguous rank-1 update.
     Wt = W.t().contiguous()
     del W
-    Q = torch.empty(in_features, out_features, dtype=torch.int64, device=device)
+    Q = torch.empty(in_features, out_features, dtype=torch.float32, device=device)
     loss = torch.zeros(out_features, dtype=torch.float32, device=device)
     s = z = None
     for i1 in range(0, in_features, block):
@@ -358,7 +364,7 @@ def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_g
             w = W1[i]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             err = (w - (q - z) * s) / U1[i, i]
-            Q[j] = q.to(torch.int64)
+            Q[j] = q
             Err1[i] = err
             loss.addcmul_(err, err)
             if i + 1 < i2 - i1:
@@ -366,7 +372,7 @@ def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_g
         if i2 < in_features:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
-    layer = IntLayer(q=Q[invperm].contiguous(), zeros=zeros.to(torch.int64), scales=scales, g_idx=g_idx.to(device))
+    layer = IntLayer(q=Q[invperm].to(torch.int64), zeros=zeros.to(torch.int64), scales=scales, g_idx=g_idx.to(device))
     if refit:
         w0 = weight.detach().to(torch.float32)
         w0 = w0.masked_fill(prepared.dead.to(device).unsqueeze(0), 0.0)
