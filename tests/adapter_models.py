@@ -1,20 +1,11 @@
-"""The model the adapter tests run on. Built once per test session into a temporary directory."""
+"""The model the adapter tests run on: the embedded default model (prepared once per session)."""
 
 from __future__ import annotations
 
-import tempfile
-from functools import lru_cache
-from pathlib import Path
 
-
-@lru_cache(maxsize=1)
 def adapter_source() -> str:
-    """A tiny GPTQ checkpoint with a byte-level tokenizer and a ChatML template (random weights)."""
-    import atexit
-    import shutil
+    """The default model's directory. Test modules using it declare `usefixtures("default_model")`, which
+    prepares it and points GPTQ_BRIDGE_CACHE at the session's cache first."""
+    from gptq_bridge.default_model import default_source
 
-    from gen_models import byte_checkpoint
-
-    root = Path(tempfile.mkdtemp(prefix="gptq-bridge-adapters-"))
-    atexit.register(shutil.rmtree, root, True)
-    return str(byte_checkpoint(root / "tiny-chat"))
+    return default_source()

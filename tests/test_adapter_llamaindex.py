@@ -11,11 +11,14 @@ from llama_index.core.llms import LLM, ChatMessage
 from gptq_bridge.adapters.llamaindex import GPTQLLM
 from gptq_bridge.errors import GPTQBridgeError
 from adapter_models import adapter_source
+from gptq_bridge.default_model import NAME
+
+pytestmark = pytest.mark.usefixtures("default_model")
 
 
 @pytest.fixture
 def llm():
-    return GPTQLLM(model=adapter_source(), max_new_tokens=6, generate_kwargs={"ban_eos": True})
+    return GPTQLLM(model=adapter_source(), max_new_tokens=8, generate_kwargs={"ban_eos": True})
 
 
 MESSAGES = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="the cat")]
@@ -24,8 +27,8 @@ MESSAGES = [ChatMessage(role="system", content="be brief"), ChatMessage(role="us
 def test_is_a_real_llamaindex_llm_with_real_metadata(llm):
     assert isinstance(llm, LLM)
     meta = llm.metadata
-    assert meta.context_window == 256  # the tiny model's max_position_embeddings
-    assert meta.num_output == 6 and meta.is_chat_model and meta.model_name == "tiny-chat"
+    assert meta.context_window == 8192  # SmolLM2's max_position_embeddings
+    assert meta.num_output == 8 and meta.is_chat_model and meta.model_name == NAME
     assert GPTQLLM(model=adapter_source(), context_window=128).metadata.context_window == 128
 
 
@@ -42,7 +45,7 @@ def test_chat_and_stream_chat(llm):
     chunks = list(llm.stream_chat(MESSAGES))
     assert reply.message.role == "assistant" and reply.message.content
     assert chunks[-1].message.content == reply.message.content == "".join(c.delta for c in chunks)
-    assert reply.raw["usage"]["completion_tokens"] == 6
+    assert reply.raw["usage"]["completion_tokens"] == 8
 
 
 def test_stop(llm):
@@ -92,17 +95,16 @@ def test_tool_role_is_refused(llm):
 
 
 def test_query_engine_over_documents():
-    # the tiny model's own window (256) is too small for LlamaIndex's QA prompt; RoPE runs past it
-    Settings.llm = GPTQLLM(model=adapter_source(), max_new_tokens=6, context_window=2048,
-                           generate_kwargs={"ban_eos": True})
+    Settings.llm = GPTQLLM(max_new_tokens=32)  # no model named: the embedded default model
     Settings.embed_model = MockEmbedding(embed_dim=8)
     try:
-        docs = [Document(text="The cat sat on the mat."), Document(text="A dog ran to the park.")]
+        docs = [Document(text="The meeting about the new bridge is on Thursday in room 4B."),
+                Document(text="Lunch is served in the cafeteria from noon.")]
         engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=2)
-        response = engine.query("Where did the cat sit?")
+        response = engine.query("In which room is the meeting about the bridge?")
         assert len(response.source_nodes) == 2
         assert {n.node.get_content() for n in response.source_nodes} == {d.text for d in docs}
-        assert str(response)
+        assert "4B" in str(response)  # the answer comes from the documents
     finally:
         Settings.llm = None
         Settings.embed_model = None

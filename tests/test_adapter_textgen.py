@@ -16,10 +16,13 @@ from gptq_bridge.adapters import textgen
 from gptq_bridge.errors import GPTQBridgeError
 from gptq_bridge.model_cache import shared_models
 from adapter_models import adapter_source
+from gptq_bridge.default_model import NAME
+
+pytestmark = pytest.mark.usefixtures("default_model")
 
 # The generation state the webui passes (keys from its modules/shared.py settings and modules/presets.py)
 WEBUI_STATE = {
-    "max_new_tokens": 12, "auto_max_new_tokens": False, "max_tokens_second": 0, "truncation_length": 256,
+    "max_new_tokens": 12, "auto_max_new_tokens": False, "max_tokens_second": 0, "truncation_length": 2048,
     "temperature": 1, "dynatemp_low": 1, "dynatemp_high": 1, "dynatemp_exponent": 1, "smoothing_factor": 0,
     "smoothing_curve": 1, "top_p": 1, "top_k": 0, "min_p": 0, "top_n_sigma": 0, "typical_p": 1,
     "xtc_threshold": 0.1, "xtc_probability": 0, "epsilon_cutoff": 0, "eta_cutoff": 0, "tfs": 1, "top_a": 0,
@@ -56,7 +59,7 @@ def test_setup_gives_the_webui_a_model_and_a_real_tokenizer(webui):
 
     loaded = shared_models().get(adapter_source(), device="cpu")
     assert webui.model is loaded.model and isinstance(webui.tokenizer, PreTrainedTokenizerBase)
-    assert webui.model_name == "tiny-chat"
+    assert webui.model_name == NAME
 
 
 def test_both_signatures_yield_the_same_cumulative_reply(webui):
@@ -65,7 +68,8 @@ def test_both_signatures_yield_the_same_cumulative_reply(webui):
     kw = list(textgen.custom_generate_reply("the cat", "the cat", state=state(), stopping_strings=[]))
     assert new == old == kw
     assert len(new) >= 3 and all(b.startswith(a) for a, b in zip(new, new[1:]))  # cumulative, not deltas
-    greedy = shared_models().get(adapter_source(), device="cpu").generate("the cat", max_new_tokens=12, ban_eos=True)
+    greedy = shared_models().get(adapter_source(), device="cpu").generate(
+        "the cat", max_new_tokens=12, ban_eos=True, add_bos=True)  # the webui's add_bos_token is on
     assert new[-1] == greedy.text
 
 
