@@ -22,6 +22,7 @@ DEFAULT_PLUGINS = (
     "gptq_bridge.prompts",
     "gptq_bridge.commands",
     "gptq_bridge.check",
+    "gptq_bridge.adapters.textgen",
 )
 
 
