@@ -12,6 +12,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _TEST_CACHE = os.environ.get("GPTQ_BRIDGE_TEST_CACHE")
 
 
+@pytest.fixture
+def plugin():
+    """Register plugin objects for one test (`plugin(obj)`), and remove them afterwards."""
+    from gptq_bridge.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    registered = []
+
+    def register(obj):
+        pm.register(obj)
+        registered.append(obj)
+        return obj
+
+    yield register
+    for obj in registered:
+        pm.unregister(obj)
+
+
 @pytest.fixture(scope="session")
 def default_model(tmp_path_factory) -> Path:
     """The prepared default model's directory; GPTQ_BRIDGE_CACHE points at the cache holding it."""

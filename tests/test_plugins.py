@@ -33,22 +33,6 @@ class KernelPlugin:
                             factory=lambda layer, config, dtype: CountingLinear(layer, config, dtype)))
 
 
-@pytest.fixture
-def plugin():
-    """Register a plugin object for one test, and remove it afterwards."""
-    pm = get_plugin_manager()
-    registered = []
-
-    def register(obj):
-        pm.register(obj)
-        registered.append(obj)
-        return obj
-
-    yield register
-    for obj in registered:
-        pm.unregister(obj)
-
-
 def test_registered_kernel_is_selected_and_used(tmp_path, plugin):
     plugin(KernelPlugin())
     ck = build(tmp_path / "ck", bits=4, group_size=32)

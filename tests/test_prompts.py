@@ -6,7 +6,6 @@ import pytest
 
 from gptq_bridge import hookimpl
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.plugins import get_plugin_manager
 from gptq_bridge.prompts import (
     VICUNA_SYSTEM, choose_prompt_format, merge_messages, registered_prompt_formats, render_messages,
 )
@@ -177,20 +176,6 @@ class ZephyrPlugin:
             render=lambda messages, **kw: "".join(f"<|{m.role}|>\n{m.content}</s>\n" for m in messages) + "<|assistant|>\n",
             stop=("</s>",), model_patterns=(r"zephyr",),
         ))
-
-
-@pytest.fixture
-def plugin():
-    pm = get_plugin_manager()
-    registered = []
-
-    def register(obj):
-        pm.register(obj)
-        registered.append(obj)
-
-    yield register
-    for obj in registered:
-        pm.unregister(obj)
 
 
 def test_a_plugin_adds_a_format(tmp_path, plugin):
