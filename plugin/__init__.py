@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Callable
 
 import torch
 
@@ -45,11 +46,13 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     load_tokenizer: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a GPTQ checkpoint (a directory, or a hub id `org/name[:branch]`) ready to run.
 
     With no source, the embedded default model (prepared on first use, see default_model.py).
     The first loader plugin that accepts the source loads it; the built-in loader goes last.
+    `progress`, if given, is called with a line of text as loading reaches each weight file.
     """
     if source is None:
         from .default_model import default_source
@@ -59,7 +62,7 @@ def load_model(
     dev = DeviceInfo.parse(device)
     options = LoadOptions(kernel=kernel, device=dev, dtype=dtype or default_dtype(dev),
                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                          load_tokenizer=load_tokenizer)
+                          load_tokenizer=load_tokenizer, progress=progress)
     loaded = get_plugin_manager().hook.gptq_load_model(source=resolved, options=options)
     if loaded is None:
         raise GPTQBridgeError(f"{source}: no loader plugin accepted this source")

@@ -36,7 +36,8 @@ def open_model(args):
     progress(args, f"loading {source} ...")
     start = time.perf_counter()
     lm = load_model(source, kernel=args.kernel, device=args.device, revision=args.revision,
-                    trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                    trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                    progress=lambda line: progress(args, line))
     from .prompts import choose_prompt_format
 
     explicit = getattr(args, "prompt_format", None)

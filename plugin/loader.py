@@ -214,7 +214,12 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
             parent_name, _, child = layer.name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, spec.factory(layer, config, options.dtype))
 
+    files, current = plan.weights.files, None
     for key, tensor, path in iter_tensors(plan.weights):
+        if options.progress and path != current:
+            current = path
+            options.progress(f"reading {path.name} ({files.index(path) + 1}/{len(files)}, "
+                             f"{path.stat().st_size / 1e9:.2f} GB)")
         if not key.endswith(IGNORED_SUFFIXES):
             _place(model, key, tensor, path, options)
 

@@ -139,6 +139,7 @@ class LoadOptions(BaseModel):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     load_tokenizer: bool = True
+    progress: Callable[[str], None] | None = None  # told about each weight file as loading reaches it
 
 
 # --- generation: the contract is fixed here, the generator itself lives in the generation module ---

@@ -76,3 +76,13 @@ def test_tokenizer_is_loaded_when_shipped(tmp_path):
     assert lm.tokenizer is not None and lm.tokenizer("the a of")["input_ids"] == [3, 4, 5]
     bare = build(tmp_path / "bare")
     assert gptq_bridge.load_model(str(bare.path), device="cpu").tokenizer is None
+
+
+def test_progress_names_each_shard_in_order(tmp_path):
+    ck = build(tmp_path / "ck", bits=4, group_size=32, max_shard_bytes=60_000)
+    lines = []
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu", progress=lines.append)
+    n = len(lm.weight_files)
+    assert n >= 3 and len(lines) == n
+    for i, (line, path) in enumerate(zip(lines, lm.weight_files), 1):
+        assert line.startswith(f"reading {path.rsplit('/', 1)[-1]} ({i}/{n}, ")
