@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-baselines", action="store_true", help="skip the fp32 and RTN perplexities")
     ap.add_argument("--no-clip", action="store_true", help="plain min/max ranges (ablation)")
+    ap.add_argument("--fp-targets", action="store_true", help="fit layers to the unquantized model's outputs")
     ap.add_argument("--from-gguf", action="store_true", help="quantize straight from the GGUF file (timed too)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -143,12 +144,13 @@ def main(argv=None) -> int:
         if not args.no_baselines:
             rtn = perplexity(rtn_model(src, bits, group), windows)
             print(f"{name} RTN: {rtn:.2f}", flush=True)
-        out = args.work / f"gptq-{name}{'-noclip' if args.no_clip else ''}"
+        out = args.work / f"gptq-{name}{'-noclip' if args.no_clip else ''}{'-fp' if args.fp_targets else ''}"
         shutil.rmtree(out, ignore_errors=True)
         source = gguf_path() if args.from_gguf else src
         t, cpu = time.perf_counter(), time.process_time()
         quantize(source, out, bits=bits, group_size=group, desc_act=True, sym=True, damp_percent=0.1,
-                 dataset=[calib], nsamples=CALIB_WINDOWS, seq_len=WINDOW, device="cpu", clip=not args.no_clip)
+                 dataset=[calib], nsamples=CALIB_WINDOWS, seq_len=WINDOW, device="cpu", clip=not args.no_clip,
+                 fp_targets=args.fp_targets)
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
         lm = gptq_bridge.load_model(str(out), device="cpu")
         ppl = perplexity(lm.model, windows)

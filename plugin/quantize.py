@@ -350,12 +350,14 @@ class _BlockJob:
         return prepare_hessian(hessian.matrix(), desc_act=self.settings["desc_act"],
                                damp_percent=self.settings["damp_percent"], where=f"{self.prefix}.{name}")
 
-    def quantize_linear(self, name: str, module: nn.Linear, hessian: PreparedHessian) -> None:
+    def quantize_linear(self, name: str, module: nn.Linear, hessian: PreparedHessian,
+                        target: torch.Tensor | None = None) -> None:
+        """GPTQ on `module`; `target` replaces the weight as what the quantized layer should reproduce."""
         t = time.perf_counter()
         s = self.settings
         fmt = s["checkpoint_format"]
         result = gptq_quantize(
-            module.weight.data, hessian, bits=s["bits"], group_size=s["group_size"], sym=s["sym"],
+            module.weight.data if target is None else target, hessian, bits=s["bits"], group_size=s["group_size"], sym=s["sym"],
             desc_act=s["desc_act"], static_groups=s["static_groups"], damp_percent=s["damp_percent"],
             clip=self.clip, refit=self.refit, min_zero=1 if (fmt == "gptq" and not s["sym"]) else 0,
             where=f"{self.prefix}.{name}",
@@ -405,10 +407,36 @@ def _discover_steps(block, linears, state, kwargs) -> list[list[str]]:
     return steps
 
 
+def _drift(x_fp: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+    """D = 2/n (X_fp - X_q)^T X_q: how the unquantized model's inputs differ from the quantized path's."""
+    xq = x_q.reshape(-1, x_q.shape[-1]).to(torch.float32)
+    delta = x_fp.reshape(-1, x_fp.shape[-1]).to(torch.float32) - xq
+    return (delta.t() @ xq) * (2.0 / xq.shape[0])
+
+
+def _fp_target(weight: torch.Tensor, drift: torch.Tensor, prepared: PreparedHessian) -> torch.Tensor:
+    """The weight W' whose output on the quantized path's inputs best matches W's on the unquantized inputs.
+
+    min ||X_q W'^T - X_fp W^T||  gives  W' = W (X_fp^T X_q)(X_q^T X_q)^-1 = W + W D H^-1, with H damped as
+    for GPTQ so the correction stays small where the calibration inputs say little. GPTQ then quantizes W'
+    with the usual Hessian (the objectives differ by a constant).
+    """
+    H = prepared.hessian.to(device=weight.device, dtype=torch.float32)
+    damped = H + torch.eye(H.shape[0], device=H.device) * (prepared.damp * float(H.diagonal().mean()))
+    W = weight.to(torch.float32)
+    correction = torch.linalg.solve(damped, (W @ drift).t()).t()
+    return W + correction
+
+
 @torch.no_grad()
 def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: list[dict], job: _BlockJob,
-                   true_sequential: bool) -> list[torch.Tensor]:
-    """Quantize every Linear of one block in place; returns the block's outputs (the next block's inputs)."""
+                   true_sequential: bool, fp_states: list[torch.Tensor] | None = None):
+    """Quantize every Linear of one block in place; returns the block's outputs (the next block's inputs).
+
+    With `fp_states` (the same calibration windows through the unquantized model; one-pass mode only), each
+    layer is fitted to reproduce the unquantized model's output of that layer rather than its own output on
+    the drifted inputs (`_fp_target`), and the result is (outputs, unquantized outputs).
+    """
     linears = _linears(block)
     by_module = {m: n for n, m in linears.items()}
     done: set[str] = set()
@@ -426,16 +454,31 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
         # output. Layers fed the same tensor (q/k/v) share one Hessian.
         last: dict[str, Any] = {"x": None, "h": None}
 
+        fp_inputs: dict[str, torch.Tensor] = {}
+        if fp_states is not None:  # what each Linear sees in the unquantized model
+            handles = [m.register_forward_pre_hook(lambda mod, args: fp_inputs.__setitem__(by_module[mod], args[0]))
+                       for m in linears.values()]
+            try:
+                fp_outputs = _run(block, fp_states, kwargs_list)
+            finally:
+                for h in handles:
+                    h.remove()
+
         def pre(module, args):
             x = args[0]
             name = by_module[module]
             if last["x"] is not x:
                 h = Hessian(x.shape[-1], device=x.device)
                 h.add(x)
-                last["x"], last["h"] = x, job.prepare(h, name)
+                last["x"], last["h"], last["d"] = x, job.prepare(h, name), None
+                if name in fp_inputs:
+                    last["d"] = _drift(fp_inputs[name], x)
             if name not in done:
                 done.add(name)
-                job.quantize_linear(name, module, last["h"])
+                target = None
+                if last["d"] is not None:
+                    target = _fp_target(module.weight.data, last["d"], last["h"])
+                job.quantize_linear(name, module, last["h"], target)
 
         handles = [m.register_forward_pre_hook(pre) for m in linears.values()]
         try:
@@ -449,7 +492,7 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
             for n, h in leftover.items():
                 job.quantize_linear(n, linears[n], job.prepare(h, n))
             outputs = _run(block, states, kwargs_list)
-        return outputs
+        return (outputs, fp_outputs) if fp_states is not None else outputs
 
     if true_sequential:
         steps = _discover_steps(block, linears, states[0], kwargs_list[0])
@@ -541,6 +584,7 @@ def quantize(
     batch_size: int | None = None,
     clip: bool = True,
     refit: bool = True,
+    fp_targets: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
     model: nn.Module | None = None,
@@ -552,7 +596,8 @@ def quantize(
     Settings: a `preset` (see PRESETS) and/or the explicit ones, which win. Calibration: text `dataset`
     files and/or `texts` strings, cut into `nsamples` windows of `seq_len` tokens. `batch_size` windows go
     through a block at once (default: all of them when they total at most 32k tokens). `clip` enables the
-    per-group clipping search, `refit` the least-squares scale refit. An already-loaded `model` and `tokenizer`
+    per-group clipping search, `refit` the least-squares scale refit, `fp_targets` fits each layer to the
+    unquantized model's outputs of that layer (costs one more forward pass per block). An already-loaded `model` and `tokenizer`
     may be passed instead of loading `source` (then `source` is only recorded); the model is consumed: its
     decoder Linears are released block by block. `progress`: True prints one line per block to stderr, a
     callable receives `Progress` events (it may raise to abort; nothing is written then).
@@ -598,6 +643,10 @@ def quantize(
 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[LayerReport] = []
+    if fp_targets and not (s["true_sequential"] and len(states) == 1):
+        raise QuantizeError("fp_targets needs true_sequential and all calibration windows in one batch "
+                            f"(batch_size >= nsamples = {nsamples})")
+    fp_states = list(states) if fp_targets else None
     t_blocks = time.perf_counter()
     for i, block in enumerate(blocks):
         tb = time.perf_counter()
@@ -605,7 +654,10 @@ def quantize(
         block.to(device=dev, dtype=compute)
         prefix = f"{blocks_name}.{i}"
         job = _BlockJob(settings=s, clip=clip, refit=refit, prefix=prefix, tensors=tensors, reports=reports)
-        states = quantize_block(block, states, kwargs_list, job, s["true_sequential"])
+        if fp_states is not None:
+            states, fp_states = quantize_block(block, states, kwargs_list, job, s["true_sequential"], fp_states)
+        else:
+            states = quantize_block(block, states, kwargs_list, job, s["true_sequential"])
         quantized = set(_linears(block))
         for key, value in block.state_dict().items():
             if key.rpartition(".")[0] not in quantized or key.endswith(".bias"):
@@ -621,7 +673,7 @@ def quantize(
         report(Progress("block", f"block {done}/{len(blocks)} done in {time.perf_counter() - tb:.1f}s, "
                                  f"~{_seconds(remaining)} left", block=done, blocks=len(blocks),
                         elapsed_s=time.perf_counter() - t0, remaining_s=remaining))
-    del states
+    del states, fp_states
 
     block_keys = f"{blocks_name}."
     seen: dict[tuple[int, int], str] = {}
@@ -668,7 +720,7 @@ def _cmd_quantize(args) -> int:
         desc_act=args.desc_act, sym=args.sym, static_groups=args.static_groups, damp_percent=args.damp,
         true_sequential=args.true_sequential, checkpoint_format=args.format, dataset=args.dataset,
         nsamples=args.nsamples, seq_len=args.seq_len, device=args.device, batch_size=args.batch_size,
-        clip=args.clip, refit=args.refit, revision=args.revision, trust_remote_code=args.trust_remote_code,
+        clip=args.clip, refit=args.refit, fp_targets=args.fp_targets, revision=args.revision, trust_remote_code=args.trust_remote_code,
     )
     print(result.path)
     return 0
@@ -708,6 +760,8 @@ def gptq_register_commands(subparsers):
     p.add_argument("--no-clip", dest="clip", action="store_false", help="plain min/max ranges (no clipping search)")
     p.add_argument("--no-refit", dest="refit", action="store_false",
                    help="keep GPTQ's scales (no least-squares refit of the scales after rounding)")
+    p.add_argument("--fp-targets", action="store_true",
+                   help="fit each layer to the unquantized model's outputs (one more forward pass per block)")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of the source")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own Python code")
     p.set_defaults(func=_cmd_quantize)

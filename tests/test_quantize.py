@@ -433,6 +433,33 @@ def test_python_api_with_a_loaded_model_and_text_strings(tmp_path):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bits"] == 4
 
 
+def test_fp_targets_fit_the_unquantized_model_better(tmp_path):
+    """Fitting each layer to the float model's outputs (not to its own output on drifted inputs) must bring
+    the whole quantized model closer to the float model on the calibration windows."""
+    import copy
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(llama_config()).float().eval()
+    tok = tiny_tokenizer()
+    text = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(1200))
+    windows = calibration_windows(tok, texts=[text], nsamples=8, seq_len=128)
+    with torch.no_grad():
+        ref = model(windows).logits
+    errors = {}
+    for fp in (False, True):
+        out = tmp_path / f"q{fp}"
+        quantize("tiny", out, model=copy.deepcopy(model), tokenizer=tok, texts=[text], bits=3, group_size=32,
+                 desc_act=True, nsamples=8, seq_len=128, progress=False, fp_targets=fp)
+        with torch.no_grad():
+            got = gptq_bridge.load_model(str(out), device="cpu").model(windows).logits
+        errors[fp] = float((got - ref).norm() / ref.norm())
+    assert errors[True] < errors[False] * 0.8, errors
+    with pytest.raises(QuantizeError, match="fp_targets needs true_sequential and all calibration windows in one"):
+        quantize("tiny", tmp_path / "bad", model=copy.deepcopy(model), tokenizer=tok, texts=[text], nsamples=8,
+                 seq_len=128, batch_size=2, progress=False, fp_targets=True)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_interrupted_run_leaves_nothing(source, calib_file, tmp_path):
     src, _ = source
     out = tmp_path / "q"
