@@ -5,6 +5,13 @@ import pytest
 
 # Tests never touch the network: huggingface_hub reads this once, at import, so it is set before any import.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Without a GPU, Triton kernels run in triton's interpreter. triton reads this when its own library functions
+# are defined (at `import triton`), and several test modules import it indirectly, so it is set here first.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The embedded default model is prepared once per test session into a private cache (a few minutes on a
