@@ -176,7 +176,7 @@ def ui() -> None:
         kernel = gr.Dropdown(choices=["auto"] + [k.name for k in registered_kernels()], value=params["kernel"], label="Kernel")
         device = gr.Textbox(value=params["device"], label="Device (cpu, cuda, cuda:N; empty = auto)")
         fmt = gr.Dropdown(choices=[""] + sorted(registered_prompt_formats()), value=params["prompt_format"],
-                          label="Prompt format (empty = from the model)")
+                          label="Prompt format (its stop strings are added; the webui formats prompts itself)")
         status = gr.Markdown()
         load = gr.Button("Load")
 
