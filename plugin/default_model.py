@@ -132,7 +132,7 @@ def prepare(gguf: Path, target: Path) -> Path:
     from .quantize import load_source, quantize
 
     start = time.perf_counter()
-    _say(f"preparing the default model {NAME} (first use only; about 2-4 minutes on a small CPU)")
+    _say(f"preparing the default model {NAME} (first use only; about 2 minutes on a small CPU)")
     _say(f"reading {gguf.name}")
     model, tokenizer, _ = load_source(gguf)
     texts = calibration_texts(tokenizer)
