@@ -720,7 +720,8 @@ def _cmd_quantize(args) -> int:
         desc_act=args.desc_act, sym=args.sym, static_groups=args.static_groups, damp_percent=args.damp,
         true_sequential=args.true_sequential, checkpoint_format=args.format, dataset=args.dataset,
         nsamples=args.nsamples, seq_len=args.seq_len, device=args.device, batch_size=args.batch_size,
-        clip=args.clip, refit=args.refit, fp_targets=args.fp_targets, revision=args.revision, trust_remote_code=args.trust_remote_code,
+        clip=args.clip, refit=args.refit, fp_targets=args.fp_targets, revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
     )
     print(result.path)
     return 0

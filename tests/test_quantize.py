@@ -499,7 +499,7 @@ def test_cli_quantizes_with_a_preset_and_reports_progress(source, calib_file, tm
     out = tmp_path / "cli-out"
     rc = cli_main(["quantize", str(src), str(out), "--preset", "gptq-3bit-128g-actorder_True", "--group-size", "32",
                    "--dataset", str(calib_file), "--nsamples", str(NSAMPLES), "--seq-len", str(SEQ_LEN),
-                   "--device", "cpu", "--asym", "--format", "gptq_v2"])
+                   "--device", "cpu", "--asym", "--format", "gptq_v2", "--fp-targets"])
     assert rc == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
