@@ -90,8 +90,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
                            where: str = "layer") -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, increasing damp until it exists.
 
-    Tried in float32 first (fast; what GPTQ implementations use), then in float64 at the same damping,
-    and only then with more damping.
+    Computed in float64: with float32 here (what other GPTQ implementations use) end-to-end perplexities
+    moved by up to 2% between runs that differ only in this rounding (SmolLM2 4-bit g32: 26.40 vs 26.86).
     """
     if not bool(torch.isfinite(hessian.sum())):  # an inf or NaN anywhere makes the sum non-finite
         raise GPTQBridgeError(f"{where}: the Hessian of the calibration inputs has inf/NaN entries "
@@ -101,7 +101,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
         mean_diag = 1.0
     d = damp
     while d <= max_damp:
-        for dtype in (torch.float32, torch.float64):
+        for dtype in (torch.float64,):
             h = hessian.to(dtype).clone()
             h.diagonal().add_(d * mean_diag)
             lower, info = torch.linalg.cholesky_ex(h)
