@@ -26,7 +26,7 @@ from .kernels.base import GPTQLinear
 from .loaded_model import LoadedModel
 from .plugins import registered_kernels
 from .selection import select_kernel
-from .types import KernelChoice, LayerShape, LoadOptions, ResolvedSource
+from .types import KernelChoice, KernelSpec, LayerShape, LoadOptions, ResolvedSource
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ class LoadPlan:
     model: nn.Module  # parameters still on the meta device
     layers: list[LayerShape]
     choice: KernelChoice
+    kernel: KernelSpec  # the chosen one
 
     @property
     def config(self) -> QuantizeConfig:
@@ -200,19 +201,19 @@ def plan_load(source: ResolvedSource, options: LoadOptions) -> LoadPlan:
     names = tensor_names(weights)
     model = build_skeleton(hf_config, options.dtype, options.trust_remote_code)
     layers = quantized_layers(model, names)
-    choice = select_kernel(config_file.config, layers, options.device, options.dtype, registered_kernels(),
-                           options.kernel)
-    return LoadPlan(config_file, hf_config, weights, model, layers, choice)
+    kernels = registered_kernels()
+    choice = select_kernel(config_file.config, layers, options.device, options.dtype, kernels, options.kernel)
+    chosen = next(k for k in kernels if k.name == choice.chosen)
+    return LoadPlan(config_file, hf_config, weights, model, layers, choice, chosen)
 
 
 def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel:
     plan = plan_load(source, options)
     model, config = plan.model, plan.config
-    spec = next(k for k in registered_kernels() if k.name == plan.choice.chosen)
     with torch.device("meta"):
         for layer in plan.layers:
             parent_name, _, child = layer.name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, spec.factory(layer, config, options.dtype))
+            setattr(model.get_submodule(parent_name), child, plan.kernel.factory(layer, config, options.dtype))
 
     files, current = plan.weights.files, None
     for key, tensor, path in iter_tensors(plan.weights):

@@ -2,7 +2,9 @@
 
 The key is what decides the loaded result: the resolved checkpoint directory (so `./m` and `/abs/m`, or a hub
 id and its cached snapshot, are the same model), the kernel, the device, the dtype and the safety opt-ins.
-Loading one key twice at the same time waits for the first load instead of starting a second.
+Loading one key twice at the same time waits for the first load instead of starting a second. A source is
+resolved once per process: adapters ask for their model on every request, and resolving a hub id online
+would cost a round trip to the hub each time.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ class ModelCache:
         self._lock = threading.Lock()
         self._models: dict[tuple, LoadedModel] = {}
         self._loading: dict[tuple, threading.Lock] = {}
+        self._paths: dict[tuple, str] = {}
 
-    @staticmethod
-    def key(source: str, *, kernel: str = "auto", device: str | torch.device | None = None,
+    def key(self, source: str, *, kernel: str = "auto", device: str | torch.device | None = None,
             dtype: torch.dtype | None = None, revision: str | None = None, trust_remote_code: bool = False,
             allow_pickle: bool = False) -> tuple:
         from . import default_dtype
         from .sources import resolve_source
         from .types import DeviceInfo
 
-        resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
+        spelled = (source, revision, allow_pickle)
+        if spelled not in self._paths:
+            self._paths[spelled] = str(resolve_source(source, revision=revision, allow_pickle=allow_pickle).path)
         dev = DeviceInfo.parse(device)
-        return (str(resolved.path), kernel, str(dev), str(dtype or default_dtype(dev)), trust_remote_code, allow_pickle)
+        return (self._paths[spelled], kernel, str(dev), str(dtype or default_dtype(dev)), trust_remote_code, allow_pickle)
 
     def get(self, source: str, **options: Any) -> LoadedModel:
         """The loaded model for `source` with these `load_model` options, loading it on first use."""
