@@ -6,6 +6,9 @@ import time
 import pytest
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMChatStartEvent
 from llama_index.core.llms import LLM, ChatMessage
 
 from gptq_bridge.adapters.llamaindex import GPTQLLM
@@ -94,17 +97,46 @@ def test_tool_role_is_refused(llm):
         llm.chat([ChatMessage(role="tool", content="x")])
 
 
-def test_query_engine_over_documents():
+class _ChatRecorder(BaseEventHandler):
+    """Keeps what the query engine sent to the LLM and what came back, through LlamaIndex's instrumentation."""
+    seen: list = []
+
+    def handle(self, event, **kwargs):
+        if isinstance(event, (LLMChatStartEvent, LLMChatEndEvent)):
+            self.seen.append(event)
+
+
+@pytest.fixture
+def default_llm_settings():
     Settings.llm = GPTQLLM(max_new_tokens=32)  # no model named: the embedded default model
     Settings.embed_model = MockEmbedding(embed_dim=8)
+    yield Settings.llm
+    Settings.llm = None
+    Settings.embed_model = None
+
+
+def test_query_engine_puts_retrieved_documents_before_the_llm(default_llm_settings):
+    docs = [Document(text="The meeting about the new bridge is on Thursday in room 4B."),
+            Document(text="Lunch is served in the cafeteria from noon.")]
+    recorder = _ChatRecorder(seen=[])
+    dispatcher = get_dispatcher()
+    dispatcher.add_event_handler(recorder)
     try:
-        docs = [Document(text="The meeting about the new bridge is on Thursday in room 4B."),
-                Document(text="Lunch is served in the cafeteria from noon.")]
         engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=2)
         response = engine.query("In which room is the meeting about the bridge?")
-        assert len(response.source_nodes) == 2
-        assert {n.node.get_content() for n in response.source_nodes} == {d.text for d in docs}
-        assert "4B" in str(response)  # the answer comes from the documents
     finally:
-        Settings.llm = None
-        Settings.embed_model = None
+        dispatcher.event_handlers.remove(recorder)
+    assert {n.node.get_content() for n in response.source_nodes} == {d.text for d in docs}
+    start = next(e for e in recorder.seen if isinstance(e, LLMChatStartEvent))
+    prompt = "\n".join(m.content for m in start.messages)
+    assert all(d.text in prompt for d in docs) and "In which room" in prompt
+    # the engine's answer is exactly the model's greedy answer to that prompt
+    assert str(response) == default_llm_settings.chat(start.messages).message.content.strip()
+
+
+def test_query_engine_answers_from_its_document(default_llm_settings):
+    # One document: with MockEmbedding every node scores the same, so with two the order of the context (and
+    # a 135M model's answer) would depend on ids; the retrieval of several is checked in the test above.
+    doc = Document(text="The meeting about the new bridge is on Thursday in room 4B.")
+    engine = VectorStoreIndex.from_documents([doc]).as_query_engine(similarity_top_k=1)
+    assert "4B" in str(engine.query("In which room is the meeting about the bridge?"))
