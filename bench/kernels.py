@@ -5,12 +5,13 @@ checks every path against a float32 reference, then times (median of triton.test
 rotating over enough layer copies and inputs that the weights cannot sit in L2 (50 MB on the H100):
 - triton: the path forward() picks, plus each path on its own (decode, gemm, dequant + cuBLAS);
 - fp16 cuBLAS (x @ W, W fp16) for the same shape;
-- torch: the reference kernel (dequantize + matmul) for m = 1 (--torch-ref).
-exllamav2 is not timed here yet (its extension builds at import, ~2 minutes on the H100): see
-docs/PERFORMANCE.md for the anchors it is compared with.
+- torch: the reference kernel (dequantize + matmul) (--torch-ref);
+- exllama: exllamav2's GPTQ kernel through gptq-bridge's `exllama` module, 4-bit only (--exllama; its
+  extension compiles at first import, ~2 minutes on the H100, unless a built `exllamav2_ext` is importable).
 Times are reported eagerly (each call launched from Python, as do_bench does) and from a CUDA graph
 replaying all copies (launch overhead removed). Effective TB/s counts the on-disk bytes of qweight, scales
-and qzeros. Prints a short table last; --json writes every number.
+and qzeros. Prints a short table last, then the 8192x28672 numbers in the form of gptq_bridge/kernels/measured.py
+(the table selection ranks kernels by); --json writes every number.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def disk_bytes(k, n, bits, group_size):
     return k * n * bits // 8 + groups * n * 2 + groups * n * bits // 8
 
 
-def build_layers(k, n, bits, group_size, copies, seed):
+def build_layers(k, n, bits, group_size, copies, seed, with_exllama=False):
     from gptq_bridge.config import QuantizeConfig
     from gptq_bridge.gptq_layer import IntLayer, group_index, pack_layer
     from gptq_bridge.kernels.torch_ref import TorchQuantLinear
@@ -49,7 +50,9 @@ def build_layers(k, n, bits, group_size, copies, seed):
     shape = LayerShape(name="bench", in_features=k, out_features=n)
     maxq = 2**bits - 1
     groups = -(-k // group_size)
-    tris, ref_weight, torch_mod = [], None, None
+    from gptq_bridge.kernels.exllama import ExllamaQuantLinear
+
+    tris, exls, ref_weight, torch_mod = [], [], None, None
     for c in range(copies):
         order = torch.randperm(k, generator=gen, device=DEV).cpu()
         g_idx = group_index(k, group_size, order).to(DEV)
@@ -70,8 +73,15 @@ def build_layers(k, n, bits, group_size, copies, seed):
         tri.fill_missing()
         tri.prepare()
         tris.append(tri)
+        if with_exllama:
+            ex = ExllamaQuantLinear(shape, config, torch.float16)
+            for key, v in tensors.items():
+                setattr(ex, key, v.half() if v.is_floating_point() else v.clone())
+            ex.fill_missing()
+            ex.prepare()
+            exls.append(ex)
         del tensors
-    return tris, ref_weight, torch_mod
+    return tris, exls, ref_weight, torch_mod
 
 
 def rel(a, b):
@@ -154,7 +164,8 @@ def main():
     ap.add_argument("--sweep-decode-up-to", type=int, default=16, help="sweep decode configs for m up to this")
     ap.add_argument("--sweep-gemm-up-to", type=int, default=32, help="sweep small-m gemm configs up to this m")
     ap.add_argument("--sweep-dequant", action="store_true")
-    ap.add_argument("--torch-ref", action="store_true", help="also time the pure-PyTorch kernel at m = 1")
+    ap.add_argument("--torch-ref", action="store_true", help="also time the pure-PyTorch kernel")
+    ap.add_argument("--exllama", action="store_true", help="also time exllamav2's kernel (4-bit)")
     args = ap.parse_args()
 
     import triton
@@ -171,7 +182,8 @@ def main():
         for k, n in shapes:
             nbytes = disk_bytes(k, n, bits, 128)
             copies = max(2, min(24, math.ceil(3 * L2_BYTES / nbytes)))
-            tris, ref_w, torch_mod = build_layers(k, n, bits, 128, copies, seed=k * 7 + n + bits)
+            tris, exls, ref_w, torch_mod = build_layers(k, n, bits, 128, copies, seed=k * 7 + n + bits,
+                                                        with_exllama=args.exllama and bits == 4)
             w16 = ref_w.half()
             fp16_copies = max(2, min(8, math.ceil(3 * L2_BYTES / (k * n * 2))))
             w16s = [w16] + [w16.clone() for _ in range(fp16_copies - 1)]
@@ -214,14 +226,24 @@ def main():
                 calls = [lambda x=x, w=w: x @ w for x, w in zip(xs16, w16s)]
                 row["cublas_us"] = time_eager(calls)
                 row["cublas_graph_us"] = time_graph(calls)
-                if args.torch_ref and m == 1:
+                if args.torch_ref:
+                    row["torch_err"] = rel(torch_mod(xs[0]), want)
                     row["torch_us"] = time_eager([lambda: torch_mod(xs[0])], 100)
+                    try:
+                        row["torch_graph_us"] = time_graph([lambda: torch_mod(xs[0])], 5)
+                    except RuntimeError as exc:  # not capturable: keep the eager time only
+                        print(f"  torch kernel not graph-capturable: {exc}", flush=True)
+                if exls:
+                    row["exllama_err"] = rel(exls[0](xs[0]), want)
+                    calls = [lambda t=t, x=x: t(x) for t, x in zip(exls, xs)]
+                    row["exllama_us"] = time_eager(calls)
+                    row["exllama_graph_us"] = time_graph(calls)
                 row["tbps"] = nbytes / (row["auto_us"] * 1e-6) / 1e12
                 row["tbps_graph"] = nbytes / (row["auto_graph_us"] * 1e-6) / 1e12
                 rows.append(row)
                 print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()}),
                       flush=True)
-            del tris, ref_w, torch_mod, w16, w16s
+            del tris, exls, ref_w, torch_mod, w16, w16s
             torch.cuda.empty_cache()
             print(f"  [{time.time() - t_start:.0f}s]", flush=True)
     if args.json:
@@ -229,15 +251,27 @@ def main():
             json.dump(rows, f, indent=1)
 
     print(f"\n## {dev_name}: microseconds per call (median; eager / CUDA graph), effective TB/s of the chosen path")
-    print("| bits | K x N | m | triton auto | decode | gemm | dequant+cuBLAS | fp16 cuBLAS | TB/s | torch | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| bits | K x N | m | triton auto | decode | gemm | dequant+cuBLAS | exllama | fp16 cuBLAS | TB/s triton "
+          "| TB/s exllama | torch | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def cell(p):
             return f"{r[p + '_us']:.1f} / {r[p + '_graph_us']:.1f}" if p + "_us" in r else ""
         errs = max(v for key, v in r.items() if key.endswith("_err") and key != "cublas_err")
+        ex_tbps = f"{r['bytes'] / (r['exllama_graph_us'] * 1e-6) / 1e12:.2f}" if "exllama_us" in r else ""
         print(f"| {r['bits']} | {r['k']}x{r['n']} | {r['m']} | {cell('auto')} | {cell('decode')} | {cell('gemm')} | "
-              f"{cell('dequant')} | {cell('cublas')} | {r['tbps']:.2f} / {r['tbps_graph']:.2f} | "
-              f"{r.get('torch_us', float('nan')):.0f} | {errs:.1e} |")
+              f"{cell('dequant')} | {cell('exllama')} | {cell('cublas')} | {r['tbps']:.2f} / {r['tbps_graph']:.2f} | "
+              f"{ex_tbps} | {cell('torch')} | {errs:.1e} |")
+
+    # The selection table (gptq_bridge/kernels/measured.py): CUDA-graph microseconds on 8192x28672
+    table = {}
+    for r in rows:
+        if (r["k"], r["n"]) != (8192, 28672):
+            continue
+        for kernel, key in (("triton", "auto_graph_us"), ("exllama", "exllama_graph_us"), ("torch", "torch_graph_us")):
+            if key in r:
+                table.setdefault(kernel, {})[(r["bits"], r["m"])] = round(r[key], 1)
+    print(f"\n# measured.py, {dev_name}, {time.strftime('%Y-%m-%d')}\nMEASURED_US = {table!r}")
 
 
 if __name__ == "__main__":

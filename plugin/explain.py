@@ -9,6 +9,7 @@ from .config import QuantizeConfig
 from .hookspecs import hookimpl
 from .loader import plan_load
 from .types import DeviceInfo, KernelVerdict, LoadOptions
+from .selection import WORKLOAD_TEXT
 from .sources import resolve_source
 
 
@@ -65,12 +66,13 @@ def format_explanation(e: Explanation) -> str:
         f"settings: {describe_settings(e.settings)}  (from {e.config_file})",
         f"device:   {e.device}, {e.dtype}; {e.layers} quantized Linear layers",
         "",
-        f"  {'kernel'.ljust(width)}{'eligible':10}reason",
+        f"  {'kernel'.ljust(width)}{'eligible':10}{'measured':12}reason",
     ]
     for v in e.kernels:
         mark = "*" if v.name == e.chosen else " "
-        lines.append(f"{mark} {v.name.ljust(width)}{('yes' if v.eligible else 'no'):10}{v.reason}")
-    lines += ["", f"chosen: {e.chosen}"]
+        cost = f"{v.workload_us / 1000:.1f} ms" if v.workload_us is not None else "-"
+        lines.append(f"{mark} {v.name.ljust(width)}{('yes' if v.eligible else 'no'):10}{cost:12}{v.reason}")
+    lines += ["", "measured: " + WORKLOAD_TEXT, f"chosen: {e.chosen}"]
     return "\n".join(lines)
 
 

@@ -1,5 +1,8 @@
 """Kernel selection: a pure function from (settings, layers, device, dtype, kernels, override) to a choice.
 
+Eligible kernels are ranked by their measured speed (KernelSpec.measured_us, from bench/kernels.py) on the
+checkpoint's bit width, costed as WORKLOAD; kernels with no measurement for it follow, by priority.
+
 Cheap capability checks run first; `check_available` (which may import or compile an extension) runs only
 for a kernel that passed all of them, so a CPU machine never tries to build a CUDA kernel.
 """
@@ -57,6 +60,29 @@ def why_not(
     return spec.check_model(layers, config, device, dtype) or spec.check_available()
 
 
+# What kernels are ranked by: one chat turn, a 512-token prompt in one call then 128 tokens decoded one row at
+# a time, from each kernel's measured microseconds per call (KernelSpec.measured_us).
+WORKLOAD: dict[int, int] = {512: 1, 1: 128}
+WORKLOAD_TEXT = ("one 8192x28672 layer's time for a 512-token prompt plus 128 decoded tokens, from "
+                 "bench/kernels.py on the device type it was measured on (gptq_bridge/kernels/measured.py)")
+
+
+def workload_us(spec: KernelSpec, bits: int, device: DeviceInfo) -> float | None:
+    """Measured microseconds of WORKLOAD for `bits` on this device type, or None when not measured."""
+    if spec.measured_on != device.type:
+        return None
+    try:
+        return sum(calls * spec.measured_us[(bits, m)] for m, calls in WORKLOAD.items())
+    except KeyError:
+        return None
+
+
+def _rank_key(verdict: KernelVerdict, priority: int) -> tuple:
+    """Eligible first; among them measured ones by cost, then unmeasured ones by priority (higher first)."""
+    measured = verdict.workload_us is not None
+    return (not verdict.eligible, not measured, verdict.workload_us if measured else 0.0, -priority)
+
+
 def select_kernel(
     config: QuantizeConfig,
     layers: Sequence[LayerShape],
@@ -65,13 +91,16 @@ def select_kernel(
     kernels: Sequence[KernelSpec],
     override: str = "auto",
 ) -> KernelChoice:
-    """Rank every kernel (eligible ones first, by priority) and pick the best, or the one asked for."""
+    """Rank every kernel (eligible first, by measured speed, then priority) and pick the best, or the one asked
+    for."""
     ranked = sorted(kernels, key=lambda k: -k.priority)
-    verdicts = []
+    verdicts, priority = [], {}
     for spec in ranked:
         reason = why_not(spec, config, layers, device, dtype)
-        verdicts.append(KernelVerdict(name=spec.name, eligible=reason is None, reason=reason or "eligible"))
-    verdicts.sort(key=lambda v: not v.eligible)  # stable: keeps priority order within each half
+        verdicts.append(KernelVerdict(name=spec.name, eligible=reason is None, reason=reason or "eligible",
+                                      workload_us=workload_us(spec, config.bits, device)))
+        priority[spec.name] = spec.priority
+    verdicts.sort(key=lambda v: _rank_key(v, priority[v.name]))  # stable: registration order breaks ties
     if override != "auto":
         match = [v for v in verdicts if v.name == override]
         if not match:

@@ -90,7 +90,11 @@ class KernelSpec(BaseModel):
     devices: frozenset[str]
     min_capability: tuple[int, int] | None = None  # CUDA compute capability
     dtypes: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
-    # Higher runs first among eligible kernels; the GPU kernels issue replaces this with measured speeds.
+    # Measured microseconds per call on the benchmark's reference layer, keyed by (bits, rows per call), valid
+    # on devices of type `measured_on`. Selection ranks eligible kernels by these (selection.WORKLOAD) first;
+    # kernels without numbers for the checkpoint's bits come after them, by `priority` (higher first).
+    measured_us: dict[tuple[int, int], float] = Field(default_factory=dict)
+    measured_on: str = "cuda"
     priority: int = 0
     factory: KernelFactory
     check_available: Callable[[], str | None] = Field(default=lambda: None)
@@ -111,6 +115,8 @@ class KernelVerdict(BaseModel):
     name: str
     eligible: bool
     reason: str
+    # measured cost of selection.WORKLOAD for this checkpoint's bits on this device type (None: not measured)
+    workload_us: float | None = None
 
 
 class KernelChoice(BaseModel):

@@ -123,3 +123,54 @@ def test_dense_cpu_kernel_is_preferred_only_when_its_weights_fit(monkeypatch):
     assert reasons(choice)["torch-dense"] == "dense weights need 0.3 GB, more than half of the 0.4 GB available"
     assert reasons(select_kernel(QuantizeConfig(bits=4), layers, H100, torch.float16, kernels))["torch-dense"] == \
         "runs on cpu, not cuda"
+
+
+# --- ranking by measured speed (KernelSpec.measured_us, costed as selection.WORKLOAD) ----------------------
+
+def measured(name, us, priority=0, on="cuda", bits=frozenset({4})):
+    return KernelSpec(name=name, description="", bits=bits, devices=frozenset({"cuda", "cpu"}), priority=priority,
+                      measured_us=us, measured_on=on, factory=TorchQuantLinear)
+
+
+def test_measured_speed_outranks_priority():
+    slow = measured("slow", {(4, 1): 100.0, (4, 512): 500.0}, priority=50)
+    fast = measured("fast", {(4, 1): 60.0, (4, 512): 900.0}, priority=1)  # slower prompt, faster decode
+    choice = select_kernel(QuantizeConfig(bits=4), LAYERS, H100, torch.float16, [slow, fast])
+    assert choice.chosen == "fast"
+    costs = {v.name: v.workload_us for v in choice.verdicts}
+    assert costs == {"fast": 900.0 + 128 * 60.0, "slow": 500.0 + 128 * 100.0}
+    assert [v.name for v in choice.verdicts] == ["fast", "slow"]
+
+
+def test_measured_kernels_come_before_unmeasured_ones():
+    unmeasured = measured("unmeasured", {}, priority=99)
+    partial = measured("partial", {(4, 1): 1.0}, priority=98)  # no 512-row number: not costed
+    timed = measured("timed", {(4, 1): 70.0, (4, 512): 557.0})
+    choice = select_kernel(QuantizeConfig(bits=4), LAYERS, H100, torch.float16, [unmeasured, partial, timed])
+    assert [v.name for v in choice.verdicts] == ["timed", "unmeasured", "partial"]
+    assert choice.chosen == "timed" and reasons(choice)["partial"] == "eligible"
+
+
+def test_numbers_measured_on_another_device_type_or_bit_width_do_not_count():
+    gpu_timed = measured("gpu-timed", {(4, 1): 1.0, (4, 512): 1.0}, priority=0)
+    cpu_pref = measured("cpu-pref", {}, priority=5)
+    assert select_kernel(QuantizeConfig(bits=4), LAYERS, CPU, torch.float16, [gpu_timed, cpu_pref]).chosen == "cpu-pref"
+    three = frozenset({3, 4})
+    a = measured("a", {(4, 1): 1.0, (4, 512): 1.0}, priority=0, bits=three)
+    b = measured("b", {(3, 1): 9.0, (3, 512): 9.0}, priority=0, bits=three)
+    assert select_kernel(QuantizeConfig(bits=3), LAYERS, H100, torch.float16, [a, b]).chosen == "b"
+
+
+def test_builtin_measured_table_is_what_the_registered_kernels_carry(monkeypatch):
+    from gptq_bridge.kernels.measured import MEASURED_US
+    from gptq_bridge.plugins import registered_kernels
+    from gptq_bridge.selection import workload_us
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # register triton as on a GPU machine
+    specs = {k.name: k for k in registered_kernels()}
+    for name, table in MEASURED_US.items():
+        assert specs[name].measured_us == table and specs[name].measured_on == "cuda"
+        assert all(bits in specs[name].bits and m >= 1 and us > 0 for (bits, m), us in table.items())
+    for bits in (3, 4):  # the card's variants are costed for triton; torch has no 512-row number
+        assert workload_us(specs["triton"], bits, H100) is not None
+        assert workload_us(specs["torch"], bits, H100) is None

@@ -16,6 +16,7 @@ from ..hookspecs import hookimpl
 from ..packing import dequantize
 from ..types import KernelSpec, LayerShape
 from .base import GPTQLinear
+from .measured import MEASURED_US
 
 
 class TorchQuantLinear(GPTQLinear):
@@ -73,6 +74,7 @@ TORCH_KERNEL = KernelSpec(
     description="pure PyTorch dequantize + matmul (reference; any device, every setting)",
     bits=frozenset({2, 3, 4, 8}),
     devices=frozenset({"cpu", "cuda"}),
+    measured_us=MEASURED_US["torch"],
     priority=0,
     factory=TorchQuantLinear,
     check_layer=_check_layer,

@@ -34,6 +34,7 @@ from ..hookspecs import hookimpl
 from ..packing import pack, unpack
 from ..types import KernelSpec, LayerShape
 from .base import GPTQLinear
+from .measured import MEASURED_US
 
 try:  # triton is optional: without it the kernel registers as unavailable, with the reason
     import triton
@@ -381,7 +382,7 @@ def _jit() -> dict[str, object]:
 # ----------------------------------------------------------------------------------------------------------
 
 DECODE_MAX_M = 16  # the decode kernel takes at most this many rows
-# Dispatch by rows m, from bench/kernels.py on the H100 (see MEASURED_US below): the decode kernel up to
+# Dispatch by rows m, from bench/kernels.py on the H100 (docs/PERFORMANCE.md): the decode kernel up to
 # DECODE_UP_TO_M rows, the fused tensor-core kernel up to CUBLAS_MIN_M, dequantize + cuBLAS from there on.
 DECODE_UP_TO_M = 2
 CUBLAS_MIN_M = 128
@@ -593,32 +594,10 @@ class TritonQuantLinear(GPTQLinear):
 # Registration and selection order
 # ----------------------------------------------------------------------------------------------------------
 
-# Measured speed, microseconds per call (median over CUDA-graph replays, weights rotated past L2), Llama-2-70B
-# shape 8192x28672, group 128, act-order, by `python bench/kernels.py --bits 4,3 --ms 1,8,32,512 --torch-ref`
-# on one NVIDIA H100 80GB HBM3, 2026-11-27 (run 3; m = 1 for 4-bit from run 5, after the half2 decode path:
-# `--bits 4,3 --ms 1 --sweep-decode-up-to 1`). docs/PERFORMANCE.md has every shape. Keyed by (bits, m).
-MEASURED_US: dict[tuple[int, int], dict[str, float]] = {
-    (4, 1): {"triton": 70.5, "torch": 5516.0, "cublas_fp16": 158.7},
-    (4, 8): {"triton": 148.4, "cublas_fp16": 158.3},
-    (4, 32): {"triton": 165.1, "cublas_fp16": 174.2},
-    (4, 512): {"triton": 557.3, "cublas_fp16": 361.3},
-    (3, 1): {"triton": 74.1, "torch": 13220.0, "cublas_fp16": 159.0},
-    (3, 512): {"triton": 619.5, "cublas_fp16": 360.2},
-}
-
-
 def _priority() -> int:
-    """Higher than the torch kernel (0) when triton measured faster for every (bits, m) in the table.
-
-    Under TRITON_INTERPRET=1 (a test mode: numpy runs every program) it ranks last, so "auto" never picks
-    the interpreter; `kernel="triton"` still does.
-    """
-    if _interpreting():
-        return -10
-    if not MEASURED_US:
-        return 10
-    faster = all(v["triton"] < v["torch"] for v in MEASURED_US.values() if "torch" in v and "triton" in v)
-    return 10 if faster else -10
+    """Rank for bit widths without measured speeds: above torch (0) on the GPU; last under TRITON_INTERPRET=1 (a
+    test mode: numpy runs every program), so "auto" never picks the interpreter and `kernel="triton"` still can."""
+    return -10 if _interpreting() else 10
 
 
 def _check_available() -> str | None:
@@ -647,6 +626,7 @@ def kernel_spec() -> KernelSpec:
                     "(CPU only under TRITON_INTERPRET=1)",
         bits=frozenset({2, 3, 4, 8}),
         devices=frozenset(devices),
+        measured_us=MEASURED_US["triton"],
         priority=_priority(),
         factory=make_triton_linear,
         check_available=_check_available,

@@ -23,6 +23,10 @@ from gptq_bridge.config import QuantizeConfig  # noqa: E402
 from gptq_bridge.gptq_layer import IntLayer, group_index, pack_layer  # noqa: E402
 from gptq_bridge.kernels.torch_ref import TorchQuantLinear  # noqa: E402
 from gptq_bridge.kernels.triton_gptq import TritonQuantLinear  # noqa: E402
+from gptq_bridge.errors import KernelError  # noqa: E402
+from gptq_bridge.kernels import exllama  # noqa: E402
+
+HAVE_EXLLAMA = exllama.kernel_spec().check_available() is None
 from gptq_bridge.types import LayerShape  # noqa: E402
 
 SEED = int(os.environ.get("GPU_TEST_SEED", time.time_ns() % 2**31))
@@ -52,7 +56,8 @@ def random_layer(k, n, bits, group_size, act_order, sym, gen) -> IntLayer:
     return IntLayer(q=q, zeros=zeros, scales=scales, g_idx=g_idx)
 
 
-def make_modules(k, n, bits, group_size=128, act_order=True, sym=False, fmt="gptq", seed=0):
+def make_modules(k, n, bits, group_size=128, act_order=True, sym=False, fmt="gptq", seed=0, kernel=TritonQuantLinear):
+    """(prepared `kernel` module, float32 reference weight [in, out], generator) for a fresh random layer."""
     gen = torch.Generator(device=DEV).manual_seed(SEED + seed)
     layer = random_layer(k, n, bits, group_size, act_order, sym, gen)
     tensors = pack_layer(layer, bits, fmt)
@@ -62,13 +67,13 @@ def make_modules(k, n, bits, group_size=128, act_order=True, sym=False, fmt="gpt
     for key, value in tensors.items():
         setattr(ref, key, value.to(torch.float16) if value.is_floating_point() else value)
     ref.fill_missing()
-    weight = ref.weight(torch.float32)  # [in, out], before the triton module may drop its on-disk copy
-    tri = TritonQuantLinear(shape, config, torch.float16)
+    weight = ref.weight(torch.float32)  # [in, out], before the kernel's module may change its on-disk copy
+    module = kernel(shape, config, torch.float16)
     for key, value in tensors.items():
-        setattr(tri, key, value.to(torch.float16) if value.is_floating_point() else value.clone())
-    tri.fill_missing()
-    tri.prepare()
-    return tri, weight, gen
+        setattr(module, key, value.to(torch.float16) if value.is_floating_point() else value.clone())
+    module.fill_missing()
+    module.prepare()
+    return module, weight, gen
 
 
 def check_paths(tri, weight, gen, ms):
@@ -116,25 +121,29 @@ def test_decode_is_deterministic():
 
 
 def test_whole_model_logits_agree(tmp_path):
-    """A random-weight Llama checkpoint (small, real layout) gives the same logits through both kernels."""
+    """A random-weight Llama-2-7B-shaped checkpoint (two of its blocks: hidden 4096, MLP 11008, real layout)
+    gives the same logits through every GPU kernel and the torch reference, and matches the float model."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from tiny_checkpoints import build, llama_config
 
-    hf_config = llama_config(hidden=1024, intermediate=2816, layers=2, vocab=512)
+    hf_config = llama_config(hidden=4096, intermediate=11008, layers=2, vocab=512, num_attention_heads=32,
+                             num_key_value_heads=32)
     ck = build(tmp_path / "ck", bits=4, group_size=128, desc_act=True, sym=False, hf_config=hf_config, seed=SEED % 1000)
-    tri = gptq_bridge.load_model(str(ck.path), kernel="triton", device="cuda", dtype=torch.float16)
-    ref = gptq_bridge.load_model(str(ck.path), kernel="torch", device="cuda", dtype=torch.float16)
-    assert tri.kernel == "triton" and ref.kernel == "torch"
+    kernels = ["triton", "torch"] + (["exllama"] if HAVE_EXLLAMA else [])
+    models = {k: gptq_bridge.load_model(str(ck.path), kernel=k, device="cuda", dtype=torch.float16) for k in kernels}
+    assert all(m.kernel == k for k, m in models.items())
+    reference = ck.reference.to(DEV)
     gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for shape in ((1, 1), (1, 12), (2, 300)):
             ids = torch.randint(0, 512, shape, generator=gen).to(DEV)
-            got, want = tri.model(ids).logits.float(), ref.model(ids).logits.float()
-            assert relative_error(got, want) < 1e-2, f"shape {shape} (seed {SEED})"
-            assert relative_error(got, ck.reference.to(DEV)(ids).logits) < 2e-2
-            ck.reference.cpu()
+            want = models["torch"].model(ids).logits.float()
+            for name in kernels[:1] + kernels[2:]:
+                got = models[name].model(ids).logits.float()
+                assert relative_error(got, want) < 1e-2, f"{name}, shape {shape} (seed {SEED})"
+            assert relative_error(want, reference(ids).logits) < 2e-2
 
 
 def test_decode_with_outlier_activations():
@@ -147,3 +156,39 @@ def test_decode_with_outlier_activations():
     got = tri.forward_decode(x)
     assert not torch.isinf(got).any() and not torch.isnan(got).any()
     assert relative_error(got, x.float() @ weight) < 2e-3
+
+
+# --- exllama (exllamav2's kernel; skipped where the package is missing) -------------------------------------
+
+needs_exllama = pytest.mark.skipif(not HAVE_EXLLAMA, reason=f"exllama: {exllama.kernel_spec().check_available()}")
+EXLLAMA_SETTINGS = [(128, True, False, "gptq"), (32, True, True, "gptq_v2"), (128, False, False, "gptq"),
+                    (-1, False, True, "gptq")]
+
+
+@needs_exllama
+@pytest.mark.parametrize("group_size,act_order,sym,fmt", EXLLAMA_SETTINGS,
+                         ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for g, a, s, f in EXLLAMA_SETTINGS])
+@pytest.mark.parametrize("k,n", LLAMA2_7B + LLAMA2_70B, ids=[f"{k}x{n}" for k, n in LLAMA2_7B + LLAMA2_70B])
+def test_exllama_matches_reference(k, n, group_size, act_order, sym, fmt):
+    ex, weight, gen = make_modules(k, n, 4, group_size, act_order, sym, fmt, seed=k + n + 1,
+                                   kernel=exllama.ExllamaQuantLinear)
+    for m in (1, 3, 8, 32, 64, 512):
+        x = torch.randn(m, k, generator=gen, device=DEV).half()
+        got = ex(x)
+        assert got.shape == (m, n) and got.dtype == torch.float16 and not torch.isnan(got).any()
+        err = relative_error(got, x.float() @ weight)
+        assert err < 2e-3, f"exllama m={m}: relative error {err:.2e} (seed {SEED})"
+
+
+@needs_exllama
+def test_exllama_refuses_a_v2_zero_of_zero():
+    gen = torch.Generator(device=DEV).manual_seed(SEED)
+    layer = random_layer(4096, 4096, 4, 128, True, False, gen)
+    layer.zeros[0, 0] = 0
+    config = QuantizeConfig(bits=4, group_size=128, desc_act=True, sym=False, checkpoint_format="gptq_v2")
+    module = exllama.ExllamaQuantLinear(LayerShape(name="l", in_features=4096, out_features=4096), config, torch.float16)
+    for key, value in pack_layer(layer, 4, "gptq_v2").items():
+        setattr(module, key, value.half() if value.is_floating_point() else value)
+    module.fill_missing()
+    with pytest.raises(KernelError, match="zero point of 0"):
+        module.prepare()
