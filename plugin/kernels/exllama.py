@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import weakref
 
 import torch
 
@@ -93,6 +94,7 @@ class ExllamaQuantLinear(GPTQLinear):
         with torch.cuda.device(device):
             self._handle = ext.make_q_matrix(qweight, q_perm, q_invperm, none, none, none, none, qzeros, scales,
                                              g_idx, none, scratch, max_dq_rows)
+        weakref.finalize(self, ext.free_q_matrix, self._handle)  # the handle is a host-side C++ object
         # exllamav2 keeps raw pointers into all of these (qweight now holds its own row order)
         self._keep = (qweight, q_perm, q_invperm, qzeros, scales, scratch)
         self.qweight = qweight
@@ -139,6 +141,8 @@ def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
         return "output features must be a multiple of 8"
     if layer.in_features > 65535:
         return "more than 65,535 input features (exllamav2 stores the row order as int16)"
+    if config.group_size != -1 and config.group_size & (config.group_size - 1):
+        return f"group size {config.group_size} is not a power of two (exllamav2 derives it as one)"
     if config.group_size != -1 and layer.in_features % config.group_size:
         return f"input features are not a multiple of the group size {config.group_size} (partial last group)"
     return None
