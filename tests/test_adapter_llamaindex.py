@@ -1,11 +1,13 @@
 """LlamaIndex adapter: every method, streaming deltas, stop, async that leaves the loop free, a query engine."""
 
 import asyncio
+import re
 import time
+import zlib
 
 import pytest
 from llama_index.core import Document, Settings, VectorStoreIndex
-from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.embeddings import BaseEmbedding, MockEmbedding
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMChatStartEvent
@@ -134,9 +136,32 @@ def test_query_engine_puts_retrieved_documents_before_the_llm(default_llm_settin
     assert str(response) == default_llm_settings.chat(start.messages).message.content.strip()
 
 
-def test_query_engine_answers_from_its_document(default_llm_settings):
-    # One document: with MockEmbedding every node scores the same, so with two the order of the context (and
-    # a 135M model's answer) would depend on ids; the retrieval of several is checked in the test above.
-    doc = Document(text="The meeting about the new bridge is on Thursday in room 4B.")
-    engine = VectorStoreIndex.from_documents([doc]).as_query_engine(similarity_top_k=1)
-    assert "4B" in str(engine.query("In which room is the meeting about the bridge?"))
+class WordCountEmbedding(BaseEmbedding):
+    """A small real embedding, offline: counts of each lower-cased word hashed into 64 buckets (deterministic,
+    unlike MockEmbedding's constant vectors, so retrieval ranks the document that shares the question's words)."""
+
+    def _embed(self, text: str) -> list[float]:
+        vec = [0.0] * 64
+        for word in re.findall(r"[a-z0-9]+", text.lower()):
+            vec[zlib.crc32(word.encode()) % 64] += 1.0
+        return vec
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._embed(text)
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self._embed(query)
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return self._embed(query)
+
+
+def test_query_engine_answers_from_the_retrieved_document(default_llm_settings):
+    Settings.embed_model = WordCountEmbedding()
+    docs = [Document(text="Lunch is served in the cafeteria from noon."),
+            Document(text="The meeting about the new bridge is on Thursday in room 4B."),
+            Document(text="Parking passes are renewed every January at the front desk.")]
+    engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=1)
+    response = engine.query("In which room is the meeting about the bridge?")
+    assert [n.node.get_content() for n in response.source_nodes] == [docs[1].text]
+    assert "4B" in str(response)
