@@ -43,6 +43,7 @@ def test_unavailable_gives_the_reason():
     (4096, 4100, 128, "output features must be a multiple of 8"),
     (4160, 4096, 128, "input features are not a multiple of the group size 128 (partial last group)"),
     (4160, 4096, -1, None),
+    (4096, 4096, 16, "group size 16 is below 32 (exllamav2 changes group once per 32 rows)"),
     (4032, 4096, 96, "group size 96 is not a power of two (exllamav2 derives it as one)"),
     (65568, 4096, -1, "more than 65,535 input features (exllamav2 stores the row order as int16)"),
 ])

@@ -10,7 +10,9 @@ What `make_q_matrix` does with the tensors it is given, and what this module doe
 - act-order checkpoints: it sorts the rows of `qweight` by group *in place* and fills `q_perm`/`q_invperm`
   (int16: at most 65,535 input features); it reads `g_idx` from host memory;
 - it keeps raw pointers to every tensor (and to the `temp_dq` scratch where it dequantizes for many-row
-  calls), so the module keeps references to all of them for its lifetime;
+  calls), so the module keeps references to all of them for its lifetime; after prepare() the `qweight`
+  buffer holds exllamav2's shuffled layout, not the on-disk one;
+- act-order: it assumes every group but the last has exactly `group_size` rows (prepare() checks g_idx);
 - zero points are read in the v1 ("gptq") convention (stored zero + 1); a v2 checkpoint's zeros are
   shifted down by one at prepare time, which is exact unless a stored zero is 0 (then prepare() says so).
 """
@@ -31,9 +33,11 @@ from ..types import KernelSpec, LayerShape
 from .base import GPTQLinear
 from .measured import MEASURED_US
 
-# Dequantize scratch: at most this many float16 values per layer (128 MiB); larger layers are dequantized in
-# chunks of rows by exllamav2 itself (its `max_dq_rows`).
-_SCRATCH_ELEMENTS = 64 * 2**20
+# Dequantize scratch, float16 values (exllamav2's own default, 1 GiB at most). For more than 32 rows exllamav2
+# dequantizes the whole weight into it and calls cuBLAS, but only when the scratch holds all K rows
+# (`max_dq_rows`); otherwise every call runs its 4-rows-at-a-time kernel. 512 Mi values hold every Llama-2-70B
+# layer (28672 x 8192 = 224 Mi).
+_SCRATCH_ELEMENTS = 512 * 2**20
 _scratch: dict[torch.device, torch.Tensor] = {}
 _ext = None
 
@@ -67,6 +71,8 @@ class ExllamaQuantLinear(GPTQLinear):
         self._keep: tuple = ()
 
     def prepare(self) -> None:
+        if self._handle is not None:  # qweight is already in exllamav2's layout: doing it again would garble it
+            return
         if self.qweight.device.type != "cuda":
             raise KernelError(f"the exllama kernel runs on CUDA devices, not {self.qweight.device}")
         ext = _extension()
@@ -78,12 +84,16 @@ class ExllamaQuantLinear(GPTQLinear):
                 raise KernelError("the exllama kernel reads v1 zero points and this gptq_v2 checkpoint stores a "
                                   "zero point of 0, which v1 cannot represent; use kernel 'triton' or 'torch'")
             qzeros = pack(zeros - 1, self.bits, 1)
-        qzeros = qzeros.contiguous()
+        qzeros = qzeros[:, : self.out_features // 8].contiguous()  # packed_size pads columns to a multiple of 32
         scales = self.scales.to(torch.float16).contiguous()
         qweight = self.qweight.contiguous()
         none = torch.empty((1, 1), device="meta")
         act_order = not torch.equal(self.g_idx, self.default_g_idx(device))
         if act_order:
+            counts = torch.bincount(self.g_idx.long(), minlength=self.in_features // self.group_size)
+            if bool((counts != self.group_size).any()):
+                raise KernelError("the exllama kernel needs every act-order group to hold exactly group_size "
+                                  f"({self.group_size}) rows; this layer's g_idx does not")
             q_perm = torch.empty(self.in_features, dtype=torch.int16, device=device)
             q_invperm = torch.empty_like(q_perm)
             g_idx = self.g_idx.to(device="cpu", dtype=torch.int32).contiguous()
@@ -109,7 +119,8 @@ class ExllamaQuantLinear(GPTQLinear):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float16, device=x.device)
-        _extension().gemm_half_q_half(x2, self._handle, out, False)
+        if x2.shape[0]:  # exllamav2 would launch an empty grid
+            _extension().gemm_half_q_half(x2, self._handle, out, False)
         if self.bias is not None:
             out += self.bias
         return out.reshape(*shape[:-1], self.out_features)
@@ -141,6 +152,8 @@ def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
         return "output features must be a multiple of 8"
     if layer.in_features > 65535:
         return "more than 65,535 input features (exllamav2 stores the row order as int16)"
+    if config.group_size != -1 and config.group_size < 32:
+        return f"group size {config.group_size} is below 32 (exllamav2 changes group once per 32 rows)"
     if config.group_size != -1 and config.group_size & (config.group_size - 1):
         return f"group size {config.group_size} is not a power of two (exllamav2 derives it as one)"
     if config.group_size != -1 and layer.in_features % config.group_size:
