@@ -22,7 +22,9 @@ memory stays near the size of the source model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import json
 import sys
 import time
@@ -35,7 +37,7 @@ from torch import nn
 
 from .config import ALLOWED_BITS, QuantizeConfig
 from .errors import GPTQBridgeError
-from .gptq import Hessian, PreparedHessian, gptq_quantize, prepare_hessian
+from .gptq import CrossMoment, Hessian, PreparedHessian, gptq_quantize, prepare_hessian
 from .gptq_layer import pack_layer
 from .hookspecs import hookimpl
 
@@ -381,6 +383,23 @@ def _run(block, states, kwargs_list) -> list[torch.Tensor]:
     return [_first(block(h, **kw)) for h, kw in zip(states, kwargs_list)]
 
 
+def _groups(calls: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
+    """Linears in call order, grouped into runs that receive the very same input tensor."""
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    previous = None
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if previous is not None and x is previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = x
+    return groups
+
+
 def _discover_steps(block, linears, state, kwargs) -> list[list[str]]:
     """Linears in call order, grouped into steps of layers that receive the very same input tensor."""
     calls: list[tuple[str, torch.Tensor]] = []
@@ -392,40 +411,94 @@ def _discover_steps(block, linears, state, kwargs) -> list[list[str]]:
     finally:
         for h in handles:
             h.remove()
-    steps: list[list[str]] = []
-    seen: set[str] = set()
-    previous = None
-    for name, x in calls:
-        if name in seen:
-            continue
-        seen.add(name)
-        if previous is not None and x is previous:
-            steps[-1].append(name)
-        else:
-            steps.append([name])
-        previous = x
-    return steps
+    return _groups(calls)
 
 
-def _drift(x_fp: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
-    """D = 2/n (X_fp - X_q)^T X_q: how the unquantized model's inputs differ from the quantized path's."""
-    xq = x_q.reshape(-1, x_q.shape[-1]).to(torch.float32)
-    delta = x_fp.reshape(-1, x_fp.shape[-1]).to(torch.float32) - xq
-    return (delta.t() @ xq) * (2.0 / xq.shape[0])
+class _FpFit:
+    """Fits the layers of one step (they read the same input) to the unquantized model's outputs.
 
+    Standard GPTQ makes a layer reproduce its own output on the inputs X_q of the quantized path. Here the
+    target is the unquantized model's output Y = X_fp W^T: min ||X_q W'^T - Y|| + damping towards W gives
+    W'^T = W^T + (H + damp)^-1 R with H = 2/n X_q^T X_q and R = 2/n X_q^T (Y - X_q W^T); GPTQ then quantizes
+    W' with the usual Hessian (the two objectives differ by a constant). R comes from the cheaper of two
+    statistics, both summed over calibration batches:
 
-def _fp_target(weight: torch.Tensor, drift: torch.Tensor, prepared: PreparedHessian) -> torch.Tensor:
-    """The weight W' whose output on the quantized path's inputs best matches W's on the unquantized inputs.
-
-    min ||X_q W'^T - X_fp W^T||  gives  W' = W (X_fp^T X_q)(X_q^T X_q)^-1 = W + W D H^-1, with H damped as
-    for GPTQ so the correction stays small where the calibration inputs say little. GPTQ then quantizes W'
-    with the usual Hessian (the objectives differ by a constant).
+    - through the inputs: 2/n X_q^T (X_fp - X_q), one [in, in] product shared by the step (R = that @ W^T);
+    - through the outputs: 2/n X_q^T Y per layer, [in, out], when the step's outputs are fewer than its
+      inputs (an MLP's down projection: 576 outputs from 1536 inputs in SmolLM2); R = that - H W^T.
     """
-    H = prepared.hessian.to(device=weight.device, dtype=torch.float32)
-    damped = H + torch.eye(H.shape[0], device=H.device) * (prepared.damp * float(H.diagonal().mean()))
-    W = weight.to(torch.float32)
-    correction = torch.linalg.solve(damped, (W @ drift).t()).t()
-    return W + correction
+
+    def __init__(self, linears: dict[str, nn.Linear], names: list[str]):
+        self.linears = linears
+        self.names = list(names)
+        columns = linears[names[0]].in_features
+        device = linears[names[0]].weight.device
+        self.outputs = sum(linears[n].out_features for n in names) < columns
+        if self.outputs:
+            self.moments = {n: CrossMoment(columns, linears[n].out_features, device=device) for n in names}
+        else:
+            self.moment = CrossMoment(columns, columns, device=device)
+
+    def add(self, x_q: torch.Tensor, fp: dict[str, torch.Tensor]) -> None:
+        """One batch: the quantized path's input and, from the unquantized block, its input (key "x") or the
+        outputs of the step's layers (keyed by name), as `capture` says."""
+        if self.outputs:
+            for n in self.names:
+                y, bias = fp[n], self.linears[n].bias
+                self.moments[n].add(x_q, y if bias is None else y - bias.to(y.dtype))
+        else:
+            self.moment.add(x_q, fp["x"].to(x_q.dtype) - x_q)
+
+    @property
+    def count(self) -> int:
+        return next(iter(self.moments.values())).count if self.outputs else self.moment.count
+
+    def capture(self) -> tuple[str, ...]:
+        """Which unquantized tensors `add` needs: the step's input ("x"), or its layers' outputs."""
+        return tuple(self.names) if self.outputs else ("x",)
+
+    def target(self, name: str, weight: torch.Tensor, prepared: PreparedHessian) -> torch.Tensor:
+        """W': the weight GPTQ should reproduce so the layer's output on X_q matches the unquantized one."""
+        W = weight.to(torch.float32)
+        if self.outputs:
+            H = prepared.hessian.to(device=W.device, dtype=torch.float32)
+            R = self.moments[name].matrix().to(torch.float32) - H @ W.t()
+        else:
+            R = self.moment.matrix().to(torch.float32) @ W.t()
+        return W + prepared.solve(R).t()
+
+
+def _fp_tensors(block: nn.Module, linears: dict[str, nn.Linear], names: Sequence[str], fit: _FpFit,
+                state: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
+    """Run the unquantized `block` on one batch until the tensors `fit` needs for the step `names` exist."""
+    want = fit.capture()
+    got: dict[str, torch.Tensor] = {}
+
+    def pre(module, args):
+        got["x"] = args[0]
+        raise _Stop
+
+    def post(module, args, output):
+        got[by_module[module]] = output
+        if all(n in got for n in want):
+            raise _Stop
+
+    by_module = {linears[n]: n for n in names}
+    if want == ("x",):
+        handles = [linears[names[0]].register_forward_pre_hook(pre)]
+    else:
+        handles = [linears[n].register_forward_hook(post) for n in names]
+    try:
+        block(state, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in want if n not in got]
+    if missing:
+        raise QuantizeError(f"fp_targets: the unquantized block never produced {', '.join(missing)}")
+    return got
 
 
 @torch.no_grad()
@@ -433,10 +506,12 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
                    true_sequential: bool, fp_states: list[torch.Tensor] | None = None):
     """Quantize every Linear of one block in place; returns the block's outputs (the next block's inputs).
 
-    With `fp_states` (the same calibration windows through the unquantized model; one-pass mode only), each
-    layer is fitted to reproduce the unquantized model's output of that layer rather than its own output on
-    the drifted inputs (`_fp_target`), and the result is (outputs, unquantized outputs).
+    With `fp_states` (the same calibration windows through the unquantized model; needs true_sequential),
+    each layer is fitted to reproduce the unquantized model's output of that layer rather than its own output
+    on the drifted inputs (`_FpFit`), and the result is (outputs, unquantized outputs).
     """
+    if fp_states is not None and not true_sequential:
+        raise QuantizeError("fp_targets needs true_sequential")
     linears = _linears(block)
     by_module = {m: n for n, m in linears.items()}
     done: set[str] = set()
@@ -452,17 +527,33 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
     if true_sequential and len(states) == 1:
         # One pass: each Linear is quantized in its own pre-hook, so everything after it sees its quantized
         # output. Layers fed the same tensor (q/k/v) share one Hessian.
-        last: dict[str, Any] = {"x": None, "h": None}
+        last: dict[str, Any] = {"x": None, "h": None, "fit": None}
 
-        fp_inputs: dict[str, torch.Tensor] = {}
-        if fp_states is not None:  # what each Linear sees in the unquantized model
-            handles = [m.register_forward_pre_hook(lambda mod, args: fp_inputs.__setitem__(by_module[mod], args[0]))
-                       for m in linears.values()]
+        fp_fits: dict[str, _FpFit] = {}  # first layer of each step -> its fit
+        fp_data: dict[str, dict[str, torch.Tensor]] = {}  # first layer of each step -> what its fit needs
+        if fp_states is not None:  # the unquantized block first: its steps, and what each Linear sees
+            calls: list[tuple[str, torch.Tensor]] = []
+            fp_out: dict[str, torch.Tensor] = {}
+
+            def fp_pre(module, args):
+                calls.append((by_module[module], args[0]))
+
+            def fp_post(module, args, output):
+                if module.out_features < module.in_features:  # may be fitted through its outputs
+                    fp_out.setdefault(by_module[module], output)
+
+            handles = [m.register_forward_pre_hook(fp_pre) for m in linears.values()]
+            handles += [m.register_forward_hook(fp_post) for m in linears.values()]
             try:
                 fp_outputs = _run(block, fp_states, kwargs_list)
             finally:
                 for h in handles:
                     h.remove()
+            first_input = dict(reversed(calls))
+            for step in _groups(calls):
+                fit = fp_fits[step[0]] = _FpFit(linears, step)
+                fp_data[step[0]] = ({n: fp_out[n] for n in step} if fit.outputs else {"x": first_input[step[0]]})
+            del calls, first_input, fp_out
 
         def pre(module, args):
             x = args[0]
@@ -470,14 +561,15 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
             if last["x"] is not x:
                 h = Hessian(x.shape[-1], device=x.device)
                 h.add(x)
-                last["x"], last["h"], last["d"] = x, job.prepare(h, name), None
-                if name in fp_inputs:
-                    last["d"] = _drift(fp_inputs[name], x)
+                last["x"], last["h"], last["fit"] = x, job.prepare(h, name), fp_fits.get(name)
+                if last["fit"] is not None:
+                    last["fit"].add(x, fp_data.pop(name))
             if name not in done:
                 done.add(name)
+                fit = last["fit"]
                 target = None
-                if last["d"] is not None:
-                    target = _fp_target(module.weight.data, last["d"], last["h"])
+                if fit is not None and name in fit.names:
+                    target = fit.target(name, module.weight.data, last["h"])
                 job.quantize_linear(name, module, last["h"], target)
 
         handles = [m.register_forward_pre_hook(pre) for m in linears.values()]
@@ -494,14 +586,19 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
             outputs = _run(block, states, kwargs_list)
         return (outputs, fp_outputs) if fp_states is not None else outputs
 
+    # Step by step, each over all batches: the statistics of a step are summed over the batches before its
+    # layers are quantized. With fp_states, an unquantized copy of the block gives each batch's targets.
+    fp_block = copy.deepcopy(block) if fp_states is not None else None
+    fp_linears = _linears(fp_block) if fp_block is not None else {}
     if true_sequential:
         steps = _discover_steps(block, linears, states[0], kwargs_list[0])
     else:
         steps = [list(linears)]  # every layer sees the unquantized block
     for step in steps:
         hessians = {n: Hessian(linears[n].in_features, device=linears[n].weight.device) for n in step}
+        fit = _FpFit(linears, step) if fp_block is not None else None
         remaining = set(step)
-        shared: dict[str, Any] = {"x": None, "h": None}
+        shared: dict[str, Any] = {"x": None, "h": None, "fp": None}
 
         def collect(module, args):
             name = by_module[module]
@@ -513,13 +610,17 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
             else:
                 hessians[name].add(x)
                 shared["x"], shared["h"] = x, hessians[name]
+                if fit is not None:
+                    fit.add(x, shared["fp"])
             remaining.discard(name)
             if not remaining and true_sequential:
                 raise _Stop  # nothing after this layer matters for this step
 
         handles = [linears[n].register_forward_pre_hook(collect) for n in step]
         try:
-            for h, kw in zip(states, kwargs_list):
+            for b, (h, kw) in enumerate(zip(states, kwargs_list)):
+                if fit is not None:
+                    shared["fp"] = _fp_tensors(fp_block, fp_linears, step, fit, fp_states[b], kw)
                 remaining.update(step)
                 shared["x"] = None
                 try:
@@ -529,6 +630,7 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
         finally:
             for hd in handles:
                 hd.remove()
+        shared.clear()
         for n in step:
             if hessians[n].count == 0:
                 continue
@@ -540,7 +642,10 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
             h = hessians[n]
             if id(h) not in prepared:
                 prepared[id(h)] = job.prepare(h, n)
-            job.quantize_linear(n, linears[n], prepared[id(h)])
+            target = None
+            if fit is not None and n not in missing and fit.count > 0:
+                target = fit.target(n, linears[n].weight.data, prepared[id(h)])
+            job.quantize_linear(n, linears[n], prepared[id(h)], target)
             done.add(n)
         del prepared, hessians
     rest: dict[str, Hessian] = {}
@@ -548,10 +653,46 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
     for n, h in rest.items():
         job.quantize_linear(n, linears[n], job.prepare(h, n))
         done.add(n)
-    return _run(block, states, kwargs_list)
+    outputs = _run(block, states, kwargs_list)
+    if fp_block is None:
+        return outputs
+    fp_outputs = _run(fp_block, fp_states, kwargs_list)
+    del fp_block
+    return outputs, fp_outputs
 
 
 # ------------------------------------------------------------------------------------------- driver
+
+
+@contextlib.contextmanager
+def _reuse_freed_memory(enabled: bool = True):
+    """While quantizing on the CPU under glibc: serve large allocations from the heap and keep freed memory.
+
+    Every forward pass over the calibration set allocates and frees the same activation-sized tensors (tens
+    of MB each). By default glibc gives each one back to the kernel (munmap) and maps fresh pages for the
+    next, and every 4 KiB page of those is a page fault that zeroes it: for SmolLM2-135M (39 x 512 tokens)
+    about 9 of 55 CPU seconds per 6 blocks were system time. With mmap off and trimming deferred, the
+    memory is reused instead (same peak; it just stays with the process). Restored and trimmed afterwards.
+    """
+    libc = None
+    if enabled and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.gnu_get_libc_version  # glibc only (mallopt's parameter numbers are glibc's)
+        except (OSError, AttributeError):
+            libc = None
+    if libc is None:
+        yield
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_max, 65536)  # glibc's defaults
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+        libc.malloc_trim(0)
 
 
 def _seconds(s: float) -> str:
@@ -609,6 +750,9 @@ def quantize(
     s = resolve_settings(preset, bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
                          static_groups=static_groups, damp_percent=damp_percent, true_sequential=true_sequential,
                          checkpoint_format=checkpoint_format)
+    if fp_targets and not s["true_sequential"]:
+        raise QuantizeError("fp_targets needs true_sequential (each layer is fitted on the outputs of the "
+                            "already-quantized layers before it)")
     out = Path(out).expanduser()
     if out.exists():
         raise QuantizeError(f"{out}: already exists; choose a new output directory")
@@ -639,41 +783,39 @@ def quantize(
     parent = model.get_submodule(parent_name) if parent_name else model
     report(Progress("calibrate", f"{nsamples} windows x {seq_len} tokens, {len(blocks)} blocks, "
                                  f"{s['bits']}-bit group {s['group_size']}{' act-order' if s['desc_act'] else ''}"))
-    states, kwargs_list = capture_block_inputs(model, blocks, parent, attr, windows, batch_size, dev, compute)
+    with _reuse_freed_memory(dev.type == "cpu"):
+        states, kwargs_list = capture_block_inputs(model, blocks, parent, attr, windows, batch_size, dev, compute)
 
-    tensors: dict[str, torch.Tensor] = {}
-    reports: list[LayerReport] = []
-    if fp_targets and not (s["true_sequential"] and len(states) == 1):
-        raise QuantizeError("fp_targets needs true_sequential and all calibration windows in one batch "
-                            f"(batch_size >= nsamples = {nsamples})")
-    fp_states = list(states) if fp_targets else None
-    t_blocks = time.perf_counter()
-    for i, block in enumerate(blocks):
-        tb = time.perf_counter()
-        original_dtype = next(block.parameters()).dtype
-        block.to(device=dev, dtype=compute)
-        prefix = f"{blocks_name}.{i}"
-        job = _BlockJob(settings=s, clip=clip, refit=refit, prefix=prefix, tensors=tensors, reports=reports)
-        if fp_states is not None:
-            states, fp_states = quantize_block(block, states, kwargs_list, job, s["true_sequential"], fp_states)
-        else:
-            states = quantize_block(block, states, kwargs_list, job, s["true_sequential"])
-        quantized = set(_linears(block))
-        for key, value in block.state_dict().items():
-            if key.rpartition(".")[0] not in quantized or key.endswith(".bias"):
-                if f"{prefix}.{key}" not in tensors:
-                    tensors[f"{prefix}.{key}"] = value.detach().to(torch.float16).cpu()
-        # free the block: its packed tensors are all we keep
-        for m in _linears(block).values():
-            m.weight = nn.Parameter(torch.empty(0, dtype=original_dtype), requires_grad=False)
-        block.to(device="cpu", dtype=original_dtype)
-        done = i + 1
-        per_block = (time.perf_counter() - t_blocks) / done
-        remaining = per_block * (len(blocks) - done)
-        report(Progress("block", f"block {done}/{len(blocks)} done in {time.perf_counter() - tb:.1f}s, "
-                                 f"~{_seconds(remaining)} left", block=done, blocks=len(blocks),
-                        elapsed_s=time.perf_counter() - t0, remaining_s=remaining))
-    del states, fp_states
+        tensors: dict[str, torch.Tensor] = {}
+        reports: list[LayerReport] = []
+        fp_states = list(states) if fp_targets else None
+        t_blocks = time.perf_counter()
+        for i, block in enumerate(blocks):
+            tb = time.perf_counter()
+            original_dtype = next(block.parameters()).dtype
+            block.to(device=dev, dtype=compute)
+            prefix = f"{blocks_name}.{i}"
+            job = _BlockJob(settings=s, clip=clip, refit=refit, prefix=prefix, tensors=tensors, reports=reports)
+            if fp_states is not None:
+                states, fp_states = quantize_block(block, states, kwargs_list, job, s["true_sequential"], fp_states)
+            else:
+                states = quantize_block(block, states, kwargs_list, job, s["true_sequential"])
+            quantized = set(_linears(block))
+            for key, value in block.state_dict().items():
+                if key.rpartition(".")[0] not in quantized or key.endswith(".bias"):
+                    if f"{prefix}.{key}" not in tensors:
+                        tensors[f"{prefix}.{key}"] = value.detach().to(torch.float16).cpu()
+            # free the block: its packed tensors are all we keep
+            for m in _linears(block).values():
+                m.weight = nn.Parameter(torch.empty(0, dtype=original_dtype), requires_grad=False)
+            block.to(device="cpu", dtype=original_dtype)
+            done = i + 1
+            per_block = (time.perf_counter() - t_blocks) / done
+            remaining = per_block * (len(blocks) - done)
+            report(Progress("block", f"block {done}/{len(blocks)} done in {time.perf_counter() - tb:.1f}s, "
+                                     f"~{_seconds(remaining)} left", block=done, blocks=len(blocks),
+                            elapsed_s=time.perf_counter() - t0, remaining_s=remaining))
+        del states, fp_states
 
     block_keys = f"{blocks_name}."
     seen: dict[tuple[int, int], str] = {}

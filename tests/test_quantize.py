@@ -23,7 +23,7 @@ from transformers import LlamaForCausalLM
 import gptq_bridge
 from gptq_bridge.cli import main as cli_main
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.gptq import Hessian, gptq_quantize, inverse_hessian_factor, prepare_hessian
+from gptq_bridge.gptq import CrossMoment, Hessian, gptq_quantize, inverse_hessian_factor, prepare_hessian
 from gptq_bridge.gptq_layer import group_index, rtn_quantize
 from gptq_bridge.packing import packed_size, unpack
 from gptq_bridge.quantize import (
@@ -184,6 +184,36 @@ def test_hessian_batches_add_up_to_one_batch():
     assert torch.allclose(one.matrix(), exact, rtol=0, atol=tol)
     with pytest.raises(ValueError, match="48 features"):
         one.add(torch.zeros(3, 47))
+
+
+def test_wide_hessian_upper_triangle_blocks_and_cross_moment_match_exact_products():
+    """600 features: the Hessian is summed as upper-triangle column blocks (256 wide) and mirrored."""
+    x = correlated_inputs(700, 600, seed=5)
+    t = torch.randn(700, 40, generator=torch.Generator().manual_seed(6))
+    h, c = Hessian(600, rows_per_step=300), CrossMoment(600, 40, rows_per_step=300)
+    for xs, ts in zip(x.split(250), t.split(250)):
+        h.add(xs.unsqueeze(0))
+        c.add(xs, ts)
+    exact = 2 * x.double().t() @ x.double() / 700
+    assert torch.allclose(h.matrix(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+    assert torch.equal(h.matrix(), h.matrix().t())
+    cross = 2 * x.double().t() @ t.double() / 700
+    assert torch.allclose(c.matrix(), cross, rtol=0, atol=1e-5 * float(cross.abs().max()))
+    with pytest.raises(ValueError, match="700 input rows but 699 target rows"):
+        c.add(x, t[:699])
+
+
+def test_inverse_factor_and_prepared_solve_invert_the_damped_hessian(layer_case):
+    _, _, hess = layer_case
+    damped = hess.double() + 0.01 * float(hess.diagonal().double().mean()) * torch.eye(160, dtype=torch.float64)
+    upper, damp = inverse_hessian_factor(hess, 0.01)
+    assert damp == 0.01 and torch.equal(upper.triu(), upper) and bool((upper.diagonal() > 0).all())
+    inverse = torch.linalg.inv(damped)
+    assert torch.allclose(upper.double().t() @ upper.double(), inverse, rtol=0, atol=1e-4 * float(inverse.abs().max()))
+    prepared = prepare_hessian(hess, desc_act=True, damp_percent=0.01)  # factor in act-order, solve in original
+    rhs = torch.randn(160, 7, generator=torch.Generator().manual_seed(7))
+    want = torch.linalg.solve(damped, rhs.double())
+    assert torch.allclose(prepared.solve(rhs).double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
 
 
 def test_damping_grows_until_cholesky_succeeds():
@@ -454,10 +484,52 @@ def test_fp_targets_fit_the_unquantized_model_better(tmp_path):
             got = gptq_bridge.load_model(str(out), device="cpu").model(windows).logits
         errors[fp] = float((got - ref).norm() / ref.norm())
     assert errors[True] < errors[False] * 0.8, errors
-    with pytest.raises(QuantizeError, match="fp_targets needs true_sequential and all calibration windows in one"):
+    # batches of 2 windows: the statistics are summed over the 4 batches, so the fit is the one-batch fit
+    out = tmp_path / "qbatches"
+    quantize("tiny", out, model=copy.deepcopy(model), tokenizer=tok, texts=[text], bits=3, group_size=32,
+             desc_act=True, nsamples=8, seq_len=128, batch_size=2, progress=False, fp_targets=True)
+    with torch.no_grad():
+        got = gptq_bridge.load_model(str(out), device="cpu").model(windows).logits
+    errors["batches"] = float((got - ref).norm() / ref.norm())
+    assert errors["batches"] < errors[False] * 0.8, errors
+    assert abs(errors["batches"] - errors[True]) < 0.05 * errors[True], errors
+    with pytest.raises(QuantizeError, match="fp_targets needs true_sequential"):
         quantize("tiny", tmp_path / "bad", model=copy.deepcopy(model), tokenizer=tok, texts=[text], nsamples=8,
-                 seq_len=128, batch_size=2, progress=False, fp_targets=True)
+                 seq_len=128, true_sequential=False, progress=False, fp_targets=True)
     assert not (tmp_path / "bad").exists()
+
+
+def test_fp_targets_in_batches_fit_each_layer_to_the_unquantized_outputs(tmp_path):
+    """Layer by layer, with the calibration windows in several batches: each quantized layer's output on the
+    quantized model's inputs is closer to the unquantized model's output of that layer with fp_targets."""
+    import copy
+
+    torch.manual_seed(4)
+    model = LlamaForCausalLM(llama_config()).float().eval()
+    tok = tiny_tokenizer()
+    text = " ".join(WORDS[(i * 11) % len(WORDS)] for i in range(1200))
+    windows = calibration_windows(tok, texts=[text], nsamples=6, seq_len=128)
+    fp_in = linear_inputs(model, windows)
+    layers = model.model.layers
+    fp_out = {n: x @ layers.get_submodule(n).weight.detach().t() for n, x in fp_in.items()}
+    errors = {}
+    for fp in (False, True):
+        out = tmp_path / f"q{fp}"
+        quantize("tiny", out, model=copy.deepcopy(model), tokenizer=tok, texts=[text], bits=3, group_size=32,
+                 desc_act=True, nsamples=6, seq_len=128, batch_size=2, progress=False, fp_targets=fp)
+        loaded = gptq_bridge.load_model(str(out), device="cpu", dtype=torch.float32).model.model.layers
+        q = copy.deepcopy(model)  # the float model with the checkpoint's (dequantized) Linear weights
+        w_q = {n: loaded.get_submodule(n).weight(torch.float32).t() for n in fp_in}
+        with torch.no_grad():
+            for n, w in w_q.items():
+                q.model.layers.get_submodule(n).weight.copy_(w)
+        errors[fp] = {n: float((x @ w_q[n].t() - fp_out[n]).norm() / fp_out[n].norm())
+                      for n, x in linear_inputs(q, windows).items()}
+    first = ("0.self_attn.q_proj", "0.self_attn.k_proj", "0.self_attn.v_proj")  # inputs not yet drifted
+    later = [n for n in errors[True] if n not in first]
+    assert len(later) == 2 * len(LINEARS) - 3
+    assert all(errors[True][n] < errors[False][n] for n in later), errors  # both fits: inputs, outputs (down)
+    assert sum(errors[True][n] for n in later) < 0.8 * sum(errors[False][n] for n in later), errors
 
 
 def test_interrupted_run_leaves_nothing(source, calib_file, tmp_path):
