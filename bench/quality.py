@@ -12,6 +12,7 @@ a safetensors directory (cached under --work), so the timed quantization starts 
 GPTQModel's did.
 
     python bench/quality.py --work /tmp/gptq-quality [--settings 4g128 4g32 3g128] [--json out.json]
+                            [--no-fp-targets]   # plain GPTQ instead of quantize's default fp_targets
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -112,7 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-baselines", action="store_true", help="skip the fp32 and RTN perplexities")
     ap.add_argument("--no-clip", action="store_true", help="plain min/max ranges (ablation)")
-    ap.add_argument("--fp-targets", action="store_true", help="fit layers to the unquantized model's outputs")
+    ap.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
+                    help="fit layers to the unquantized model's outputs (quantize's default); "
+                         "--no-fp-targets: plain GPTQ")
     ap.add_argument("--from-gguf", action="store_true", help="quantize straight from the GGUF file (timed too)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -144,19 +148,23 @@ def main(argv=None) -> int:
         if not args.no_baselines:
             rtn = perplexity(rtn_model(src, bits, group), windows)
             print(f"{name} RTN: {rtn:.2f}", flush=True)
-        out = args.work / f"gptq-{name}{'-noclip' if args.no_clip else ''}{'-fp' if args.fp_targets else ''}"
+        out = args.work / f"gptq-{name}{'-noclip' if args.no_clip else ''}{'-nofp' if args.fp_targets is False else ''}"
         shutil.rmtree(out, ignore_errors=True)
         source = gguf_path() if args.from_gguf else src
+        load = [round(v, 2) for v in os.getloadavg()]
         t, cpu = time.perf_counter(), time.process_time()
         quantize(source, out, bits=bits, group_size=group, desc_act=True, sym=True, damp_percent=0.1,
                  dataset=[calib], nsamples=CALIB_WINDOWS, seq_len=WINDOW, device="cpu", clip=not args.no_clip,
                  fp_targets=args.fp_targets)
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+        load_after = [round(v, 2) for v in os.getloadavg()]  # 1, 5, 15 minutes
         lm = gptq_bridge.load_model(str(out), device="cpu")
         ppl = perplexity(lm.model, windows)
         rows[name] = {"fp32": fp32, "rtn": rtn, "gptq": ppl, "seconds": round(seconds, 1),
-                      "cpu_seconds": round(cpu, 1), "kernel": lm.kernel}
-        print(f"{name} gptq-bridge: {ppl:.2f} in {seconds:.0f} s wall, {cpu:.0f} s CPU "
+                      "cpu_seconds": round(cpu, 1), "kernel": lm.kernel, "fp_targets": args.fp_targets is not False,
+                      "load_average_before": load, "load_average_after": load_after}
+        print(f"{name} gptq-bridge{'' if args.fp_targets is not False else ' --no-fp-targets'}: {ppl:.2f} in "
+              f"{seconds:.0f} s wall, {cpu:.0f} s CPU, load average {load} -> {load_after} "
               f"(loaded with kernel {lm.kernel})", flush=True)
         del lm
 

@@ -583,6 +583,25 @@ def test_cli_quantizes_with_a_preset_and_reports_progress(source, calib_file, tm
     assert lm.quantize_config.group_size == 32
 
 
+def test_fp_targets_are_the_default_and_no_fp_targets_gives_plain_gptq(source, calib_file, tmp_path):
+    src, _ = source
+    common = ["--bits", "4", "--group-size", "32", "--desc-act", "--dataset", str(calib_file), "--nsamples",
+              str(NSAMPLES), "--seq-len", str(SEQ_LEN), "--device", "cpu"]
+    assert cli_main(["quantize", str(src), str(tmp_path / "cli-default"), *common]) == 0
+    assert cli_main(["quantize", str(src), str(tmp_path / "cli-plain"), "--no-fp-targets", *common]) == 0
+    for fp in (True, False):
+        quantize(src, tmp_path / f"api-{fp}", bits=4, group_size=32, desc_act=True, dataset=[calib_file],
+                 nsamples=NSAMPLES, seq_len=SEQ_LEN, device="cpu", progress=False, fp_targets=fp)
+
+    def tensors(name):
+        with safe_open(str(tmp_path / name / "gptq_model-4bit-32g.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    default, plain, on, off = (tensors(n) for n in ("cli-default", "cli-plain", "api-True", "api-False"))
+    assert all(torch.equal(default[k], on[k]) for k in on) and all(torch.equal(plain[k], off[k]) for k in off)
+    assert not all(torch.equal(on[k], off[k]) for k in on if k.endswith(".qweight"))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--bits", "4", "--group-size", "0"], "group_size 0 is not valid"),
     (["--damp", "2"], "damp_percent 2.0 is not valid"),
