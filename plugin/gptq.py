@@ -148,14 +148,20 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
     while d <= max_damp:
         # With J the order reversal and J (H + damp) J = L L^T: (H + damp)^-1 = (J L^-1 J)^T (J L^-1 J), and
         # J L^-1 J is upper triangular: the factor wanted, from one Cholesky and one triangular inverse.
+        # At most two float64 [in, in] matrices beside the caller's H at any time (each is 6.6 GB for
+        # Llama-2-70B's down_proj): the solve overwrites its identity, and each is dropped once used.
         h = hessian.to(torch.float64).flip(0, 1)
         h.diagonal().add_(d * mean_diag)
         lower, info = torch.linalg.cholesky_ex(h)
+        del h
         if int(info) == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            inverse = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+            del lower
+            upper = inverse.to(torch.float32)
+            del inverse
             if bool(torch.isfinite(upper).all()):
-                return upper.to(torch.float32), d
+                return upper.flip(0, 1), d
         d *= 2
     raise GPTQBridgeError(f"{where}: the Hessian is not positive definite even with damp_percent {d / 2:g} "
                           "(the calibration inputs may be degenerate; try more or other calibration text)")
@@ -255,7 +261,8 @@ def prepare_hessian(hessian: torch.Tensor, *, desc_act: bool, damp_percent: floa
     original = H.to(torch.float32)
     if desc_act:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        H = H[perm][:, perm]
+        H = H.index_select(0, perm)  # one permuted copy at a time (the unpermuted one is dropped first)
+        H = H.index_select(1, perm)
     else:
         perm = torch.arange(H.shape[0], device=H.device)
     U, damp = inverse_hessian_factor(H, damp_percent, where=where)
