@@ -128,8 +128,7 @@ def test_whole_model_logits_agree(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from tiny_checkpoints import build, llama_config
 
-    hf_config = llama_config(hidden=4096, intermediate=11008, layers=2, vocab=512, num_attention_heads=32,
-                             num_key_value_heads=32)
+    hf_config = llama_config(hidden=4096, intermediate=11008, layers=2, vocab=512)  # 7B's Linear shapes
     ck = build(tmp_path / "ck", bits=4, group_size=128, desc_act=True, sym=False, hf_config=hf_config, seed=SEED % 1000)
     kernels = ["triton", "torch"] + (["exllama"] if HAVE_EXLLAMA else [])
     models = {k: gptq_bridge.load_model(str(ck.path), kernel=k, device="cuda", dtype=torch.float16) for k in kernels}
