@@ -161,10 +161,6 @@ def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
     return None
 
 
-def make_exllama_linear(layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype) -> ExllamaQuantLinear:
-    return ExllamaQuantLinear(layer, config, dtype)
-
-
 def kernel_spec() -> KernelSpec:
     return KernelSpec(
         name="exllama",
@@ -176,7 +172,7 @@ def kernel_spec() -> KernelSpec:
         # Until bench/kernels.py has measured it (and tests/gpu has run it) "auto" prefers the torch reference
         # (0) over it; kernel="exllama" runs it.
         priority=-5,
-        factory=make_exllama_linear,
+        factory=ExllamaQuantLinear,
         check_available=_check_available,
         check_layer=_check_layer,
     )

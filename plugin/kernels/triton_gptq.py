@@ -614,10 +614,6 @@ def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
     return None
 
 
-def make_triton_linear(layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype) -> TritonQuantLinear:
-    return TritonQuantLinear(layer, config, dtype)
-
-
 def kernel_spec() -> KernelSpec:
     devices = {"cuda"} | ({"cpu"} if _interpreting() else set())
     return KernelSpec(
@@ -628,7 +624,7 @@ def kernel_spec() -> KernelSpec:
         devices=frozenset(devices),
         measured_us=MEASURED_US["triton"],
         priority=_priority(),
-        factory=make_triton_linear,
+        factory=TritonQuantLinear,
         check_available=_check_available,
         check_layer=_check_layer,
     )
