@@ -215,6 +215,39 @@ def _decode_kernel(
             tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call
 
 
+def _weight_tile_fn(qw_ptr, zf, sc, t, offs_n, mask_n, N, KS,
+                    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Slot tile `t` of the weight, dequantized to float32 [BLOCK_K, BLOCK_N]: (q - z) * s.
+
+    zf, sc: the tile's group zero points and scales [BLOCK_N]; slots past KS read as q = 0.
+    """
+    k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < KS
+    MASKV: tl.constexpr = (1 << BITS) - 1
+    if BITS == 3:  # values straddle words: address every row's word(s)
+        bit = (k % 32) * BITS
+        word = (k // 32) * BITS + bit // 32
+        off = bit % 32
+        w = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=kmask[:, None] & mask_n[None, :], other=0)
+        spill = (off + BITS > 32) & kmask
+        w2 = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :], mask=spill[:, None] & mask_n[None, :],
+                     other=0)
+        low = (w.to(tl.uint32, bitcast=True) >> off[:, None]).to(tl.int32, bitcast=True)  # logical shift
+        q = (low & MASKV) | (((w2 << 1) << (31 - off)[:, None]) & MASKV)
+    else:  # 32 // BITS values per word, in row order: load each word once and spread it
+        VPW: tl.constexpr = 32 // BITS
+        r = t * (BLOCK_K // VPW) + tl.arange(0, BLOCK_K // VPW)
+        w = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=(r < KS // VPW)[:, None] & mask_n[None, :],
+                    other=0)
+        sh = tl.arange(0, VPW) * BITS
+        q = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASKV, [BLOCK_K, BLOCK_N])
+    # (q | 0x4B000000) is the float 2**23 + q: exact, no integer-to-float conversion
+    return ((q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + zf)[None, :]) * sc[None, :]
+
+
+_weight_tile = None  # triton.jit(_weight_tile_fn) for the current mode, bound by _jit() before any launch
+
+
 def _gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, KX, KS, P, stride_xm, stride_om, tiles,
@@ -232,35 +265,15 @@ def _gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    MASKV: tl.constexpr = (1 << BITS) - 1
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i in range(tiles):
         t = pid_k * tiles + i
         k = t * BLOCK_K + offs_k
-        kmask = k < KS
         g = (t * BLOCK_K) // P  # BLOCK_K divides P: one group per tile
         tmask = mask_n & (t * BLOCK_K < KS)  # the last split may run past the end: read nothing there
         zf = tl.load(z_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
         sc = tl.load(s_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
-        if BITS == 3:  # values straddle words: address every row's word(s)
-            bit = (k % 32) * BITS
-            word = (k // 32) * BITS + bit // 32
-            off = bit % 32
-            wmask = kmask[:, None] & mask_n[None, :]
-            w = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=wmask, other=0)
-            spill = (off + BITS > 32) & kmask
-            w2 = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :], mask=spill[:, None] & mask_n[None, :],
-                         other=0)
-            low = (w.to(tl.uint32, bitcast=True) >> off[:, None]).to(tl.int32, bitcast=True)  # logical shift
-            q = (low & MASKV) | (((w2 << 1) << (31 - off)[:, None]) & MASKV)
-        else:  # 32 // BITS values per word, in row order: load each word once and spread it
-            VPW: tl.constexpr = 32 // BITS
-            r = t * (BLOCK_K // VPW) + tl.arange(0, BLOCK_K // VPW)
-            w = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=(r < KS // VPW)[:, None] & mask_n[None, :],
-                        other=0)
-            sh = tl.arange(0, VPW) * BITS
-            q = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASKV, [BLOCK_K, BLOCK_N])
-        wf = ((q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + zf)[None, :]) * sc[None, :]
+        wf = _weight_tile(qw_ptr, zf, sc, t, offs_n, mask_n, N, KS, BITS, BLOCK_K, BLOCK_N)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < KX)[None, :],
                      other=0.0)
         if IEEE:
@@ -301,28 +314,10 @@ def _dequant_kernel(
     mask_n = offs_n < N
     k = t * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < KS
-    MASKV: tl.constexpr = (1 << BITS) - 1
     g = (t * BLOCK_K) // P
     zf = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if BITS == 3:
-        bit = (k % 32) * BITS
-        word = (k // 32) * BITS + bit // 32
-        off = bit % 32
-        w = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=kmask[:, None] & mask_n[None, :], other=0)
-        spill = (off + BITS > 32) & kmask
-        w2 = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :], mask=spill[:, None] & mask_n[None, :],
-                     other=0)
-        low = (w.to(tl.uint32, bitcast=True) >> off[:, None]).to(tl.int32, bitcast=True)  # logical shift
-        q = (low & MASKV) | (((w2 << 1) << (31 - off)[:, None]) & MASKV)
-    else:
-        VPW: tl.constexpr = 32 // BITS
-        r = t * (BLOCK_K // VPW) + tl.arange(0, BLOCK_K // VPW)
-        w = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=(r < KS // VPW)[:, None] & mask_n[None, :],
-                    other=0)
-        sh = tl.arange(0, VPW) * BITS
-        q = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASKV, [BLOCK_K, BLOCK_N])
-    wf = ((q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + zf)[None, :]) * sc[None, :]
+    wf = _weight_tile(qw_ptr, zf, sc, t, offs_n, mask_n, N, KS, BITS, BLOCK_K, BLOCK_N)
     if HAS_PERM:
         row = tl.load(perm_ptr + k, mask=kmask, other=-1)
     else:
@@ -362,13 +357,17 @@ def _fix_interpreter_index() -> None:
 
 def _jit() -> dict[str, object]:
     """The jitted kernels for the current mode (interpreter or compiled), built on first use."""
+    global _weight_tile
     mode = _interpreting()
     if mode not in _JITTED:
         if triton is None:
             raise RuntimeError(f"triton is not importable ({_IMPORT_ERROR})")
         if mode:
             _fix_interpreter_index()
-        # triton.jit reads TRITON_INTERPRET when it wraps a function, so wrap here, not at import
+        # triton.jit reads TRITON_INTERPRET when it wraps a function, so wrap here, not at import. The kernels
+        # call the helper through the module global, so only one mode's kernels exist at a time.
+        _JITTED.clear()
+        _weight_tile = triton.jit(_weight_tile_fn)
         _JITTED[mode] = {
             "decode": triton.jit(_decode_kernel),
             "gemm": triton.jit(_gemm_kernel),
