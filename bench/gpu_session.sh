@@ -28,6 +28,10 @@ if [ ! -f .device-carry/exllamav2_ext.so ] && [ -f /tmp/tx/exllamav2_ext/exllama
   mkdir -p "$OUT/exl" && split -b 15M -d /tmp/tx/exllamav2_ext/exllamav2_ext.so "$OUT/exl/exllamav2_ext.so.part"
 fi
 start=$(date +%s)
-python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -20
+# TESTS: a pytest -k expression to run part of tests/gpu (the whole of it takes ~6 minutes), or "none"
+if [ "${TESTS:-}" != none ]; then
+  python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider --durations=8 ${TESTS:+-k "$TESTS"} 2>&1 \
+    | tee "$OUT/gpu-tests.log" | tail -24
+fi
 echo "tests/gpu: $(( $(date +%s) - start )) s"
 python3 bench/kernels.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60

@@ -147,7 +147,7 @@ def sweep(tris, xs, attr, path, configs):
     return best, results
 
 
-DECODE_CONFIGS = [{"BLOCK_N": bn, "num_warps": nw} for bn in (512, 1024, 2048) for nw in (4, 8)]
+DECODE_CONFIGS = [{"BLOCK_N": bn, "num_warps": nw} for bn in (256, 512, 1024, 2048) for nw in (4, 8)]
 GEMM_SMALL_CONFIGS = [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
                       for bn, bk, nw in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8))]
 DEQUANT_CONFIGS = [{"BLOCK_K": bk, "BLOCK_N": bn, "num_warps": nw} for bk, bn, nw in ((64, 256, 4), (128, 256, 8),

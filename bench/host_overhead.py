@@ -1,0 +1,55 @@
+"""Host (CPU) time of one call of each Triton path, the part a CUDA graph removes: python bench/host_overhead.py
+
+On a small layer (1024x1024, 4-bit g128 act-order) the GPU work of a call takes a few microseconds, so the
+wall time of many back-to-back calls is the Python + launch time per call. Then the torch profiler lists
+where that time goes for each path.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import build_layers  # noqa: E402
+
+
+def per_call_us(fn, calls=2000):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main():
+    tris, _, _, _ = build_layers(1024, 1024, 4, 128, 1, seed=1)
+    tri = tris[0]
+    rows = []
+    for m in (1, 8, 32, 512):
+        x = torch.randn(m, 1024, device="cuda").half()
+        paths = {"auto": tri, "gemm": tri.forward_gemm, "dequant": tri.forward_dequant}
+        if m <= 16:
+            paths["decode"] = tri.forward_decode
+        for name, fn in paths.items():
+            rows.append((m, name, per_call_us(lambda: fn(x))))
+    x = torch.randn(8, 1024, device="cuda").half()
+    for name, fn in (("gemm", tri.forward_gemm), ("decode", tri.forward_decode)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(200):
+                fn(x)
+            torch.cuda.synchronize()
+        print(f"\n## profile of forward_{name}, m=8, 200 calls (CPU time)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"\n## {torch.cuda.get_device_name()}: host microseconds per call (1024x1024 layer, wall of 2000 calls)")
+    print("| m | path | us per call |\n|---|---|---|")
+    for m, name, us in rows:
+        print(f"| {m} | {name} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
