@@ -83,6 +83,36 @@ add.f32 $0, flo, fhi;
 }
 """)
 
+# Launching through `kernel[grid](...)` costs ~45 us of host time a call on the H100 machine
+# (bench/host_overhead.py): triton binds and re-specializes every argument and builds a cache key each time. A
+# layer calls with the same shapes over and over, so each TritonQuantLinear keeps, per (path, rows, dtype,
+# device, stride, alignment of x), a plan: grid, constants, workspace and the compiled kernel, which later calls
+# launch directly (`compiled[grid](*all_parameters)`). How a compiled kernel takes its arguments is up to the
+# triton version: that path is used on the versions it was checked on (tests/gpu), the public one elsewhere.
+_FAST_LAUNCH_VERSIONS = ("3.6.",)
+
+
+class _Plan:
+    """One launch configuration of one layer: everything but the per-call tensors."""
+
+    __slots__ = ("kernel", "grid", "consts", "options", "ints", "ws", "compiled")
+
+    def __init__(self, kernel, grid, consts, options, ints, ws=None):
+        self.kernel, self.grid, self.consts, self.options, self.ints, self.ws = kernel, grid, consts, options, ints, ws
+        self.compiled = None
+
+    def launch(self, tensors: tuple) -> None:
+        args = tensors + self.ints
+        c = self.compiled
+        if c is None:
+            compiled = self.kernel[self.grid](*args, **self.consts, **self.options)
+            if not _interpreting() and triton.__version__.startswith(_FAST_LAUNCH_VERSIONS):
+                self.compiled = compiled  # the same specialization serves every later call of this plan
+            return
+        # a compiled kernel takes every parameter, constexprs too; the kernels list theirs last, in this order
+        c[self.grid](*args, *self.consts.values())
+
+
 _MAGIC = 0x4B000000  # float32 bit pattern of 2**23; OR-ing an integer below 2**23 into it adds that integer
 _TWO23 = 8388608.0
 
@@ -249,12 +279,12 @@ _weight_tile = None  # triton.jit(_weight_tile_fn) for the current mode, bound b
 
 
 def _gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, KX, KS, P, stride_xm, stride_om, tiles,
+    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KS, P, stride_xm, stride_om, tiles,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """out = x_slots @ dequant(qw) on the tensor cores; x_slots is x already in slot order (KX columns)."""
+    """out = x @ dequant(qw) on the tensor cores; x's columns are read in slot order (through perm)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -274,8 +304,13 @@ def _gemm_kernel(
         zf = tl.load(z_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
         sc = tl.load(s_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
         wf = _weight_tile(qw_ptr, zf, sc, t, offs_n, mask_n, N, KS, BITS, BLOCK_K, BLOCK_N)
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < KX)[None, :],
-                     other=0.0)
+        if HAS_PERM:  # slot -> input row; pad slots (-1) read zero
+            row = tl.load(perm_ptr + k, mask=k < KS, other=-1)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + row[None, :],
+                         mask=mask_m[:, None] & (row >= 0)[None, :], other=0.0)
+        else:
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < K)[None, :],
+                         other=0.0)
         if IEEE:
             acc = tl.dot(xt, wf.to(xt.dtype), acc, input_precision="ieee")
         else:
@@ -387,6 +422,18 @@ DECODE_UP_TO_M = 2
 CUBLAS_MIN_M = 128
 
 
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """float32 scratch for split-K partial sums, shared by all layers on a device (launches on one stream run
+    one after another); it grows to the largest request and stays."""
+    ws = _WORKSPACES.get(device)
+    if ws is None or ws.numel() < numel:
+        ws = _WORKSPACES[device] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+    return ws
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -414,6 +461,13 @@ class TritonQuantLinear(GPTQLinear):
         self.decode_config: dict | None = None  # overrides for benchmarks: BLOCK_N, R, SPLIT, num_warps
         self.gemm_config: dict | None = None
         self.dequant_config: dict | None = None
+        self._plans: dict[tuple, _Plan] = {}  # launch plans by (path, rows, dtype, device, ...): see _Plan
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to() / .cuda() / .half() can change the buffers' device or dtype, which the plans' kernels were
+        compiled for: forget the plans."""
+        self._plans = {}
+        return super()._apply(fn, *args, **kwargs)
 
     # --- layout ---------------------------------------------------------------------------------------
 
@@ -487,6 +541,16 @@ class TritonQuantLinear(GPTQLinear):
     def forward_decode(self, x: torch.Tensor) -> torch.Tensor:
         """Few rows (m <= 16): split-K, bandwidth-bound."""
         x = self._check(x)
+        key = ("decode", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16, self._config_key("decode"))
+        plan = self._plans.get(key) or self._plans.setdefault(key, self._decode_plan(x))
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        ws = _workspace(x.device, plan.ws) if plan.ws else out
+        perm, bias = self.tq_perm, self.bias
+        plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
+                     bias if bias is not None else x, out, ws, self.tq_counters))
+        return out
+
+    def _decode_plan(self, x: torch.Tensor) -> _Plan:
         M, N = x.shape[0], self.out_features
         if M > DECODE_MAX_M:
             raise ValueError(f"the decode kernel takes at most {DECODE_MAX_M} rows, got {M}")
@@ -496,44 +560,35 @@ class TritonQuantLinear(GPTQLinear):
         # the 28672-wide ones; 4 warps
         block_n = cfg.get("BLOCK_N", 512 if self.in_features * N < 100_000_000 else 2048)
         nblk = self.slots // 32
-        k_tiles = nblk
         n_tiles = -(-N // block_n)
         split = cfg.get("SPLIT")
         if split is None:
             want = 4 * _sm_count(x.device)
-            split = max(1, min(k_tiles, -(-want // n_tiles), 64))  # 128 measured slower (8192x1024: 33 vs 23 us)
-        tiles_per_split = -(-k_tiles // split)
-        split = -(-k_tiles // tiles_per_split)  # no empty splits
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        ws = torch.empty(split * block_m * N if split > 1 else 1, dtype=torch.float32, device=x.device)
-        if split > 1 and n_tiles > self.tq_counters.numel():
-            self.tq_counters = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
-        perm = self.tq_perm
-        bias = self.bias
-        _jit()["decode"][(n_tiles, split)](
-            x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
-            bias if bias is not None else x, out, ws, self.tq_counters,
-            M, N, self.in_features, nblk, self.slots_per_group, x.stride(0), out.stride(0), _MAGIC,
-            tiles_per_split, BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
-            HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
-            HALF2=cfg.get("HALF2", True) and self.bits == 4 and block_m == 1 and x.dtype == torch.float16
-            and not _interpreting(),
-            num_warps=cfg.get("num_warps", 4),
-        )
-        return out
-
-    def _slot_x(self, x: torch.Tensor) -> torch.Tensor:
-        """x with its columns in slot order (pad slots read zero); x itself when no sorting was needed."""
-        if self.tq_perm is None:
-            return x
-        xz = torch.nn.functional.pad(x, (0, 1))  # column K is the zero the pad slots point at
-        idx = torch.where(self.tq_perm >= 0, self.tq_perm, self.in_features).long()
-        return xz.index_select(1, idx)
+            split = max(1, min(nblk, -(-want // n_tiles), 64))  # 128 measured slower (8192x1024: 33 vs 23 us)
+        tiles_per_split = -(-nblk // split)
+        split = -(-nblk // tiles_per_split)  # no empty splits
+        self._counters(n_tiles if split > 1 else 0)
+        consts = dict(BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
+                      HAS_PERM=self.tq_perm is not None, HAS_BIAS=self.bias is not None,
+                      HALF2=cfg.get("HALF2", True) and self.bits == 4 and block_m == 1 and x.dtype == torch.float16
+                      and not _interpreting())
+        ints = (M, N, self.in_features, nblk, self.slots_per_group, x.stride(0), N, _MAGIC, tiles_per_split)
+        return _Plan(_jit()["decode"], (n_tiles, split, 1), consts, dict(num_warps=cfg.get("num_warps", 4)), ints,
+                     ws=split * block_m * N if split > 1 else 0)
 
     def forward_gemm(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: dequantize tiles in registers, multiply on the tensor cores."""
         x = self._check(x)
-        xs = self._slot_x(x)
+        key = ("gemm", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16, self._config_key("gemm"))
+        plan = self._plans.get(key) or self._plans.setdefault(key, self._gemm_plan(x))
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        ws = _workspace(x.device, plan.ws) if plan.ws else out
+        perm, bias = self.tq_perm, self.bias
+        plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
+                     bias if bias is not None else x, out, ws, self.tq_counters))
+        return out
+
+    def _gemm_plan(self, x: torch.Tensor) -> _Plan:
         M, N = x.shape[0], self.out_features
         cfg = self.gemm_config or {}
         block_m = cfg.get("BLOCK_M", 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128)
@@ -550,37 +605,45 @@ class TritonQuantLinear(GPTQLinear):
             split = max(1, min(k_tiles, -(-want // n_tiles), 32)) if n_tiles < want else 1
         tiles_per_split = -(-k_tiles // split)
         split = -(-k_tiles // tiles_per_split)
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        ws = torch.empty(split * M * N if split > 1 else 1, dtype=torch.float32, device=x.device)
-        if split > 1 and n_tiles > self.tq_counters.numel():
-            self.tq_counters = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
-        bias = self.bias
-        _jit()["gemm"][(n_tiles, split)](
-            xs, self.tq_qweight, self.tq_scales, self.tq_zeros, bias if bias is not None else x, out, ws,
-            self.tq_counters, M, N, xs.shape[1], self.slots, self.slots_per_group, xs.stride(0), out.stride(0),
-            tiles_per_split, BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-            num_warps=cfg.get("num_warps", 4 if block_m <= 64 else 8), num_stages=stages,
-        )
-        return out
+        self._counters(n_tiles if split > 1 else 0)
+        consts = dict(BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
+                      HAS_PERM=self.tq_perm is not None, HAS_BIAS=self.bias is not None,
+                      IEEE=x.dtype == torch.float32)
+        ints = (M, N, self.in_features, self.slots, self.slots_per_group, x.stride(0), N, tiles_per_split)
+        options = dict(num_warps=cfg.get("num_warps", 4 if block_m <= 64 else 8), num_stages=stages)
+        return _Plan(_jit()["gemm"], (n_tiles, split, 1), consts, options, ints,
+                     ws=split * M * N if split > 1 else 0)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [in, out] in `dtype`, rows in their original order (one kernel launch)."""
         if not self._ready:
             raise RuntimeError("prepare() was not called on this layer")
-        K, N = self.in_features, self.out_features
-        w = torch.empty(K, N, dtype=dtype, device=self.tq_qweight.device)
+        dev = self.tq_qweight.device
+        key = ("dequant", dtype, dev, self._config_key("dequant"))
+        plan = self._plans.get(key) or self._plans.setdefault(key, self._dequant_plan())
+        w = torch.empty(self.in_features, self.out_features, dtype=dtype, device=dev)
+        perm = self.tq_perm
+        plan.launch((self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else w, w))
+        return w
+
+    def _dequant_plan(self) -> _Plan:
         cfg = self.dequant_config or {}
         block_k = min(cfg.get("BLOCK_K", 64), _pow2_divisor(self.slots_per_group, 128))
         block_n = cfg.get("BLOCK_N", 256)
-        perm = self.tq_perm
-        _jit()["dequant"][(-(-self.slots // block_k), -(-N // block_n))](
-            self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else w, w,
-            N, K, self.slots, self.slots_per_group,
-            BITS=self.bits, BLOCK_N=block_n, BLOCK_K=block_k, HAS_PERM=perm is not None,
-            num_warps=cfg.get("num_warps", 4),
-        )
-        return w
+        consts = dict(BITS=self.bits, BLOCK_N=block_n, BLOCK_K=block_k, HAS_PERM=self.tq_perm is not None)
+        grid = (-(-self.slots // block_k), -(-self.out_features // block_n), 1)
+        ints = (self.out_features, self.in_features, self.slots, self.slots_per_group)
+        return _Plan(_jit()["dequant"], grid, consts, dict(num_warps=cfg.get("num_warps", 4)), ints)
+
+    def _config_key(self, path: str):
+        """The benchmark's launch overrides take part in the plan key (None in normal use)."""
+        cfg = getattr(self, f"{path}_config")
+        return None if cfg is None else tuple(sorted(cfg.items()))
+
+    def _counters(self, n: int) -> None:
+        """Split-K arrival counters: one per column tile, zero between calls (the last program resets its own)."""
+        if n > self.tq_counters.numel():
+            self.tq_counters = torch.zeros(n, dtype=torch.int32, device=self.tq_counters.device)
 
     def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: write the fp16 weight once, then cuBLAS."""

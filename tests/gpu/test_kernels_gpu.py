@@ -89,6 +89,31 @@ def check_paths(tri, weight, gen, ms):
             assert not torch.isnan(got).any(), f"{name} m={m}: NaN (seed {SEED})"
             err = relative_error(got, want)
             assert err < 2e-3, f"{name} m={m}: relative error {err:.2e} (seed {SEED})"
+            # the second call launches the plan's compiled kernel directly (the first went through triton's jit)
+            assert torch.equal(fn(x), got), f"{name} m={m}: the direct launch differs (seed {SEED})"
+
+
+def test_plans_follow_alignment_stride_and_dtype():
+    """A plan's kernel is compiled for its inputs' alignment, row stride and the buffers' dtype: an x that is
+    not 16-byte aligned, a strided x, and the module moved to float32 each get a plan of their own."""
+    tri, weight, gen = make_modules(4096, 4096, 4, 128, True, seed=5)
+    for m in (1, 8, 300):
+        x = torch.randn(m, 4096, generator=gen, device=DEV).half()
+        tri(x)  # plans for the aligned, contiguous x
+        flat = torch.empty(m * 4096 + 1, dtype=torch.float16, device=DEV)
+        shifted = flat[1:].view(m, 4096)  # 2 bytes past an aligned address
+        shifted.copy_(x)
+        wide = torch.zeros(m, 4096 + 64, dtype=torch.float16, device=DEV)[:, :4096]  # row stride 4160
+        wide.copy_(x)
+        want = tri(x)
+        for variant in (shifted, wide):
+            for fn in (tri.forward_gemm, tri.forward) + ((tri.forward_decode,) if m <= 16 else ()):
+                assert relative_error(fn(variant), x.float() @ weight) < 2e-3
+        assert torch.equal(tri(shifted), want) and torch.equal(tri(wide), want)
+    tri.to(torch.float32)  # scales and zero points become float32: the plans compiled for float16 must go
+    x = torch.randn(8, 4096, generator=gen, device=DEV).half()
+    for fn in (tri.forward_decode, tri.forward_gemm, tri.forward_dequant):
+        assert relative_error(fn(x), x.float() @ weight) < 2e-3
 
 
 @pytest.mark.parametrize("k,n", LLAMA2_7B + LLAMA2_70B, ids=[f"{k}x{n}" for k, n in LLAMA2_7B + LLAMA2_70B])
