@@ -105,11 +105,9 @@ def test_plans_follow_alignment_stride_and_dtype():
         shifted.copy_(x)
         wide = torch.zeros(m, 4096 + 64, dtype=torch.float16, device=DEV)[:, :4096]  # row stride 4160
         wide.copy_(x)
-        want = tri(x)
-        for variant in (shifted, wide):
+        for variant in (shifted, wide):  # (cuBLAS may pick another algorithm for these: no bitwise check)
             for fn in (tri.forward_gemm, tri.forward) + ((tri.forward_decode,) if m <= 16 else ()):
                 assert relative_error(fn(variant), x.float() @ weight) < 2e-3
-        assert torch.equal(tri(shifted), want) and torch.equal(tri(wide), want)
     tri.to(torch.float32)  # scales and zero points become float32: the plans compiled for float16 must go
     x = torch.randn(8, 4096, generator=gen, device=DEV).half()
     for fn in (tri.forward_decode, tri.forward_gemm, tri.forward_dequant):
