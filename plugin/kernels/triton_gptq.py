@@ -279,12 +279,15 @@ _weight_tile = None  # triton.jit(_weight_tile_fn) for the current mode, bound b
 
 
 def _gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, KS, P, stride_xm, stride_om, tiles,
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, KX, KS, P, stride_xm, stride_om, tiles,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """out = x @ dequant(qw) on the tensor cores; x's columns are read in slot order (through perm)."""
+    """out = x_slots @ dequant(qw) on the tensor cores; x_slots is x already in slot order (KX columns).
+
+    (Gathering x through perm inside this kernel was measured: faster at m <= 8 on the small shapes, up to 6x
+    slower from m = 32 on, where every column tile re-reads x two bytes at a time.)"""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -304,13 +307,8 @@ def _gemm_kernel(
         zf = tl.load(z_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
         sc = tl.load(s_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
         wf = _weight_tile(qw_ptr, zf, sc, t, offs_n, mask_n, N, KS, BITS, BLOCK_K, BLOCK_N)
-        if HAS_PERM:  # slot -> input row; pad slots (-1) read zero
-            row = tl.load(perm_ptr + k, mask=k < KS, other=-1)
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + row[None, :],
-                         mask=mask_m[:, None] & (row >= 0)[None, :], other=0.0)
-        else:
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < K)[None, :],
-                         other=0.0)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < KX)[None, :],
+                     other=0.0)
         if IEEE:
             acc = tl.dot(xt, wf.to(xt.dtype), acc, input_precision="ieee")
         else:
@@ -513,6 +511,10 @@ class TritonQuantLinear(GPTQLinear):
         self.register_buffer("tq_zeros", z.to(torch.float16).contiguous(), persistent=False)
         self.register_buffer("tq_scales", self.scales.contiguous(), persistent=False)
         self.register_buffer("tq_perm", perm, persistent=False)
+        # the gemm path's gather of x into slot order; pad slots point at a zero column K appended to x
+        self._x_pad = perm is not None and bool((perm < 0).any())
+        xidx = perm if not self._x_pad else torch.where(perm >= 0, perm, K).to(torch.int32)
+        self.register_buffer("tq_xidx", xidx, persistent=False)
         self.slots, self.slots_per_group = KS, P
         self.register_buffer("tq_counters", torch.zeros(4096, dtype=torch.int32, device=dev), persistent=False)
         self._ready = True
@@ -556,9 +558,9 @@ class TritonQuantLinear(GPTQLinear):
             raise ValueError(f"the decode kernel takes at most {DECODE_MAX_M} rows, got {M}")
         cfg = self.decode_config or {}
         block_m = max(1, triton.next_power_of_2(M))
-        # measured (bench/kernels.py sweep, H100): 512 columns a program for the 8192-wide layers, 2048 for
-        # the 28672-wide ones; 4 warps
-        block_n = cfg.get("BLOCK_N", 512 if self.in_features * N < 100_000_000 else 2048)
+        # measured (bench/kernels.py sweep, H100): 256 columns a program for 8192x1024, 512 for 8192x8192,
+        # 2048 for the 28672-wide ones; 4 warps
+        block_n = cfg.get("BLOCK_N", 256 if N <= 2048 else 512 if self.in_features * N < 100_000_000 else 2048)
         nblk = self.slots // 32
         n_tiles = -(-N // block_n)
         split = cfg.get("SPLIT")
@@ -578,15 +580,23 @@ class TritonQuantLinear(GPTQLinear):
 
     def forward_gemm(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: dequantize tiles in registers, multiply on the tensor cores."""
-        x = self._check(x)
+        x = self._slot_x(self._check(x))
         key = ("gemm", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16, self._config_key("gemm"))
         plan = self._plans.get(key) or self._plans.setdefault(key, self._gemm_plan(x))
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         ws = _workspace(x.device, plan.ws) if plan.ws else out
-        perm, bias = self.tq_perm, self.bias
-        plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
-                     bias if bias is not None else x, out, ws, self.tq_counters))
+        bias = self.bias
+        plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, bias if bias is not None else x, out, ws,
+                     self.tq_counters))
         return out
+
+    def _slot_x(self, x: torch.Tensor) -> torch.Tensor:
+        """x with its columns in slot order: one gather (pad slots read the zero column K appended to x)."""
+        if self.tq_xidx is None:
+            return x
+        if self._x_pad:
+            x = torch.nn.functional.pad(x, (0, 1))
+        return x.index_select(1, self.tq_xidx)
 
     def _gemm_plan(self, x: torch.Tensor) -> _Plan:
         M, N = x.shape[0], self.out_features
@@ -607,9 +617,8 @@ class TritonQuantLinear(GPTQLinear):
         split = -(-k_tiles // tiles_per_split)
         self._counters(n_tiles if split > 1 else 0)
         consts = dict(BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-                      HAS_PERM=self.tq_perm is not None, HAS_BIAS=self.bias is not None,
-                      IEEE=x.dtype == torch.float32)
-        ints = (M, N, self.in_features, self.slots, self.slots_per_group, x.stride(0), N, tiles_per_split)
+                      HAS_BIAS=self.bias is not None, IEEE=x.dtype == torch.float32)
+        ints = (M, N, x.shape[1], self.slots, self.slots_per_group, x.stride(0), N, tiles_per_split)
         options = dict(num_warps=cfg.get("num_warps", 4 if block_m <= 64 else 8), num_stages=stages)
         return _Plan(_jit()["gemm"], (n_tiles, split, 1), consts, options, ints,
                      ws=split * M * N if split > 1 else 0)
