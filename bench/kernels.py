@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SHAPES = [(8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)]
+LAYER_70B = {(8192, 8192): 2, (8192, 1024): 2, (8192, 28672): 2, (28672, 8192): 1}  # Linears of one decoder layer
 MS = [1, 8, 32, 512]
 L2_BYTES = 50 * 2**20
 DEV = torch.device("cuda")
@@ -265,15 +266,16 @@ def main():
               f"{cell('dequant')} | {cell('exllama')} | {cell('cublas')} | {r['tbps']:.2f} / {r['tbps_graph']:.2f} | "
               f"{ex_tbps} | {cell('torch')} | {errs:.1e} |")
 
-    # The selection table (gptq_bridge/kernels/measured.py): CUDA-graph microseconds on 8192x28672
+    # The selection table (gptq_bridge/kernels/measured.py): CUDA-graph microseconds of one Llama-2-70B decoder
+    # layer's seven Linears (q, o: 8192x8192; k, v: 8192x1024; gate, up: 8192x28672; down: 28672x8192)
     table = {}
-    for r in rows:
-        if (r["k"], r["n"]) != (8192, 28672):
-            continue
-        for kernel, key in (("triton", "auto_graph_us"), ("exllama", "exllama_graph_us"), ("torch", "torch_graph_us")):
-            if key in r:
-                table.setdefault(kernel, {})[(r["bits"], r["m"])] = round(r[key], 1)
-    print(f"\n# measured.py, {dev_name}, {time.strftime('%Y-%m-%d')}\nMEASURED_US = {table!r}")
+    for kernel, key in (("triton", "auto_graph_us"), ("exllama", "exllama_graph_us"), ("torch", "torch_graph_us")):
+        for bits in sorted({r["bits"] for r in rows}, reverse=True):
+            for m in sorted({r["m"] for r in rows}):
+                got = {(r["k"], r["n"]): r[key] for r in rows if r["bits"] == bits and r["m"] == m and key in r}
+                if set(got) == set(LAYER_70B):
+                    table.setdefault(kernel, {})[(bits, m)] = round(sum(n * got[s] for s, n in LAYER_70B.items()), 1)
+    print(f"\n# measured.py, {dev_name}, {time.strftime('%Y-%m-%d')} (needs all four shapes)\nMEASURED_US = {table!r}")
 
 
 if __name__ == "__main__":

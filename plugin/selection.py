@@ -1,7 +1,9 @@
 """Kernel selection: a pure function from (settings, layers, device, dtype, kernels, override) to a choice.
 
-Eligible kernels are ranked by their measured speed (KernelSpec.measured_us, from bench/kernels.py) on the
-checkpoint's bit width, costed as WORKLOAD; kernels with no measurement for it follow, by priority.
+Eligible kernels are ordered by priority (what each kernel's author claims), then the kernels with a measured
+speed (KernelSpec.measured_us, from bench/kernels.py) on the checkpoint's bit width, costed as WORKLOAD, are
+re-ordered by that cost among the places they hold. So measurements decide between measured kernels, and an
+unmeasured plugin kernel still goes where its priority puts it (above the slow pure-PyTorch reference, say).
 
 Cheap capability checks run first; `check_available` (which may import or compile an extension) runs only
 for a kernel that passed all of them, so a CPU machine never tries to build a CUDA kernel.
@@ -63,7 +65,7 @@ def why_not(
 # What kernels are ranked by: one chat turn, a 512-token prompt in one call then 128 tokens decoded one row at
 # a time, from each kernel's measured microseconds per call (KernelSpec.measured_us).
 WORKLOAD: dict[int, int] = {512: 1, 1: 128}
-WORKLOAD_TEXT = ("one 8192x28672 layer's time for a 512-token prompt plus 128 decoded tokens, from "
+WORKLOAD_TEXT = ("one Llama-2-70B decoder layer's Linears for a 512-token prompt plus 128 decoded tokens, from "
                  "bench/kernels.py on the device type it was measured on (gptq_bridge/kernels/measured.py)")
 
 
@@ -77,10 +79,13 @@ def workload_us(spec: KernelSpec, bits: int, device: DeviceInfo) -> float | None
         return None
 
 
-def _rank_key(verdict: KernelVerdict, priority: int) -> tuple:
-    """Eligible first; among them measured ones by cost, then unmeasured ones by priority (higher first)."""
-    measured = verdict.workload_us is not None
-    return (not verdict.eligible, not measured, verdict.workload_us if measured else 0.0, -priority)
+def _rank(verdicts: list[KernelVerdict]) -> list[KernelVerdict]:
+    """Eligible first, in the given (priority) order, except that the measured ones fill the places they hold
+    in order of measured cost; then the ineligible ones."""
+    eligible = [v for v in verdicts if v.eligible]
+    by_cost = iter(sorted((v for v in eligible if v.workload_us is not None), key=lambda v: v.workload_us))
+    ordered = [next(by_cost) if v.workload_us is not None else v for v in eligible]
+    return ordered + [v for v in verdicts if not v.eligible]
 
 
 def select_kernel(
@@ -91,16 +96,15 @@ def select_kernel(
     kernels: Sequence[KernelSpec],
     override: str = "auto",
 ) -> KernelChoice:
-    """Rank every kernel (eligible first, by measured speed, then priority) and pick the best, or the one asked
-    for."""
-    ranked = sorted(kernels, key=lambda k: -k.priority)
-    verdicts, priority = [], {}
+    """Rank every kernel (eligible first; by priority, measured ones by cost among their places) and pick the
+    best, or the one asked for."""
+    ranked = sorted(kernels, key=lambda k: -k.priority)  # stable: registration order breaks ties
+    verdicts = []
     for spec in ranked:
         reason = why_not(spec, config, layers, device, dtype)
         verdicts.append(KernelVerdict(name=spec.name, eligible=reason is None, reason=reason or "eligible",
                                       workload_us=workload_us(spec, config.bits, device)))
-        priority[spec.name] = spec.priority
-    verdicts.sort(key=lambda v: _rank_key(v, priority[v.name]))  # stable: registration order breaks ties
+    verdicts = _rank(verdicts)
     if override != "auto":
         match = [v for v in verdicts if v.name == override]
         if not match:

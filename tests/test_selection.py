@@ -142,23 +142,33 @@ def test_measured_speed_outranks_priority():
     assert [v.name for v in choice.verdicts] == ["fast", "slow"]
 
 
-def test_measured_kernels_come_before_unmeasured_ones():
+def test_unmeasured_kernels_keep_their_priority_place_and_measured_ones_swap_by_cost():
     unmeasured = measured("unmeasured", {}, priority=99)
-    partial = measured("partial", {(4, 1): 1.0}, priority=98)  # no 512-row number: not costed
-    timed = measured("timed", {(4, 1): 70.0, (4, 512): 557.0})
-    choice = select_kernel(QuantizeConfig(bits=4), LAYERS, H100, torch.float16, [unmeasured, partial, timed])
-    assert [v.name for v in choice.verdicts] == ["timed", "unmeasured", "partial"]
-    assert choice.chosen == "timed" and reasons(choice)["partial"] == "eligible"
+    partial = measured("partial", {(4, 1): 1.0}, priority=7)  # no 512-row number: not costed
+    slow = measured("slow", {(4, 1): 900.0, (4, 512): 9000.0}, priority=50)
+    fast = measured("fast", {(4, 1): 70.0, (4, 512): 557.0}, priority=5)
+    reference = measured("reference", {(4, 1): 20000.0, (4, 512): 20000.0}, priority=0)
+    choice = select_kernel(QuantizeConfig(bits=4), LAYERS, H100, torch.float16,
+                           [reference, fast, partial, slow, unmeasured])
+    # by priority: unmeasured, slow, partial, fast, reference; the measured ones (slow, fast, reference) fill
+    # their places (2nd, 4th, 5th) fastest first
+    assert [v.name for v in choice.verdicts] == ["unmeasured", "fast", "partial", "slow", "reference"]
+    assert choice.chosen == "unmeasured" and reasons(choice)["partial"] == "eligible"
 
 
 def test_numbers_measured_on_another_device_type_or_bit_width_do_not_count():
+    # were they counted, the cheaper kernel would swap ahead of the one that priority puts first
     gpu_timed = measured("gpu-timed", {(4, 1): 1.0, (4, 512): 1.0}, priority=0)
-    cpu_pref = measured("cpu-pref", {}, priority=5)
-    assert select_kernel(QuantizeConfig(bits=4), LAYERS, CPU, torch.float16, [gpu_timed, cpu_pref]).chosen == "cpu-pref"
+    cpu_timed = measured("cpu-timed", {(4, 1): 100.0, (4, 512): 100.0}, priority=5, on="cpu")
+    choice = select_kernel(QuantizeConfig(bits=4), LAYERS, CPU, torch.float16, [gpu_timed, cpu_timed])
+    assert choice.chosen == "cpu-timed" and {v.name: v.workload_us for v in choice.verdicts}["gpu-timed"] is None
     three = frozenset({3, 4})
     a = measured("a", {(4, 1): 1.0, (4, 512): 1.0}, priority=0, bits=three)
-    b = measured("b", {(3, 1): 9.0, (3, 512): 9.0}, priority=0, bits=three)
+    b = measured("b", {(3, 1): 9.0, (3, 512): 9.0}, priority=10, bits=three)
     assert select_kernel(QuantizeConfig(bits=3), LAYERS, H100, torch.float16, [a, b]).chosen == "b"
+    costs = {v.name: v.workload_us for v in select_kernel(QuantizeConfig(bits=4), LAYERS, H100, torch.float16,
+                                                          [a, b]).verdicts}
+    assert costs == {"a": 129.0, "b": None}
 
 
 def test_builtin_measured_table_is_what_the_registered_kernels_carry(monkeypatch):
@@ -171,6 +181,7 @@ def test_builtin_measured_table_is_what_the_registered_kernels_carry(monkeypatch
     for name, table in MEASURED_US.items():
         assert specs[name].measured_us == table and specs[name].measured_on == "cuda"
         assert all(bits in specs[name].bits and m >= 1 and us > 0 for (bits, m), us in table.items())
-    for bits in (3, 4):  # the card's variants are costed for triton; torch has no 512-row number
+    for bits in (3, 4):  # the card's variants are costed for triton and the reference, 4-bit for exllama
         assert workload_us(specs["triton"], bits, H100) is not None
-        assert workload_us(specs["torch"], bits, H100) is None
+        assert workload_us(specs["torch"], bits, H100) is not None
+    assert workload_us(specs["exllama"], 4, H100) is not None

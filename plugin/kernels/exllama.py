@@ -169,9 +169,9 @@ def kernel_spec() -> KernelSpec:
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16}),
         measured_us=MEASURED_US.get("exllama", {}),
-        # Until bench/kernels.py has measured it (and tests/gpu has run it) "auto" prefers the torch reference
-        # (0) over it; kernel="exllama" runs it.
-        priority=-5,
+        # Ranked by its measured speed on CUDA (measured.py; tests/gpu checks it against the reference); the
+        # priority orders it only where no measurement applies: below triton (10), above torch (0).
+        priority=5,
         factory=ExllamaQuantLinear,
         check_available=_check_available,
         check_layer=_check_layer,
