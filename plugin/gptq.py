@@ -97,7 +97,8 @@ class CrossMoment:
     def __init__(self, columns: int, outputs: int, device: torch.device | str | None = None,
                  rows_per_step: int = 8192):
         self.columns, self.outputs = columns, outputs
-        self.sum = torch.zeros(columns, outputs, dtype=torch.float64, device=device)
+        self.device = device
+        self.sum: torch.Tensor | None = None  # allocated by the first batch (a block's later steps wait)
         self.count = 0
         self.rows_per_step = rows_per_step
 
@@ -106,6 +107,10 @@ class CrossMoment:
         t = t.detach().reshape(-1, self.outputs)
         if x.shape[0] != t.shape[0]:
             raise ValueError(f"CrossMoment: {x.shape[0]} input rows but {t.shape[0]} target rows")
+        if self.sum is None:
+            if self.count:
+                raise ValueError("this statistic's matrix was already taken (matrix(consume=True))")
+            self.sum = torch.zeros(self.columns, self.outputs, dtype=torch.float64, device=self.device)
         for start in range(0, x.shape[0], self.rows_per_step):
             xs = x[start:start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
             ts = t[start:start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
