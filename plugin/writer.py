@@ -60,6 +60,21 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
         count -= done
 
 
+def _owner_alive(partial: Path) -> bool:
+    """Whether the process that made this temporary directory may still be writing it."""
+    try:
+        pid = int((partial / ".pid").read_text())
+    except (OSError, ValueError):
+        return True  # not ours to judge (an older writer's, or being created right now)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
 class CheckpointWriter:
     """A GPTQ checkpoint written while its tensors are still being made, renamed into place by `finish`.
 
@@ -68,7 +83,9 @@ class CheckpointWriter:
     safetensors file(s) (header, then each tensor's bytes copied from the spool by the kernel:
     `copy_file_range`), the config files and the tokenizer, and renames the directory into place. Leaving the
     `with` block without `finish` (an error, Ctrl-C) removes the temporary directory: an interrupted run leaves
-    nothing behind.
+    nothing behind. A process killed outright (SIGKILL, out of memory) cannot clean up; its temporary
+    directory records its process id, and the next writer for the same output removes it once that process is
+    gone.
     """
 
     def __init__(self, out_dir: str | Path):
@@ -76,7 +93,12 @@ class CheckpointWriter:
         if self.out_dir.exists():
             raise GPTQBridgeError(f"{self.out_dir}: already exists; choose a new output directory")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        prefix = f".{self.out_dir.name}.partial-"
+        for stale in self.out_dir.parent.glob(f"{prefix}*"):
+            if stale.is_dir() and not _owner_alive(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.tmp: Path | None = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out_dir.parent))
+        (self.tmp / ".pid").write_text(str(os.getpid()))
         self._spool = open(self.tmp / ".tensors.spool", "w+b")
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, offset, bytes
         self._end = 0
@@ -170,6 +192,7 @@ class CheckpointWriter:
                 (tmp / f"{base}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             self._spool.close()
             os.remove(tmp / ".tensors.spool")
+            os.remove(tmp / ".pid")
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             for name, content in (extra_files or {}).items():

@@ -74,7 +74,7 @@ def test_checkpoint_writer_streams_tensors_into_valid_aligned_safetensors(tmp_pa
         spool_dir = writer.tmp
         for name, t in tensors.items():
             writer.add(name, t.t() if t.dim() == 2 else t)  # non-contiguous input is fine
-        assert sorted(p.name for p in spool_dir.iterdir()) == [".tensors.spool"]
+        assert sorted(p.name for p in spool_dir.iterdir()) == [".pid", ".tensors.spool"]
         assert not (tmp_path / "out").exists()  # nothing in place before finish
         writer.finish(hf_config, config)
     out = tmp_path / "out"
@@ -119,6 +119,31 @@ def test_checkpoint_writer_shards_and_leaves_nothing_when_interrupted(tmp_path):
             writer.add("x", torch.ones(1))
             writer.add("x", torch.ones(1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded"]
+
+
+def test_a_killed_writers_partial_directory_is_removed_by_the_next_writer(tmp_path):
+    """SIGKILL leaves the spool behind (no handler runs); the next run for that output removes it, but not
+    the partial directory of a writer that is still alive."""
+    script = textwrap.dedent(f"""
+        import os, torch
+        from gptq_bridge.writer import CheckpointWriter
+        w = CheckpointWriter({str(tmp_path / "out")!r})
+        w.add("x", torch.ones(1000))
+        w._spool.flush()
+        print("ready", flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9 and "ready" in proc.stdout
+    (stale,) = tmp_path.iterdir()
+    assert stale.name.startswith(".out.partial-") and (stale / ".tensors.spool").stat().st_size == 4000
+    with CheckpointWriter(tmp_path / "out") as live:  # this process is alive: its directory must stay
+        with CheckpointWriter(tmp_path / "out") as other:
+            assert not stale.exists() and live.tmp.exists() and other.tmp.exists()
+            other.add("y", torch.zeros(2))
+            other.finish(llama_config(), QuantizeConfig(bits=4, group_size=32))
+        assert live.tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ------------------------------------------------------------------------------- one block at a time
