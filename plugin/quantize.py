@@ -813,8 +813,9 @@ def quantize(
     output on the quantized path's inputs: better models for one more forward pass per block; False gives
     plain GPTQ. An already-loaded `model` and `tokenizer`
     may be passed instead of loading `source` (then `source` is only recorded); the model is consumed: its
-    decoder Linears are released block by block. `progress`: True prints one line per block to stderr, a
-    callable receives `Progress` events (it may raise to abort; nothing is written then).
+    decoder blocks are moved to the meta device one by one as they are written. A model directory in
+    safetensors is read one block at a time (see `load_model_by_blocks`). `progress`: True prints one line per
+    block to stderr, a callable receives `Progress` events (it may raise to abort; nothing is left then).
     """
     from .types import DeviceInfo
 
