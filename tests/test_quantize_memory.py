@@ -33,12 +33,13 @@ from tiny_checkpoints import WORDS, llama_config, tiny_tokenizer
 torch.set_num_threads(1)
 
 
-def save_model(path: Path, dtype: torch.dtype, *, seed: int = 0, tie: bool = False, layers: int = 3) -> LlamaForCausalLM:
+def save_model(path: Path, dtype: torch.dtype, *, seed: int = 0, tie: bool = False, layers: int = 3,
+               shard: str | None = None) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = llama_config(layers=layers)
     config.tie_word_embeddings = tie
     model = LlamaForCausalLM(config).to(dtype).eval()
-    model.save_pretrained(str(path))
+    model.save_pretrained(str(path), **({"max_shard_size": shard} if shard else {}))
     tiny_tokenizer(config.vocab_size).save_pretrained(str(path))
     return model
 
@@ -149,9 +150,10 @@ def test_a_killed_writers_partial_directory_is_removed_by_the_next_writer(tmp_pa
 # ------------------------------------------------------------------------------- one block at a time
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_the_source_is_read_block_by_block(tmp_path, tie):
-    saved = save_model(tmp_path / "src", torch.float16, tie=tie)
+@pytest.mark.parametrize("tie,shard", [(False, None), (True, None), (False, "200KB")])
+def test_the_source_is_read_block_by_block(tmp_path, tie, shard):
+    saved = save_model(tmp_path / "src", torch.float16, tie=tie, shard=shard)
+    assert (tmp_path / "src" / "model.safetensors.index.json").is_file() == bool(shard)
     model, weights = load_model_by_blocks(Source(text="src", path=tmp_path / "src", gguf=False))
     try:
         state = saved.state_dict()
