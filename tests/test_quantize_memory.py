@@ -233,6 +233,17 @@ def test_states_are_kept_in_their_own_dtype_and_computed_in_the_blocks(fp_target
     assert all(torch.equal(a, b.half()) for a, b in zip(o16, o32))
 
 
+def test_the_heap_is_kept_for_reuse_only_where_layers_are_narrow():
+    """SmolLM2's widths (576 / 1536) keep freed memory for reuse; Llama-2-7B's (4096 / 11008) do not."""
+    from gptq_bridge.quantize import _heap_reuse_pays, find_blocks
+
+    for hidden, intermediate, pays in ((576, 1536, True), (4096, 11008, False), (2048, 5504, False)):
+        config = llama_config(hidden=hidden, intermediate=intermediate, layers=1)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        assert _heap_reuse_pays(find_blocks(model)[1]) is pays, (hidden, intermediate)
+
+
 # ------------------------------------------------------------------------- the Hessian's float64 copies
 
 
