@@ -5,10 +5,13 @@ then runs, each in a fresh process so each peak is its own:
 - `baseline`: import gptq_bridge + transformers and load the float16 model, nothing else;
 - `quantize`: the CLI, 4-bit g128 act-order: the default (fp-targets); the same without the quantizer's glibc
   heap reuse (`_reuse_freed_memory`); and --no-fp-targets.
-Prints the peak resident memory of each (getrusage of the child), and the quantizer's peak over the
-float16 model's size, with and without the part the baseline already needs (runtime + the model itself).
+Prints the peak resident memory of each (getrusage of the child), the load average around it, and the
+quantizer's peak over the float16 model's size, with and without the part the baseline already needs
+(runtime + the model itself). Since `quantize` reads the source one block at a time, the baseline (which
+loads the whole model) is no longer a lower bound of the quantizer's peak.
 
-    python bench/quantize_memory.py --hidden 1536 --intermediate 4096 --layers 8
+    python bench/quantize_memory.py --size small                     # hidden 1536, MLP 4096, 8 blocks: 433 MiB
+    python bench/quantize_memory.py --size 7b --layers 8 --runs default   # Llama-2-7B's block shape, 8 blocks
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SIZES = {  # name: (hidden, intermediate, default number of blocks)
+    "small": (1536, 4096, 8),
+    "medium": (2048, 5504, 16),
+    "7b": (4096, 11008, 8),  # Llama-2-7B's block: 202M parameters, 386 MiB in float16
+}
+RUNS = ("baseline", "default", "no-heap-reuse", "no-fp-targets")
 
 
 def build_model(out: Path, hidden: int, intermediate: int, layers: int) -> int:
@@ -60,9 +69,12 @@ def child(argv: list[str]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=1536)
-    ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--size", choices=list(SIZES), default="small", help="block shape (and number of blocks)")
+    ap.add_argument("--hidden", type=int, default=None, help="override the size's hidden width")
+    ap.add_argument("--intermediate", type=int, default=None, help="override the size's MLP width")
+    ap.add_argument("--layers", type=int, default=None, help="override the size's number of blocks")
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                    help="which processes to measure (each is its own process)")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gptq-bridge-memory"))
@@ -71,6 +83,9 @@ def main() -> None:
     if args.child is not None:  # one measured process: prints its own peak RSS last
         kind, *rest = args.child
         rc = 0
+        if kind == "build":  # in its own process, so the parent does not keep the float32 model's memory
+            print(f"SIZE {build_model(Path(rest[0]), *map(int, rest[1:]))}")
+            raise SystemExit(0)
         if kind == "baseline":
             import gptq_bridge  # noqa: F401
             from transformers import AutoModelForCausalLM
@@ -88,32 +103,47 @@ def main() -> None:
         print(f"PEAK_RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
         raise SystemExit(rc)
 
+    hidden, intermediate, layers = SIZES[args.size]
+    args.hidden = args.hidden or hidden
+    args.intermediate = args.intermediate or intermediate
+    args.layers = args.layers or layers
     shutil.rmtree(args.work, ignore_errors=True)
     src = args.work / "fp16"
-    size = build_model(src, args.hidden, args.intermediate, args.layers)
+    built = subprocess.run(child(["build", str(src), str(args.hidden), str(args.intermediate), str(args.layers)]),
+                           capture_output=True, text=True, check=True)
+    size = int(built.stdout.strip().splitlines()[-1].split()[1])
     random.seed(0)
     words = "the a of to and in is it you that he was for on are with as I his they be at one have this from".split()
     text = args.work / "calibration.txt"
     text.write_text(" ".join(random.choice(words) for _ in range(args.nsamples * args.seq_len * 2)))
     print(f"float16 model: {size / 2**20:.0f} MiB ({args.layers} layers, hidden {args.hidden}, MLP {args.intermediate})",
           flush=True)
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     rows = []
-    base, wall = peak_of(child(["baseline", str(src)]))
-    rows.append(("import + load the fp16 model", base, wall))
-    for kind, mode in (("quantize", "--fp-targets"), ("quantize-no-heap-reuse", "--fp-targets"),
-                       ("quantize", "--no-fp-targets")):
-        out = args.work / f"q-{kind}{mode}"
-        peak, wall = peak_of(child([kind, str(src), str(out), "--bits", "4", "--group-size", "128", "--desc-act",
-                                    "--dataset", str(text), "--nsamples", str(args.nsamples),
-                                    "--seq-len", str(args.seq_len), mode]))
-        rows.append((f"{kind} {mode}", peak, wall))
-    print(f"\n| process ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs) | peak RSS | / fp16 model | wall |")
-    print("|---|---|---|---|")
-    for name, peak, wall in rows:
-        print(f"| {name} | {peak / 2**20:.0f} MiB | {peak / size:.2f}x | {wall:.0f} s |")
-    for name, peak, _ in rows[1:]:
-        print(f"{name}: {(peak - base) / size:.2f}x the fp16 model above what loading it needs "
-              f"({(peak - base) / 2**20:.0f} MiB)")
+    quantize_args = ["--bits", "4", "--group-size", "128", "--desc-act", "--dataset", str(text),
+                     "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len)]
+    for run in args.runs:
+        load = os.getloadavg()[0]
+        if run == "baseline":
+            peak, wall = peak_of(child(["baseline", str(src)]))
+            name = "import + load the whole fp16 model (transformers)"
+        else:
+            kind = "quantize-no-heap-reuse" if run == "no-heap-reuse" else "quantize"
+            mode = "--no-fp-targets" if run == "no-fp-targets" else "--fp-targets"
+            peak, wall = peak_of(child([kind, str(src), str(args.work / f"q-{run}"), *quantize_args, mode]))
+            name = {"default": "quantize (default: fp-targets)", "no-heap-reuse": "quantize, without the glibc heap reuse",
+                    "no-fp-targets": "quantize --no-fp-targets"}[run]
+            shutil.rmtree(args.work / f"q-{run}", ignore_errors=True)
+        rows.append((name, peak, wall, load, os.getloadavg()[0]))
+        print(f"{name}: peak {peak / 2**20:.0f} MiB, {wall:.0f} s, load {rows[-1][3]:.2f} -> {rows[-1][4]:.2f}",
+              flush=True)
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, commit {commit}, {os.cpu_count()} CPUs; {args.nsamples} x "
+          f"{args.seq_len} calibration tokens, 4-bit g128 act-order")
+    print("| process | peak RSS | / fp16 model | wall | load average (1 min) before -> after |")
+    print("|---|---|---|---|---|")
+    for name, peak, wall, before, after in rows:
+        print(f"| {name} | {peak / 2**20:.0f} MiB | {peak / size:.2f}x | {wall:.0f} s | {before:.2f} -> {after:.2f} |")
 
 
 if __name__ == "__main__":

@@ -69,11 +69,23 @@ class Hessian:
                 self.sum[a:b, a:] += (part[:, a:b].t() @ part[:, a:]).to(torch.float64)
         self.count += x.shape[0]
 
-    def matrix(self) -> torch.Tensor:
+    def matrix(self, consume: bool = False) -> torch.Tensor:
+        """H in float64. Mirrored in place, block by block, so this needs no float64 [in, in] matrix beyond
+        the result (4096 wide: 128 MB each; 28672, Llama-2-70B's down_proj: 6.6 GB each). With `consume` the
+        running sum itself becomes the result and this Hessian can take no more batches."""
         if self.count == 0:
             raise ValueError("no calibration inputs were added to this Hessian")
-        upper = self.sum.triu()
-        return (upper + upper.triu(1).t()) * (2.0 / self.count)
+        if self.sum is None:
+            raise ValueError("this Hessian's matrix was already taken (matrix(consume=True))")
+        m = self.sum if consume else self.sum.clone()
+        if consume:
+            self.sum = None
+        edges = self._edges
+        for a, b in zip(edges[:-1], edges[1:]):
+            diagonal = m[a:b, a:b]
+            diagonal.copy_(diagonal.triu() + diagonal.triu(1).t())
+            m[b:, a:b] = m[a:b, b:].t()
+        return m.mul_(2.0 / self.count)
 
 
 class CrossMoment:
@@ -85,7 +97,8 @@ class CrossMoment:
     def __init__(self, columns: int, outputs: int, device: torch.device | str | None = None,
                  rows_per_step: int = 8192):
         self.columns, self.outputs = columns, outputs
-        self.sum = torch.zeros(columns, outputs, dtype=torch.float64, device=device)
+        self.device = device
+        self.sum: torch.Tensor | None = None  # allocated by the first batch (a block's later steps wait)
         self.count = 0
         self.rows_per_step = rows_per_step
 
@@ -94,16 +107,26 @@ class CrossMoment:
         t = t.detach().reshape(-1, self.outputs)
         if x.shape[0] != t.shape[0]:
             raise ValueError(f"CrossMoment: {x.shape[0]} input rows but {t.shape[0]} target rows")
+        if self.sum is None:
+            if self.count:
+                raise ValueError("this statistic's matrix was already taken (matrix(consume=True))")
+            self.sum = torch.zeros(self.columns, self.outputs, dtype=torch.float64, device=self.device)
         for start in range(0, x.shape[0], self.rows_per_step):
             xs = x[start:start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
             ts = t[start:start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
             self.sum += (xs.t() @ ts).to(torch.float64)
         self.count += x.shape[0]
 
-    def matrix(self) -> torch.Tensor:
+    def matrix(self, consume: bool = False) -> torch.Tensor:
+        """The statistic in float64; with `consume`, scaled in place (no second copy) and then gone from here."""
         if self.count == 0:
             raise ValueError("no calibration inputs were added to this statistic")
-        return self.sum * (2.0 / self.count)
+        if self.sum is None:
+            raise ValueError("this statistic's matrix was already taken (matrix(consume=True))")
+        if not consume:
+            return self.sum * (2.0 / self.count)
+        m, self.sum = self.sum, None
+        return m.mul_(2.0 / self.count)
 
 
 @contextlib.contextmanager
@@ -138,30 +161,40 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
     Computed in float64: with float32 here (what other GPTQ implementations use) end-to-end perplexities
     moved by up to 2% between runs that differ only in this rounding (SmolLM2 4-bit g32: 26.40 vs 26.86).
     """
-    if not bool(torch.isfinite(hessian.sum())):  # an inf or NaN anywhere makes the sum non-finite
+    return _factor_reversed(hessian.to(torch.float64).flip(0, 1), damp, max_damp, where)
+
+
+def _factor_reversed(h: torch.Tensor, damp: float, max_damp: float, where: str) -> tuple[torch.Tensor, float]:
+    """`inverse_hessian_factor` of H, given h = J H J (J: order reversal) in float64, which it overwrites.
+
+    With J (H + damp) J = L L^T: (H + damp)^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular:
+    the factor wanted, from one Cholesky and one triangular inverse. Two float64 [in, in] matrices at most,
+    h and L (each is 6.6 GB for Llama-2-70B's down_proj): damping is added to h's diagonal in place (restored
+    from a copy of the diagonal for the next try) and L^-1 is solved into h's own memory.
+    """
+    if not bool(torch.isfinite(h.sum())):  # an inf or NaN anywhere makes the sum non-finite
         raise GPTQBridgeError(f"{where}: the Hessian of the calibration inputs has inf/NaN entries "
                               "(activations overflowed; quantize from float32 or bfloat16 weights)")
-    mean_diag = float(hessian.diagonal().double().mean())
+    diagonal = h.diagonal().clone()
+    mean_diag = float(diagonal.flip(0).mean())  # summed in H's own order, as it always was
     if mean_diag <= 0:
         mean_diag = 1.0
     d = damp
     while d <= max_damp:
-        # With J the order reversal and J (H + damp) J = L L^T: (H + damp)^-1 = (J L^-1 J)^T (J L^-1 J), and
-        # J L^-1 J is upper triangular: the factor wanted, from one Cholesky and one triangular inverse.
-        # At most two float64 [in, in] matrices beside the caller's H at any time (each is 6.6 GB for
-        # Llama-2-70B's down_proj): the solve overwrites its identity, and each is dropped once used.
-        h = hessian.to(torch.float64).flip(0, 1)
-        h.diagonal().add_(d * mean_diag)
+        torch.add(diagonal, d * mean_diag, out=h.diagonal())
         lower, info = torch.linalg.cholesky_ex(h)
-        del h
         if int(info) == 0:
-            inverse = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            # L comes column-major from LAPACK; solving into h's transpose (column-major too) needs no copy
+            inverse = h.t()
+            inverse.zero_().diagonal().fill_(1.0)
             torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
             del lower
             upper = inverse.to(torch.float32)
-            del inverse
-            if bool(torch.isfinite(upper).all()):
-                return upper.flip(0, 1), d
+            if not bool(torch.isfinite(upper).all()):  # h is spent, so no retry with more damping
+                raise GPTQBridgeError(f"{where}: the inverse Hessian factor overflows float32 with damp_percent "
+                                      f"{d:g}; raise damp_percent")
+            return upper.flip(0, 1), d
+        del lower
         d *= 2
     raise GPTQBridgeError(f"{where}: the Hessian is not positive definite even with damp_percent {d / 2:g} "
                           "(the calibration inputs may be degenerate; try more or other calibration text)")
@@ -252,20 +285,30 @@ class PreparedHessian:
         return (U.t() @ (U @ walk))[self.invperm.to(rhs.device)]
 
 
-def prepare_hessian(hessian: torch.Tensor, *, desc_act: bool, damp_percent: float,
+def prepare_hessian(hessian: torch.Tensor | Hessian, *, desc_act: bool, damp_percent: float,
                     where: str = "layer") -> PreparedHessian:
-    """Dead inputs, act-order permutation and the damped inverse factor of H."""
-    H = hessian.detach().to(torch.float64).clone()
+    """Dead inputs, act-order permutation and the damped inverse factor of H.
+
+    Given a `Hessian` (rather than its matrix), its running sum is consumed: the float64 matrix is then made
+    in the sum's own memory, and at most two float64 [in, in] matrices exist at any time.
+    """
+    if isinstance(hessian, Hessian):
+        H = hessian.matrix(consume=True)
+    else:
+        H = hessian.detach().to(torch.float64).clone()
+    del hessian
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
     original = H.to(torch.float32)
     if desc_act:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        H = H.index_select(0, perm)  # one permuted copy at a time (the unpermuted one is dropped first)
-        H = H.index_select(1, perm)
     else:
         perm = torch.arange(H.shape[0], device=H.device)
-    U, damp = inverse_hessian_factor(H, damp_percent, where=where)
+    # the factorisation wants the walk order reversed: permute straight into that order, one copy at a time
+    reverse = perm.flip(0)
+    H = H.index_select(0, reverse)
+    H = H.index_select(1, reverse)
+    U, damp = _factor_reversed(H, damp_percent, 1.0, where)
     return PreparedHessian(desc_act=desc_act, perm=perm, invperm=torch.argsort(perm), upper=U, damp=damp,
                            dead=dead, hessian=original)
 

@@ -2,13 +2,18 @@
 
 The pipeline, and why it is shaped this way:
 
-1. load the source on the host in its own dtype (a GGUF is dequantized to float32 by transformers);
+1. open the source: a transformers directory in safetensors is built on the meta device and only the tensors
+   outside the decoder blocks are read (`load_model_by_blocks`); each block is read when its turn comes and
+   dropped once it is written. Other sources (a GGUF, dequantized to float32 by transformers; pickle files;
+   architectures whose loading renames tensors) are loaded whole in their own dtype;
 2. tokenize the calibration text files and cut `nsamples` non-overlapping windows of `seq_len` tokens,
    spread evenly over the text;
 3. run the model up to its first decoder block to capture that block's inputs (and the keyword arguments
    the model passes it: rotary embeddings, masks), then walk the blocks one at a time on the device, in
    float32: every Linear of a block is quantized by GPTQ (gptq.py) on the inputs produced by the
-   *already-quantized* earlier layers, and the block's outputs become the next block's inputs;
+   *already-quantized* earlier layers, and the block's outputs become the next block's inputs. Between
+   blocks these states are stored in the model's own dtype (float16/bfloat16 halve them; a float32 model
+   keeps float32);
 4. true-sequential within a block: layers that read the same input tensor (q/k/v; gate/up) form a step,
    and each step sees the outputs of the steps quantized before it. The steps are discovered by watching
    which Linears receive the same tensor, so any decoder architecture works. When the calibration set fits
@@ -17,10 +22,12 @@ The pipeline, and why it is shaped this way:
    with fp_targets (the default), the windows also go through an unquantized copy of the block, and each
    layer is fitted to reproduce the *unquantized* model's output of that layer (`_FpFit`), so it makes up
    for the errors of the layers quantized before it instead of taking them as given;
-5. write everything with `writer.write_checkpoint` (temporary directory, renamed into place at the end).
+5. each finished block's tensors go to disk at once (`writer.CheckpointWriter`: a spool file in the
+   temporary output directory); the safetensors file is assembled and renamed into place at the end, and an
+   interrupted run removes the temporary directory.
 
-Only the packed integers of finished blocks stay in memory (a quarter of fp16 for 4-bit), so peak host
-memory stays near the size of the source model.
+So host memory holds one block (in its dtype, then float32), the calibration states, and that block's
+working memory (Hessians, activations); not the model, and not the output.
 """
 
 from __future__ import annotations
@@ -216,6 +223,102 @@ def load_model(src: Source, trust_remote_code: bool = False) -> nn.Module:
     return model
 
 
+class BlockWeights:
+    """The source's safetensors tensors, read when a part of the model needs them.
+
+    With a transformers directory in safetensors, `quantize` builds the model on the meta device, reads the
+    tensors outside the decoder blocks (embeddings, final norm, head) at once, and each block's tensors only
+    when it reaches that block; the block is dropped again once it is written. So the source model is never in
+    memory as a whole: one block at a time, read straight into its own buffers (`safetensors_io`).
+    """
+
+    def __init__(self, names: dict[str, Path]):
+        self.names = names  # tensor name -> file
+        self._files: dict[Path, Any] = {}
+
+    def fill(self, module: nn.Module, prefix: str = "", skip: str | None = None) -> None:
+        """Read every parameter and persistent buffer of `module` that is still on meta, in its dtype.
+
+        Names not in the files are left on meta (tied weights, which the caller ties); `skip` is a prefix of
+        names left alone (the blocks, while the rest of the model is read).
+        """
+        from .safetensors_io import SafetensorsFile
+
+        for mod_name, mod in module.named_modules():
+            tensors = [(a, t, True) for a, t in mod._parameters.items()]
+            tensors += [(a, t, False) for a, t in mod._buffers.items() if a not in mod._non_persistent_buffers_set]
+            for attr, t, is_param in tensors:
+                key = ".".join(part for part in (prefix, mod_name, attr) if part)
+                if t is None or not t.is_meta or key not in self.names or (skip and key.startswith(skip)):
+                    continue
+                path = self.names[key]
+                if path not in self._files:
+                    self._files[path] = SafetensorsFile(path)
+                f = self._files[path]
+                if tuple(f.shape(key)) != tuple(t.shape):
+                    raise QuantizeError(f"{path}: tensor {key!r} has shape {list(f.shape(key))}, but the model "
+                                        f"described by config.json expects {list(t.shape)}")
+                value = f.read(key).to(t.dtype)
+                if is_param:
+                    mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+                else:
+                    mod._buffers[attr] = value
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def load_model_by_blocks(src: Source, trust_remote_code: bool = False) -> tuple[nn.Module, BlockWeights] | None:
+    """The model on the meta device, everything but its decoder blocks read; the blocks are read later.
+
+    None when this cannot be done exactly as transformers would load the model: no safetensors files, no
+    dtype in config.json, or tensor names that differ from the model's (an architecture whose loading
+    renames or fuses tensors); `load_model` then loads the whole model instead.
+    """
+    from .checkpoint import find_weight_files, tensor_names
+    from .config import QuantizeConfig
+    from .errors import CheckpointError, ConfigError
+    from .loader import IGNORED_SUFFIXES, build_skeleton, load_hf_config, materialize_buffers
+
+    if src.gguf:
+        return None
+    try:
+        hf_config = load_hf_config(src.path, trust_remote_code)
+        names = tensor_names(find_weight_files(src.path, QuantizeConfig(bits=4), allow_pickle=False))
+    except (CheckpointError, ConfigError):
+        return None
+    dtype = getattr(hf_config, "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return None
+    names = {k: v for k, v in names.items() if not k.endswith(IGNORED_SUFFIXES)}
+    try:
+        model = build_skeleton(hf_config, dtype, trust_remote_code)
+    except ConfigError:
+        return None
+    # every tensor in the files belongs to the model, and every tensor of the model is in the files
+    # (or tied to one that is)
+    owners: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        owners.setdefault(id(t), []).append(name)
+    if set(names) - {n for group in owners.values() for n in group}:
+        return None
+    if any(not any(n in names for n in group) for group in owners.values()):
+        return None
+    blocks_name, _ = find_blocks(model)
+    weights = BlockWeights(names)
+    try:
+        weights.fill(model, skip=f"{blocks_name}.")
+        if getattr(hf_config, "tie_word_embeddings", False):
+            model.tie_weights()
+        materialize_buffers(model, torch.device("cpu"))
+    except BaseException:
+        weights.close()
+        raise
+    return model, weights
+
+
 def load_source(source: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer, model directory or None for a GGUF) in one call."""
     src = open_source(source, revision=revision)
@@ -352,7 +455,7 @@ class _BlockJob:
 
     def prepare(self, hessian: Hessian, name: str) -> PreparedHessian:
         """Factor a Hessian once for all the layers that read the same input."""
-        return prepare_hessian(hessian.matrix(), desc_act=self.settings["desc_act"],
+        return prepare_hessian(hessian, desc_act=self.settings["desc_act"],
                                damp_percent=self.settings["damp_percent"], where=f"{self.prefix}.{name}")
 
     def quantize_linear(self, name: str, module: nn.Linear, hessian: PreparedHessian,
@@ -382,8 +485,15 @@ def _linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _call(block: nn.Module, state: torch.Tensor, kwargs: dict):
+    """The block on one batch of stored states. States are kept in the model's own dtype between blocks
+    (half the memory of float32 for a float16 model); the block computes in its parameters' dtype."""
+    return block(state.to(next(block.parameters()).dtype), **kwargs)
+
+
 def _run(block, states, kwargs_list) -> list[torch.Tensor]:
-    return [_first(block(h, **kw)) for h, kw in zip(states, kwargs_list)]
+    """The block's outputs on every batch, stored in the dtype of its inputs."""
+    return [_first(_call(block, h, kw)).to(h.dtype) for h, kw in zip(states, kwargs_list)]
 
 
 def _groups(calls: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
@@ -410,7 +520,7 @@ def _discover_steps(block, linears, state, kwargs) -> list[list[str]]:
     handles = [m.register_forward_pre_hook(lambda mod, args: calls.append((by_module[mod], args[0])))
                for m in linears.values()]
     try:
-        block(state, **kwargs)
+        _call(block, state, kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -433,6 +543,7 @@ class _FpFit:
         self.names = list(names)
         first = linears[names[0]]
         self.moment = CrossMoment(first.in_features, first.in_features, device=first.weight.device)
+        self._matrix: torch.Tensor | None = None  # D in float32, once all batches are in
 
     def add(self, x_q: torch.Tensor, x_fp: torch.Tensor) -> None:
         """One batch: the step's input on the quantized path and in the unquantized block."""
@@ -445,7 +556,9 @@ class _FpFit:
     def target(self, name: str, weight: torch.Tensor, prepared: PreparedHessian) -> torch.Tensor:
         """W': the weight GPTQ should reproduce so the layer's output on X_q matches the unquantized one."""
         W = weight.to(torch.float32)
-        return W + prepared.solve(self.moment.matrix().to(torch.float32) @ W.t()).t()
+        if self._matrix is None:  # the float64 sum is scaled in place and dropped: one float64 copy, not two
+            self._matrix = self.moment.matrix(consume=True).to(torch.float32)
+        return W + prepared.solve(self._matrix @ W.t()).t()
 
 
 def _fp_input(block: nn.Module, first: nn.Linear, state: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -458,7 +571,7 @@ def _fp_input(block: nn.Module, first: nn.Linear, state: torch.Tensor, kwargs: d
 
     handle = first.register_forward_pre_hook(pre)
     try:
-        block(state, **kwargs)
+        _call(block, state, kwargs)
     except _Stop:
         pass
     finally:
@@ -581,7 +694,7 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
                 remaining.update(step)
                 shared["x"] = None
                 try:
-                    block(h, **kw)
+                    _call(block, h, kw)
                 except _Stop:
                     pass
         finally:
@@ -653,6 +766,23 @@ def _reuse_freed_memory(enabled: bool = True):
         libc.malloc_trim(0)
 
 
+# Widest Linear input for which keeping freed memory in the heap pays (see `_heap_reuse_pays`).
+HEAP_REUSE_MAX_WIDTH = 4096
+
+
+def _heap_reuse_pays(blocks: nn.ModuleList) -> bool:
+    """Whether `_reuse_freed_memory` is worth its memory for these blocks.
+
+    It saves the page faults of activation-sized tensors allocated again in every forward pass (SmolLM2,
+    widths up to 1536: ~35 s of system time per run). With wider layers the float64 [in, in] Hessians and
+    their factorisations (hundreds of MB to GB, a few per block) dominate the allocations, and a heap that
+    never gives memory back fragments around them: measured at MLP width 5504, 3391 MiB with it against
+    2737 MiB without, and at 11008 (Llama-2-7B's block) 9310 against 6279 MiB, for the same time per block.
+    """
+    widths = [m.in_features for m in blocks[0].modules() if isinstance(m, nn.Linear)]
+    return bool(widths) and max(widths) <= HEAP_REUSE_MAX_WIDTH
+
+
 def _seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -700,8 +830,9 @@ def quantize(
     output on the quantized path's inputs: better models for one more forward pass per block; False gives
     plain GPTQ. An already-loaded `model` and `tokenizer`
     may be passed instead of loading `source` (then `source` is only recorded); the model is consumed: its
-    decoder Linears are released block by block. `progress`: True prints one line per block to stderr, a
-    callable receives `Progress` events (it may raise to abort; nothing is written then).
+    decoder blocks are moved to the meta device one by one as they are written. A model directory in
+    safetensors is read one block at a time (see `load_model_by_blocks`). `progress`: True prints one line per
+    block to stderr, a callable receives `Progress` events (it may raise to abort; nothing is left then).
     """
     from .types import DeviceInfo
 
@@ -719,7 +850,6 @@ def quantize(
     if out.exists():
         raise QuantizeError(f"{out}: already exists; choose a new output directory")
     dev = DeviceInfo.parse(device).torch_device
-    compute = torch.float32
 
     src = None if model is not None else open_source(source, revision=revision)
     if tokenizer is None:
@@ -732,31 +862,57 @@ def quantize(
         batch_size = max(1, min(nsamples, 32768 // seq_len))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise QuantizeError(f"batch_size {batch_size!r} is not valid; use a positive number of windows")
+    weights: BlockWeights | None = None
     if model is None:
         report(Progress("load", f"loading {source}"))
-        model = load_model(src, trust_remote_code)
+        lazy = load_model_by_blocks(src, trust_remote_code)
+        if lazy is not None:
+            model, weights = lazy
+        else:
+            model = load_model(src, trust_remote_code)
         source_dir = src.directory
     else:
         source_dir = Path(str(source)) if Path(str(source)).is_dir() else None
     model.eval()
+    try:
+        return _quantize_loaded(model, weights, tokenizer, windows, out, s, source=source, source_dir=source_dir,
+                                dev=dev, batch_size=batch_size, clip=clip, refit=refit, fp_targets=fp_targets,
+                                report=report, t0=t0)
+    finally:
+        if weights is not None:
+            weights.close()
+
+
+def _quantize_loaded(model: nn.Module, weights: BlockWeights | None, tokenizer, windows: torch.Tensor, out: Path,
+                     s: dict[str, Any], *, source, source_dir: Path | None, dev: torch.device, batch_size: int,
+                     clip: bool, refit: bool, fp_targets: bool, report: Callable[[Progress], None],
+                     t0: float) -> QuantizeResult:
+    """Calibrate, quantize block by block (reading each block from `weights` when given), stream the output."""
+    from .writer import CheckpointWriter
+
+    compute = torch.float32
+    nsamples, seq_len = windows.shape
 
     blocks_name, blocks = find_blocks(model)
     parent_name, _, attr = blocks_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     report(Progress("calibrate", f"{nsamples} windows x {seq_len} tokens, {len(blocks)} blocks, "
                                  f"{s['bits']}-bit group {s['group_size']}{' act-order' if s['desc_act'] else ''}"))
-    with _reuse_freed_memory(dev.type == "cpu"):
+    # the calibration states between blocks are stored in the model's own dtype (computed in float32)
+    store = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta)
+    with CheckpointWriter(out) as writer, _reuse_freed_memory(dev.type == "cpu" and _heap_reuse_pays(blocks)):
         states, kwargs_list = capture_block_inputs(model, blocks, parent, attr, windows, batch_size, dev, compute)
-
-        tensors: dict[str, torch.Tensor] = {}
+        states = [h.to(store) for h in states]
         reports: list[LayerReport] = []
         fp_states = list(states) if fp_targets else None
         t_blocks = time.perf_counter()
         for i, block in enumerate(blocks):
             tb = time.perf_counter()
-            original_dtype = next(block.parameters()).dtype
-            block.to(device=dev, dtype=compute)
             prefix = f"{blocks_name}.{i}"
+            if weights is not None:
+                weights.fill(block, prefix)
+            block.to(device=dev, dtype=compute)
+            tensors: dict[str, torch.Tensor] = {}
             job = _BlockJob(settings=s, clip=clip, refit=refit, prefix=prefix, tensors=tensors, reports=reports)
             if fp_states is not None:
                 states, fp_states = quantize_block(block, states, kwargs_list, job, s["true_sequential"], fp_states)
@@ -767,10 +923,10 @@ def quantize(
                 if key.rpartition(".")[0] not in quantized or key.endswith(".bias"):
                     if f"{prefix}.{key}" not in tensors:
                         tensors[f"{prefix}.{key}"] = value.detach().to(torch.float16).cpu()
-            # free the block: its packed tensors are all we keep
-            for m in _linears(block).values():
-                m.weight = nn.Parameter(torch.empty(0, dtype=original_dtype), requires_grad=False)
-            block.to(device="cpu", dtype=original_dtype)
+            for key, value in tensors.items():  # to disk now: only this block's output is ever in memory
+                writer.add(key, value)
+            del tensors, job
+            block.to(device="meta")  # the block's float weights are done with
             done = i + 1
             per_block = (time.perf_counter() - t_blocks) / done
             remaining = per_block * (len(blocks) - done)
@@ -779,37 +935,34 @@ def quantize(
                             elapsed_s=time.perf_counter() - t0, remaining_s=remaining))
         del states, fp_states
 
-    block_keys = f"{blocks_name}."
-    seen: dict[tuple[int, int], str] = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(block_keys):
-            continue
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset())
-        if ident in seen:  # tied weights (lm_head = embed_tokens): stored once, tied again at load
-            continue
-        seen[ident] = key
-        tensors[key] = value.detach().to(torch.float16).cpu()
+        block_keys = f"{blocks_name}."
+        seen: dict[tuple[int, int], str] = {}
+        for key, value in model.state_dict().items():
+            if key.startswith(block_keys):
+                continue
+            ident = (value.untyped_storage().data_ptr(), value.storage_offset())
+            if ident in seen:  # tied weights (lm_head = embed_tokens): stored once, tied again at load
+                continue
+            seen[ident] = key
+            writer.add(key, value.detach().to(torch.float16).cpu())
 
-    config = QuantizeConfig(
-        bits=s["bits"], group_size=s["group_size"], desc_act=s["desc_act"], sym=s["sym"],
-        static_groups=s["static_groups"], damp_percent=s["damp_percent"], true_sequential=s["true_sequential"],
-        model_name_or_path=str(out), model_file_base_name=model_file_base_name(s["bits"], s["group_size"]),
-        quant_method="gptq", checkpoint_format=s["checkpoint_format"],
-    )
-    hf_config = copy.deepcopy(model.config)
-    hf_config.dtype = torch.float16  # what the non-quantized tensors are stored as
-    extra: dict[str, str | bytes] = {}
-    if source_dir is not None:
-        for name in COPIED_FILES:
-            if (source_dir / name).is_file():
-                extra[name] = (source_dir / name).read_bytes()
-    if "generation_config.json" not in extra and getattr(model, "generation_config", None) is not None:
-        extra["generation_config.json"] = model.generation_config.to_json_string()
-    report(Progress("write", f"writing {out}"))
-    from .writer import write_checkpoint
-
-    write_checkpoint(out, hf_config, tensors, config, tokenizer=tokenizer, config_location="both",
-                     extra_files=extra)
+        config = QuantizeConfig(
+            bits=s["bits"], group_size=s["group_size"], desc_act=s["desc_act"], sym=s["sym"],
+            static_groups=s["static_groups"], damp_percent=s["damp_percent"], true_sequential=s["true_sequential"],
+            model_name_or_path=str(out), model_file_base_name=model_file_base_name(s["bits"], s["group_size"]),
+            quant_method="gptq", checkpoint_format=s["checkpoint_format"],
+        )
+        hf_config = copy.deepcopy(model.config)
+        hf_config.dtype = torch.float16  # what the non-quantized tensors are stored as
+        extra: dict[str, str | bytes] = {}
+        if source_dir is not None:
+            for name in COPIED_FILES:
+                if (source_dir / name).is_file():
+                    extra[name] = (source_dir / name).read_bytes()
+        if "generation_config.json" not in extra and getattr(model, "generation_config", None) is not None:
+            extra["generation_config.json"] = model.generation_config.to_json_string()
+        report(Progress("write", f"writing {out}"))
+        writer.finish(hf_config, config, tokenizer=tokenizer, config_location="both", extra_files=extra)
     seconds = time.perf_counter() - t0
     report(Progress("done", f"wrote {out} in {_seconds(seconds)}", elapsed_s=seconds, remaining_s=0.0))
     return QuantizeResult(path=out, config=config, seconds=seconds, tokens=int(windows.numel()), layers=reports)
