@@ -512,8 +512,10 @@ class TritonQuantLinear(GPTQLinear):
         self.register_buffer("tq_scales", self.scales.contiguous(), persistent=False)
         self.register_buffer("tq_perm", perm, persistent=False)
         # the gemm path's gather of x into slot order; pad slots point at a zero column K appended to x
+        # (registered only where it differs from perm: one tensor under two buffer names would be copied twice
+        # by .to())
         self._x_pad = perm is not None and bool((perm < 0).any())
-        xidx = perm if not self._x_pad else torch.where(perm >= 0, perm, K).to(torch.int32)
+        xidx = torch.where(perm >= 0, perm, K).to(torch.int32) if self._x_pad else None
         self.register_buffer("tq_xidx", xidx, persistent=False)
         self.slots, self.slots_per_group = KS, P
         self.register_buffer("tq_counters", torch.zeros(4096, dtype=torch.int32, device=dev), persistent=False)
@@ -543,8 +545,8 @@ class TritonQuantLinear(GPTQLinear):
     def forward_decode(self, x: torch.Tensor) -> torch.Tensor:
         """Few rows (m <= 16): split-K, bandwidth-bound."""
         x = self._check(x)
-        key = ("decode", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16, self._config_key("decode"))
-        plan = self._plans.get(key) or self._plans.setdefault(key, self._decode_plan(x))
+        plan = self._plan(("decode", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16),
+                          self._decode_plan, x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         ws = _workspace(x.device, plan.ws) if plan.ws else out
         perm, bias = self.tq_perm, self.bias
@@ -581,8 +583,8 @@ class TritonQuantLinear(GPTQLinear):
     def forward_gemm(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: dequantize tiles in registers, multiply on the tensor cores."""
         x = self._slot_x(self._check(x))
-        key = ("gemm", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16, self._config_key("gemm"))
-        plan = self._plans.get(key) or self._plans.setdefault(key, self._gemm_plan(x))
+        plan = self._plan(("gemm", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16),
+                          self._gemm_plan, x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         ws = _workspace(x.device, plan.ws) if plan.ws else out
         bias = self.bias
@@ -592,11 +594,11 @@ class TritonQuantLinear(GPTQLinear):
 
     def _slot_x(self, x: torch.Tensor) -> torch.Tensor:
         """x with its columns in slot order: one gather (pad slots read the zero column K appended to x)."""
-        if self.tq_xidx is None:
+        if self.tq_perm is None:
             return x
         if self._x_pad:
-            x = torch.nn.functional.pad(x, (0, 1))
-        return x.index_select(1, self.tq_xidx)
+            return torch.nn.functional.pad(x, (0, 1)).index_select(1, self.tq_xidx)
+        return x.index_select(1, self.tq_perm)
 
     def _gemm_plan(self, x: torch.Tensor) -> _Plan:
         M, N = x.shape[0], self.out_features
@@ -628,8 +630,7 @@ class TritonQuantLinear(GPTQLinear):
         if not self._ready:
             raise RuntimeError("prepare() was not called on this layer")
         dev = self.tq_qweight.device
-        key = ("dequant", dtype, dev, self._config_key("dequant"))
-        plan = self._plans.get(key) or self._plans.setdefault(key, self._dequant_plan())
+        plan = self._plan(("dequant", dtype, dev), self._dequant_plan)
         w = torch.empty(self.in_features, self.out_features, dtype=dtype, device=dev)
         perm = self.tq_perm
         plan.launch((self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else w, w))
@@ -644,10 +645,15 @@ class TritonQuantLinear(GPTQLinear):
         ints = (self.out_features, self.in_features, self.slots, self.slots_per_group)
         return _Plan(_jit()["dequant"], grid, consts, dict(num_warps=cfg.get("num_warps", 4)), ints)
 
-    def _config_key(self, path: str):
-        """The benchmark's launch overrides take part in the plan key (None in normal use)."""
-        cfg = getattr(self, f"{path}_config")
-        return None if cfg is None else tuple(sorted(cfg.items()))
+    def _plan(self, key: tuple, build, *args) -> _Plan:
+        """The plan for `key` (path first), built on first use; the benchmark's launch overrides
+        (`<path>_config`, None in normal use) take part in the key."""
+        cfg = getattr(self, f"{key[0]}_config")
+        key += (None if cfg is None else tuple(sorted(cfg.items())),)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build(*args)
+        return plan
 
     def _counters(self, n: int) -> None:
         """Split-K arrival counters: one per column tile, zero between calls (the last program resets its own)."""
