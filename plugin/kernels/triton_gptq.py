@@ -1,13 +1,9 @@
 """The project's own Triton kernels: fused dequantize + matmul for every GPTQ setting (2/3/4/8 bits, any
 group size, act-order, v1/v2 zeros, sym/asym).
 
-Layout, decided once in `prepare()`:
-- rows are sorted by group (act-order), so each run of `P` consecutive "slots" belongs to one group and a
-  kernel never gathers scales per row; the activations are read through `perm` (slot -> input row) instead.
-  Regular checkpoints (g_idx == i // g, g a multiple of 32) keep the on-disk words untouched: no copy.
-- groups whose row count is irregular (or not a multiple of 32) are padded to `P` slots; pad slots point to
-  no input row and hold q = 0, so they add nothing.
-- zero points become one float16 per (group, column) (exact for every bit width, v1's +1 applied).
+Layout, decided once in `prepare()`: rows sorted by group (`slot_layout`): each run of `P` consecutive slots
+is one group, so a kernel never gathers scales per row and reads the activations through `perm` instead.
+Zero points become one float16 per (group, column) (exact for every bit width, v1's +1 applied).
 
 Three paths (forward() picks by the number of rows m: decode up to DECODE_UP_TO_M, gemm below
 CUBLAS_MIN_M, dequant + cuBLAS from there; each path can also be called on its own):
@@ -31,10 +27,10 @@ import torch
 
 from ..config import QuantizeConfig
 from ..hookspecs import hookimpl
-from ..packing import pack, unpack
 from ..types import KernelSpec, LayerShape
 from .base import GPTQLinear
 from .measured import MEASURED_US
+from .slot_layout import sort_rows_by_group, zero_points
 
 try:  # triton is optional: without it the kernel registers as unavailable, with the reason
     import triton
@@ -473,40 +469,12 @@ class TritonQuantLinear(GPTQLinear):
         if self._ready:
             return
         dev = self.qweight.device
-        K, N, bits = self.in_features, self.out_features, self.bits
-        G = self.scales.shape[0]
-        g_idx = (self.g_idx if not self.g_idx.is_meta else self.default_g_idx(dev)).to(dev).long()
-        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
-            raise ValueError(f"g_idx holds groups outside 0..{G - 1}")
-        gs = self.group_size
-        ar = torch.arange(K, device=dev)
-        perm = None
-        if gs % 32 == 0 and torch.equal(g_idx, ar // gs):
-            qw, P, KS = self.qweight, gs, K  # the on-disk words as they are
-        else:
-            order = torch.argsort(g_idx, stable=True)
-            counts = torch.bincount(g_idx, minlength=G)
-            regular = gs % 32 == 0 and bool((counts[:-1] == gs).all()) and int(counts[-1]) <= gs
-            if regular:  # act-order with whole groups: sorted position = slot
-                P, KS = gs, K
-                slots = ar
-            else:  # irregular groups: pad each group to P slots
-                P = max(32, -(-int(counts.max()) // 32) * 32)
-                KS = G * P
-                starts = torch.cumsum(counts, 0) - counts
-                sorted_g = g_idx[order]
-                slots = sorted_g * P + (ar - starts[sorted_g])
-            q = unpack(self.qweight, bits, 0, K)
-            qs = torch.zeros(KS, N, dtype=torch.int32, device=dev)
-            qs[slots] = q[order]
-            del q
-            qw = pack(qs, bits, 0)
-            del qs
-            perm = torch.full((KS,), -1, dtype=torch.int32, device=dev)
-            perm[slots] = order.to(torch.int32)
-            # one copy of the weights in memory: the sorted words replace the on-disk ones
+        K = self.in_features
+        layout = sort_rows_by_group(self)
+        qw, perm = layout.qweight, layout.perm
+        if perm is not None:  # one copy of the weights in memory: the sorted words replace the on-disk ones
             self.qweight = torch.empty(0, dtype=torch.int32, device=dev)
-        z = unpack(self.qzeros, bits, 1, N) + self.zero_offset
+        z = zero_points(self)
         self.register_buffer("tq_qweight", qw.contiguous(), persistent=False)
         self.register_buffer("tq_zeros", z.to(torch.float16).contiguous(), persistent=False)
         self.register_buffer("tq_scales", self.scales.contiguous(), persistent=False)
@@ -517,7 +485,7 @@ class TritonQuantLinear(GPTQLinear):
         self._x_pad = perm is not None and bool((perm < 0).any())
         xidx = torch.where(perm >= 0, perm, K).to(torch.int32) if self._x_pad else None
         self.register_buffer("tq_xidx", xidx, persistent=False)
-        self.slots, self.slots_per_group = KS, P
+        self.slots, self.slots_per_group = layout.slots, layout.slots_per_group
         self.register_buffer("tq_counters", torch.zeros(4096, dtype=torch.int32, device=dev), persistent=False)
         self._ready = True
 
