@@ -39,7 +39,8 @@ def disk_bytes(k, n, bits, group_size):
     return k * n * bits // 8 + groups * n * 2 + groups * n * bits // 8
 
 
-def build_layers(k, n, bits, group_size, copies, seed, with_exllama=False):
+def build_layers(k, n, bits, group_size, copies, seed, others=()):
+    """(triton modules, {other kernel: modules}, float32 reference weight, torch module); the copies differ."""
     from gptq_bridge.config import QuantizeConfig
     from gptq_bridge.gptq_layer import IntLayer, group_index, pack_layer
     from gptq_bridge.kernels.torch_ref import TorchQuantLinear
@@ -51,9 +52,11 @@ def build_layers(k, n, bits, group_size, copies, seed, with_exllama=False):
     shape = LayerShape(name="bench", in_features=k, out_features=n)
     maxq = 2**bits - 1
     groups = -(-k // group_size)
+    from gptq_bridge.kernels.cuda_gptq import CudaQuantLinear
     from gptq_bridge.kernels.exllama import ExllamaQuantLinear
 
-    tris, exls, ref_weight, torch_mod = [], [], None, None
+    classes = {"exllama": ExllamaQuantLinear, "cuda": CudaQuantLinear}
+    tris, extra, ref_weight, torch_mod = [], {name: [] for name in others}, None, None
     for c in range(copies):
         order = torch.randperm(k, generator=gen, device=DEV).cpu()
         g_idx = group_index(k, group_size, order).to(DEV)
@@ -74,15 +77,15 @@ def build_layers(k, n, bits, group_size, copies, seed, with_exllama=False):
         tri.fill_missing()
         tri.prepare()
         tris.append(tri)
-        if with_exllama:
-            ex = ExllamaQuantLinear(shape, config, torch.float16)
+        for name in others:
+            mod = classes[name](shape, config, torch.float16)
             for key, v in tensors.items():
-                setattr(ex, key, v.half() if v.is_floating_point() else v.clone())
-            ex.fill_missing()
-            ex.prepare()
-            exls.append(ex)
+                setattr(mod, key, v.half() if v.is_floating_point() else v.clone())
+            mod.fill_missing()
+            mod.prepare()
+            extra[name].append(mod)
         del tensors
-    return tris, exls, ref_weight, torch_mod
+    return tris, extra, ref_weight, torch_mod
 
 
 def rel(a, b):
@@ -153,6 +156,7 @@ def sweep(tris, xs, attr, path, configs):
 DECODE_CONFIGS = [{"BLOCK_N": bn, "num_warps": nw} for bn in (256, 512, 1024, 2048) for nw in (4, 8)]
 GEMM_SMALL_CONFIGS = [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
                       for bn, bk, nw in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8))]
+CUDA_CONFIGS = [None] + [{"SPLITS": s} for s in (1, 2, 4, 8, 16, 32, 64)]
 DEQUANT_CONFIGS = [{"BLOCK_K": bk, "BLOCK_N": bn, "num_warps": nw} for bk, bn, nw in ((64, 256, 4), (128, 256, 8),
                                                                                       (32, 512, 4), (64, 512, 8))]
 
@@ -169,6 +173,9 @@ def main():
     ap.add_argument("--sweep-dequant", action="store_true")
     ap.add_argument("--torch-ref", action="store_true", help="also time the pure-PyTorch kernel")
     ap.add_argument("--exllama", action="store_true", help="also time exllamav2's kernel (4-bit)")
+    ap.add_argument("--cuda", action="store_true", help="also time gptq-bridge's CUDA kernel (4-bit)")
+    ap.add_argument("--no-cuda-sweep", action="store_true", help="time the cuda kernel's default split count only")
+    ap.add_argument("--no-triton-paths", action="store_true", help="time only triton's auto path, not each path")
     args = ap.parse_args()
 
     import triton
@@ -185,8 +192,9 @@ def main():
         for k, n in shapes:
             nbytes = disk_bytes(k, n, bits, 128)
             copies = max(2, min(24, math.ceil(3 * L2_BYTES / nbytes)))
-            tris, exls, ref_w, torch_mod = build_layers(k, n, bits, 128, copies, seed=k * 7 + n + bits,
-                                                        with_exllama=args.exllama and bits == 4)
+            others = [name for name, on in (("exllama", args.exllama), ("cuda", args.cuda)) if on and bits == 4]
+            tris, extra, ref_w, torch_mod = build_layers(k, n, bits, 128, copies, seed=k * 7 + n + bits,
+                                                         others=others)
             w16 = ref_w.half()
             fp16_copies = max(2, min(8, math.ceil(3 * L2_BYTES / (k * n * 2))))
             w16s = [w16] + [w16.clone() for _ in range(fp16_copies - 1)]
@@ -198,6 +206,8 @@ def main():
                          "dequant": lambda t, x: t.forward_dequant(x)}
                 if m <= 16:
                     paths["decode"] = lambda t, x: t.forward_decode(x)
+                if args.no_triton_paths:
+                    paths = {"auto": paths["auto"]}
                 for t in tris:  # each m starts from the module's own defaults
                     t.decode_config = t.gemm_config = t.dequant_config = None
                 if not args.no_sweep:
@@ -215,6 +225,10 @@ def main():
                         swept.add(m)
                         print(f"  sweep {path} {k}x{n} {bits}-bit m={m}: best {cfg} {us:.1f} us; all "
                               + ", ".join(f"{r[0]:.0f}" for r in results), flush=True)
+                if "cuda" in extra and m <= 32 and not args.no_cuda_sweep:
+                    (us, cfg), results = sweep(extra["cuda"], xs, "few_rows_config", "forward", CUDA_CONFIGS)
+                    print(f"  sweep cuda {k}x{n} m={m}: best {cfg} {us:.1f} us; all "
+                          + ", ".join(f"{r[0]:.0f}" for r in results), flush=True)
                 row = {"bits": bits, "k": k, "n": n, "m": m, "bytes": nbytes, "device": dev_name}
                 for name, fn in paths.items():
                     out = fn(tris[0], xs[0])
@@ -236,17 +250,17 @@ def main():
                         row["torch_graph_us"] = time_graph([lambda: torch_mod(xs[0])], 5)
                     except RuntimeError as exc:  # not capturable: keep the eager time only
                         print(f"  torch kernel not graph-capturable: {exc}", flush=True)
-                if exls:
-                    row["exllama_err"] = rel(exls[0](xs[0]), want)
-                    calls = [lambda t=t, x=x: t(x) for t, x in zip(exls, xs)]
-                    row["exllama_us"] = time_eager(calls)
-                    row["exllama_graph_us"] = time_graph(calls)
+                for name, mods in extra.items():
+                    row[f"{name}_err"] = rel(mods[0](xs[0]), want)
+                    calls = [lambda t=t, x=x: t(x) for t, x in zip(mods, xs)]
+                    row[f"{name}_us"] = time_eager(calls)
+                    row[f"{name}_graph_us"] = time_graph(calls)
                 row["tbps"] = nbytes / (row["auto_us"] * 1e-6) / 1e12
                 row["tbps_graph"] = nbytes / (row["auto_graph_us"] * 1e-6) / 1e12
                 rows.append(row)
                 print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()}),
                       flush=True)
-            del tris, exls, ref_w, torch_mod, w16, w16s
+            del tris, extra, ref_w, torch_mod, w16, w16s
             torch.cuda.empty_cache()
             print(f"  [{time.time() - t_start:.0f}s]", flush=True)
     if args.json:
@@ -254,22 +268,25 @@ def main():
             json.dump(rows, f, indent=1)
 
     print(f"\n## {dev_name}: microseconds per call (median; eager / CUDA graph), effective TB/s of the chosen path")
-    print("| bits | K x N | m | triton auto | decode | gemm | dequant+cuBLAS | exllama | fp16 cuBLAS | TB/s triton "
-          "| TB/s exllama | torch | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| bits | K x N | m | triton auto | decode | gemm | dequant+cuBLAS | exllama | cuda | fp16 cuBLAS | TB/s triton "
+          "| TB/s exllama | TB/s cuda | torch | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def cell(p):
             return f"{r[p + '_us']:.1f} / {r[p + '_graph_us']:.1f}" if p + "_us" in r else ""
         errs = max(v for key, v in r.items() if key.endswith("_err") and key != "cublas_err")
-        ex_tbps = f"{r['bytes'] / (r['exllama_graph_us'] * 1e-6) / 1e12:.2f}" if "exllama_us" in r else ""
+        def tbps(p):
+            return f"{r['bytes'] / (r[p + '_graph_us'] * 1e-6) / 1e12:.2f}" if p + "_us" in r else ""
         print(f"| {r['bits']} | {r['k']}x{r['n']} | {r['m']} | {cell('auto')} | {cell('decode')} | {cell('gemm')} | "
-              f"{cell('dequant')} | {cell('exllama')} | {cell('cublas')} | {r['tbps']:.2f} / {r['tbps_graph']:.2f} | "
-              f"{ex_tbps} | {cell('torch')} | {errs:.1e} |")
+              f"{cell('dequant')} | {cell('exllama')} | {cell('cuda')} | {cell('cublas')} | "
+              f"{r['tbps']:.2f} / {r['tbps_graph']:.2f} | {tbps('exllama')} | {tbps('cuda')} | {cell('torch')} | "
+              f"{errs:.1e} |")
 
     # The selection table (gptq_bridge/kernels/measured.py): CUDA-graph microseconds of one Llama-2-70B decoder
     # layer's seven Linears (q, o: 8192x8192; k, v: 8192x1024; gate, up: 8192x28672; down: 28672x8192)
     table = {}
-    for kernel, key in (("triton", "auto_graph_us"), ("exllama", "exllama_graph_us"), ("torch", "torch_graph_us")):
+    for kernel, key in (("triton", "auto_graph_us"), ("exllama", "exllama_graph_us"), ("cuda", "cuda_graph_us"),
+                        ("torch", "torch_graph_us")):
         for bits in sorted({r["bits"] for r in rows}, reverse=True):
             for m in sorted({r["m"] for r in rows}):
                 got = {(r["k"], r["n"]): r[key] for r in rows if r["bits"] == bits and r["m"] == m and key in r}

@@ -153,7 +153,10 @@ def test_whole_model_logits_agree(tmp_path):
 
     hf_config = llama_config(hidden=4096, intermediate=11008, layers=2, vocab=512)  # 7B's Linear shapes
     ck = build(tmp_path / "ck", bits=4, group_size=128, desc_act=True, sym=False, hf_config=hf_config, seed=SEED % 1000)
-    kernels = ["triton", "torch"] + (["exllama"] if HAVE_EXLLAMA else [])
+    from gptq_bridge.kernels import cuda_gptq
+
+    kernels = ["triton", "torch"] + (["exllama"] if HAVE_EXLLAMA else []) + (
+        ["cuda"] if cuda_gptq.kernel_spec().check_available() is None else [])
     models = {k: gptq_bridge.load_model(str(ck.path), kernel=k, device="cuda", dtype=torch.float16) for k in kernels}
     assert all(m.kernel == k for k, m in models.items())
     reference = ck.reference.to(DEV)
@@ -231,3 +234,68 @@ def test_exllama_prepare_is_idempotent_and_takes_zero_rows():
     assert relative_error(ex(x), x.float() @ weight) < 5e-3
     assert ex(torch.empty(0, 4096, device=DEV, dtype=torch.float16)).shape == (0, 4096)
     assert relative_error(ex(x), x.float() @ weight) < 5e-3  # and no CUDA error was left behind
+
+
+# --- cuda (gptq-bridge's q4_mma.cu; built with nvcc on first use) ---------------------------------------------
+
+from gptq_bridge.kernels import cuda_gptq  # noqa: E402
+
+CUDA_REASON = cuda_gptq.kernel_spec().check_available()
+needs_cuda_kernel = pytest.mark.skipif(CUDA_REASON is not None, reason=f"cuda kernel: {CUDA_REASON}")
+CUDA_SETTINGS = [(128, True, False, "gptq"), (32, True, True, "gptq_v2"), (64, False, False, "gptq"),
+                 (-1, False, True, "gptq"), (48, True, False, "gptq")]  # 48: padded to 64 slots a group
+
+
+def check_cuda(mod, weight, gen, ms, bias=None):
+    for m in ms:
+        x = torch.randn(m, mod.in_features, generator=gen, device=DEV).half()
+        want = x.float() @ weight + (bias.float() if bias is not None else 0)
+        got = mod(x)
+        assert got.shape == (m, mod.out_features) and got.dtype == torch.float16
+        assert not torch.isnan(got).any(), f"m={m}: NaN (seed {SEED})"
+        err = relative_error(got, want)
+        assert err < 2e-3, f"m={m}: relative error {err:.2e} (seed {SEED})"
+        if m <= cuda_gptq.FEW_ROWS_MAX_M:  # split-K sums in a fixed order: bit-identical calls
+            assert torch.equal(mod(x), got), f"m={m}: a second call differs (seed {SEED})"
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("group_size,act_order,sym,fmt", CUDA_SETTINGS,
+                         ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for g, a, s, f in CUDA_SETTINGS])
+@pytest.mark.parametrize("k,n", LLAMA2_7B + LLAMA2_70B, ids=[f"{k}x{n}" for k, n in LLAMA2_7B + LLAMA2_70B])
+def test_cuda_matches_reference(k, n, group_size, act_order, sym, fmt):
+    mod, weight, gen = make_modules(k, n, 4, group_size, act_order, sym, fmt, seed=k + n + 7,
+                                    kernel=cuda_gptq.CudaQuantLinear)
+    check_cuda(mod, weight, gen, (1, 3, 8, 9, 16, 17, 32, 33, 300))
+
+
+@needs_cuda_kernel
+def test_cuda_small_odd_shapes_bias_and_awkward_x():
+    """Slots not a multiple of 64 (pad chunk), 48 columns (a column block with one empty warp), a bias, and x
+    that is misaligned or strided."""
+    for k, n in ((96, 48), (4160, 4096)):
+        mod, weight, gen = make_modules(k, n, 4, 32, False, seed=k, kernel=cuda_gptq.CudaQuantLinear)
+        bias = torch.randn(n, generator=gen, device=DEV).half()
+        mod.bias = bias
+        check_cuda(mod, weight, gen, (1, 5, 32, 40), bias=bias)
+        for m in (1, 7):
+            x = torch.randn(m, k, generator=gen, device=DEV).half()
+            flat = torch.empty(m * k + 1, dtype=torch.float16, device=DEV)
+            shifted = flat[1:].view(m, k)
+            shifted.copy_(x)
+            wide = torch.zeros(m, k + 8, dtype=torch.float16, device=DEV)[:, :k]
+            wide.copy_(x)
+            for variant in (shifted, wide, x.t().contiguous().t()):
+                assert torch.equal(mod(variant), mod(x))
+
+
+@needs_cuda_kernel
+def test_cuda_split_counts_agree():
+    """Every split count gives the same result up to float32 summation order (the counters reset each call)."""
+    mod, weight, gen = make_modules(8192, 1024, 4, 128, True, seed=21, kernel=cuda_gptq.CudaQuantLinear)
+    x = torch.randn(4, 8192, generator=gen, device=DEV).half()
+    want = x.float() @ weight
+    for splits in (1, 2, 7, 64, 128):
+        mod.few_rows_config = {"SPLITS": splits}
+        for _ in range(3):
+            assert relative_error(mod(x), want) < 2e-3, f"splits={splits} (seed {SEED})"

@@ -1,0 +1,67 @@
+"""How fast can the cuda kernel's weights be read at all? (docs/PERFORMANCE.md, issue 5's m = 1 target)
+
+Reads the q4mma words of each Llama-2-70B shape with q4_few_rows' grid and load pattern but no arithmetic
+(bench/stream_probe.cu), over split counts and unrolls, and prints TB/s of the words read beside two
+references on the same card: a plain read of the same bytes (`torch.sum` of an int32 tensor) and the fp16
+cuBLAS matrix-vector product of the same shape. CUDA-graph replays, copies rotated past L2.
+
+    python bench/stream_probe.py
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.kernels import L2_BYTES, SHAPES, time_graph  # noqa: E402
+from gptq_bridge.kernels import cuda_build  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def main():
+    lib = ctypes.CDLL(str(cuda_build.build(source=Path(__file__).with_name("stream_probe.cu"))))
+    lib.probe_q4mma_launch.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+    sink = torch.zeros(1, dtype=torch.int32, device=DEV)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    print(f"# {torch.cuda.get_device_name()}, {sms} SMs")
+    rows = []
+    for k, n in SHAPES:
+        tiles, chunks = n // 16, k // 64
+        nbytes = tiles * chunks * 512
+        copies = max(2, -(-3 * L2_BYTES // nbytes))
+        words = [torch.randint(-2**31, 2**31 - 1, (tiles * chunks * 128,), dtype=torch.int32, device=DEV)
+                 for _ in range(copies)]
+        best = (float("inf"), None)
+        for splits in (1, 2, 4, 8, 16, 32, 64):
+            per = -(-chunks // splits)
+            splits_eff = -(-chunks // per)
+            for unroll in (2, 4, 8):
+                def call(w, s=splits_eff, p=per, u=unroll):
+                    code = lib.probe_q4mma_launch(w.data_ptr(), sink.data_ptr(), tiles, chunks, s, p, u,
+                                                  torch.cuda.current_stream().cuda_stream)
+                    assert code == 0, code
+                us = time_graph([lambda w=w: call(w) for w in words], 10)
+                best = min(best, (us, (splits_eff, unroll)))
+        plain = time_graph([lambda w=w: w.sum() for w in words], 10)
+        x = torch.randn(1, k, dtype=torch.float16, device=DEV)
+        mats = [torch.randn(k, n, dtype=torch.float16, device=DEV) for _ in range(max(2, -(-3 * L2_BYTES // (k * n * 2))))]
+        gemv = time_graph([lambda w=w: x @ w for w in mats], 10)
+        rows.append((k, n, nbytes, best, plain, gemv))
+        print(f"{k}x{n}: probe best {best[0]:.1f} us {best[1]}, sum {plain:.1f} us, fp16 gemv {gemv:.1f} us", flush=True)
+        del words, mats
+        torch.cuda.empty_cache()
+    print("\n| K x N | q4mma bytes | probe: best us (splits, unroll) | probe TB/s | torch.sum TB/s | fp16 cuBLAS m=1 TB/s |")
+    print("|---|---|---|---|---|---|")
+    for k, n, nbytes, (us, cfg), plain, gemv in rows:
+        print(f"| {k}x{n} | {nbytes / 2**20:.0f} MiB | {us:.1f} {cfg} | {nbytes / us / 1e6:.2f} | {nbytes / plain / 1e6:.2f} | "
+              f"{k * n * 2 / gemv / 1e6:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The project's CUDA kernel for 4-bit checkpoints (q4_mma.cu): tensor-core decode for few rows.
+
+`prepare()` sorts the rows by group (slot_layout) and shuffles the 4-bit values into the "q4mma" layout that
+q4_mma.cu describes: each lane of a warp loads, in one 16-byte read, exactly the values its mma fragments
+need. Scales and zero points become one (scale, 1024 + zero) half2 per group and column.
+
+forward() by rows m:
+- m <= 32: one launch of `q4_few_rows` (split-K, partials summed by the last block of each column block), after
+  one gather of x into slot order when the rows were sorted (act-order) or x is not 16-byte aligned;
+- m > 32: the weight is dequantized into float16 once per call, then cuBLAS.
+Float16 activations only (the spec says so; selection keeps other dtypes away).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantizeConfig
+from ..errors import KernelError
+from ..hookspecs import hookimpl
+from ..packing import unpack
+from ..types import KernelSpec, LayerShape
+from . import cuda_build
+from .base import GPTQLinear
+from .measured import MEASURED_US
+from .slot_layout import sort_rows_by_group, zero_points
+
+FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
+_SHUFFLE_COLUMNS = 1024
+_NIBBLE_SLOT = (0, 0, 2, 2, 1, 1, 3, 3)  # nibble b of a word: slot 16t + 4j + _NIBBLE_SLOT[b] ...
+_NIBBLE_COL = (0, 8, 0, 8, 0, 8, 0, 8)  # ... column g + _NIBBLE_COL[b] (q4_mma.cu's table)
+_SLOT_ORDER = [0, 2, 1, 3]  # nibble pair p (bits 8p..8p+7, interleaved by column half) holds slot offset this
+
+
+def shuffle(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values [slots, N] (slots a multiple of 64, N of 16) -> q4mma words, int32 [N/16, slots/64, 32, 4]."""
+    S, N = q.shape
+    if S % 64 or N % 16:
+        raise ValueError(f"q4mma needs slots % 64 == 0 and N % 16 == 0, got {S} x {N}")
+    v = q.to(torch.int64).view(S // 64, 4, 4, 4, N // 16, 2, 8)  # chunk, t, j, slot offset, tile, half, g
+    v = v[:, :, :, _SLOT_ORDER].permute(4, 0, 6, 1, 2, 3, 5)  # tile, chunk, g, t, j, pair, half
+    v = v.reshape(N // 16, S // 64, 32, 4, 8)  # lane = 4g + t; nibble b = 2 * pair + half
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    words = (v << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unshuffle(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `shuffle`: q4mma words -> 4-bit values [slots, N] (int32)."""
+    tiles, chunks = words.shape[:2]
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
+    v = (words.view(tiles, chunks, 8, 4, 4, 1, 1) >> shifts.view(4, 2)) & 15  # tile, chunk, g, t, j, pair, half
+    v = v.permute(1, 3, 4, 5, 0, 6, 2)  # chunk, t, j, pair, tile, half, g
+    out = torch.empty_like(v)
+    out[:, :, :, _SLOT_ORDER] = v
+    return out.reshape(chunks * 64, tiles * 16)
+
+
+class CudaQuantLinear(GPTQLinear):
+    """GPTQ Linear served by q4_mma.cu (4-bit, float16)."""
+
+    def __init__(self, layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype):
+        super().__init__(layer, config, dtype)
+        self._ready = False
+        self.few_rows_config: dict | None = None  # benchmark override: {"SPLITS": n}
+        self._plans: dict[tuple, tuple] = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plans = {}  # plans hold raw pointers of the buffers, which .to() may move
+        return super()._apply(fn, *args, **kwargs)
+
+    def prepare(self) -> None:
+        if self._ready:
+            return
+        if self.bits != 4:
+            raise KernelError(f"the cuda kernel serves 4-bit checkpoints, not {self.bits}-bit")
+        dev = self.qweight.device
+        K, N = self.in_features, self.out_features
+        layout = sort_rows_by_group(self)
+        chunks = -(-layout.slots // 64)
+        words = torch.empty(N // 16, chunks, 32, 4, dtype=torch.int32, device=dev)
+        for n0 in range(0, N, _SHUFFLE_COLUMNS):  # a slice at a time: shuffle's int64 temporaries stay small
+            n1 = min(N, n0 + _SHUFFLE_COLUMNS)
+            q = torch.zeros(chunks * 64, n1 - n0, dtype=torch.int32, device=dev)
+            q[: layout.slots] = unpack(layout.qweight[:, n0:n1].contiguous(), 4, 0, layout.slots)
+            words[n0 // 16 : n1 // 16] = shuffle(q)
+        del q
+        self.qweight = torch.empty(0, dtype=torch.int32, device=dev)  # the q4mma words are the one copy
+        P = layout.slots_per_group
+        groups = max(self.scales.shape[0], -(-chunks * 64 // P))  # pad slots past the last group read group G..
+        sz = torch.zeros(groups, N, 2, dtype=torch.float16, device=dev)
+        sz[..., 1] = 1024.0  # ... whose scale is 0: weight 0
+        sz[: self.scales.shape[0], :, 0] = self.scales.to(torch.float16)
+        sz[: self.scales.shape[0], :, 1] += zero_points(self).to(torch.float16)  # exact: zeros are < 2**bits
+        perm = layout.perm
+        xidx = torch.full((chunks * 64,), -1, dtype=torch.int32, device=dev)
+        xidx[: layout.slots] = perm if perm is not None else torch.arange(K, dtype=torch.int32, device=dev)
+        self.register_buffer("cu_words", words, persistent=False)
+        self.register_buffer("cu_sz", sz, persistent=False)
+        self.register_buffer("cu_xidx", xidx, persistent=False)  # slot -> input row (-1: pad), for the gather
+        self.register_buffer("cu_perm", perm, persistent=False)  # None: slot == row
+        self.register_buffer("cu_counters", torch.zeros(-(-N // 64), dtype=torch.int32, device=dev),
+                             persistent=False)
+        self.chunks, self.slots, self.slots_per_group = chunks, layout.slots, P
+        self._identity = perm is None and chunks * 64 == K  # x can be read as it is (when aligned)
+        self._ready = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready:
+            raise RuntimeError("prepare() was not called on this layer (the loader calls it after loading)")
+        if x.dtype != torch.float16:
+            raise KernelError(f"the cuda kernel computes in float16, got {x.dtype}")
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        if m == 0:
+            out = x2.new_empty(0, self.out_features)
+        elif m <= FEW_ROWS_MAX_M:
+            out = self.forward_few_rows(x2)
+        else:
+            out = x2 @ self.dequantize()
+            if self.bias is not None:
+                out += self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def _slot_x(self, x: torch.Tensor, stream: int) -> torch.Tensor:
+        """x as the kernel reads it: slot-ordered columns (chunks * 64 of them), rows 16-byte aligned."""
+        if self._identity and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0:
+            return x
+        xs = torch.empty(x.shape[0], self.chunks * 64, dtype=torch.float16, device=x.device)
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        cuda_build.check(cuda_build.library().gb_gather_columns(
+            x.data_ptr(), x.stride(0), self.cu_xidx.data_ptr(), xs.data_ptr(), x.shape[0], xs.shape[1], stream),
+            "gather_columns")
+        return xs
+
+    def forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """m <= 32 rows: one tensor-core launch (after the gather of x, when one is needed)."""
+        M, N = x.shape[0], self.out_features
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        xs = self._slot_x(x, stream)
+        cfg = self.few_rows_config
+        key = ("few", M, x.device, None if cfg is None else tuple(sorted(cfg.items())))
+        fixed = self._plans.get(key)
+        if fixed is None:
+            fixed = self._plans[key] = self._few_rows_plan(M, x.device)
+        splits, per_split, ws_numel = fixed
+        out = torch.empty(M, N, dtype=torch.float16, device=x.device)
+        ws = _workspace(x.device, ws_numel) if splits > 1 else out
+        bias = self.bias.data_ptr() if self.bias is not None else None
+        cuda_build.check(cuda_build.library().gb_q4_few_rows(
+            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), xs.data_ptr(), bias, out.data_ptr(), ws.data_ptr(),
+            self.cu_counters.data_ptr(), M, N, self.chunks, self.slots_per_group, xs.stride(0), N, splits,
+            per_split, stream), "q4_few_rows")
+        return out
+
+    def _few_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int]:
+        """(splits, chunks per split, workspace floats).
+
+        From bench/kernels.py's split sweep on the H100 (docs/PERFORMANCE.md): up to 16 rows, about 16 chunks a
+        split but at least 4 blocks per SM; for 17-32 rows (four times the math per chunk) at least 4 splits and
+        2 blocks per SM.
+        """
+        col_blocks = -(-self.out_features // 64)
+        splits = (self.few_rows_config or {}).get("SPLITS")
+        if splits is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            if M <= 16:
+                splits = max(-(-self.chunks // 16), -(-4 * sms // col_blocks))
+            else:
+                splits = max(4, -(-2 * sms // col_blocks))
+        splits = max(1, min(splits, self.chunks))
+        per_split = -(-self.chunks // splits)
+        splits = -(-self.chunks // per_split)
+        return splits, per_split, splits * M * self.out_features
+
+    def dequantize(self) -> torch.Tensor:
+        """The float16 weight [in, out], rows in input order (one launch)."""
+        if not self._ready:
+            raise RuntimeError("prepare() was not called on this layer")
+        w = torch.empty(self.in_features, self.out_features, dtype=torch.float16, device=self.cu_words.device)
+        perm = self.cu_perm.data_ptr() if self.cu_perm is not None else None
+        cuda_build.check(cuda_build.library().gb_q4_dequantize(
+            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), perm, w.data_ptr(), self.out_features, self.chunks,
+            self.slots_per_group, self.slots, torch.cuda.current_stream(w.device).cuda_stream), "q4_dequantize")
+        return w
+
+
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """float32 split-K partials, shared by the layers of a device (one stream runs them one after another)."""
+    ws = _WORKSPACES.get(device)
+    if ws is None or ws.numel() < numel:
+        ws = _WORKSPACES[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return ws
+
+
+def _check_available() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        cuda_build.library()  # builds on first use: seconds
+    except (cuda_build.BuildError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
+    if layer.in_features % 32:
+        return "input features must be a multiple of 32"
+    if layer.out_features % 16:
+        return "output features must be a multiple of 16 (the kernel's column tile)"
+    return None
+
+
+def kernel_spec() -> KernelSpec:
+    return KernelSpec(
+        name="cuda",
+        description="gptq-bridge's CUDA kernel (q4_mma.cu): 4-bit, tensor-core decode up to 32 rows, "
+                    "dequantize + cuBLAS above; built with nvcc on first use",
+        bits=frozenset({4}),
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16}),
+        min_capability=cuda_build.MIN_CAPABILITY,
+        measured_us=MEASURED_US.get("cuda", {}),
+        priority=8,  # where no measurement applies: below triton (10), above exllama (5)
+        factory=CudaQuantLinear,
+        check_available=_check_available,
+        check_layer=_check_layer,
+    )
+
+
+@hookimpl
+def gptq_register_kernels(register):
+    register(kernel_spec())

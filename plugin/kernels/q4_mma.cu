@@ -1,0 +1,270 @@
+// gptq-bridge's CUDA kernels for 4-bit GPTQ weights (built by cuda_build.py, driven by cuda_gptq.py).
+//
+// Few rows (m <= 32): out[m, n] = sum_k x[m, k] w[k, n] on the tensor cores, computed transposed: one
+// mma.sync m16n8k16 takes 16 output columns as its M side (A = dequantized weight) and 8 activation rows as its
+// N side (B = x), so a single row wastes no weight traffic.
+//
+// Weight layout "q4mma", made once by cuda_gptq.shuffle(): rows ("slots") sorted by group as in slot_layout,
+// padded to a multiple of 64, then cut into 16-column tiles and 64-slot chunks. A chunk of a tile is 32 lanes
+// x 4 words: lane (g = lane / 4, t = lane % 4), word j holds exactly the eight 4-bit values lane's A fragment
+// needs for k-tile j, so a warp reads 512 contiguous bytes per chunk, one 16-byte load per lane:
+//   bits  0-3 : slot 16t+4j+0, column g      bits 16-19: slot 16t+4j+1, column g
+//   bits  4-7 : slot 16t+4j+0, column g+8    bits 20-23: slot 16t+4j+1, column g+8
+//   bits  8-11: slot 16t+4j+2, column g      bits 24-27: slot 16t+4j+3, column g
+//   bits 12-15: slot 16t+4j+2, column g+8    bits 28-31: slot 16t+4j+3, column g+8
+// The mma's logical k (2t, 2t+1 | 2t+8, 2t+9 of k-tile j) maps to slots 16t+4j+(0, 1 | 2, 3): the same
+// permutation for A and B, so the product is unchanged, and lane t's activations for the whole chunk are 16
+// consecutive halves (two 16-byte loads per row).
+//
+// Dequantization, two values per instruction: lop3 puts nibbles (bits 0-3, 16-19) into the mantissas of the
+// half2 (1024, 1024), giving (1024 + q0, 1024 + q1) exactly; minus (1024 + z) is the exact integer q - z; times
+// the scale rounds once, the same float16 weight the reference kernel makes. Accumulation is float32.
+//
+// Split-K: the grid is (column blocks, splits); each split writes float32 partials, and the last block of a
+// column block to finish (an arrival counter, reset by that block) sums them in a fixed order: one launch,
+// deterministic.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kWarps = 4;  // a block: 4 warps, one 16-column tile each
+constexpr int kThreads = kWarps * 32;
+constexpr int kCols = kWarps * 16;  // columns per block
+constexpr int kUnroll = 4;  // chunks loaded before any is used: 64 bytes a lane in flight
+
+__device__ __forceinline__ uint32_t dequant2(uint32_t w, __half2 z, __half2 s) {
+  uint32_t h;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(w), "n"(0x000F000F), "n"(0x64006400));  // (w & m) | c
+  __half2 v = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), z), s);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Weights are read once: keep them out of L1.
+__device__ __forceinline__ uint4 load_once(const uint4* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+// One 64-slot chunk of one lane: 4 k-tiles, each one mma per 8-row tile.
+template <int MT>
+__device__ __forceinline__ void chunk_mma(float (&acc)[MT][4], uint4 w, int chunk, int g, int t, int col,
+                                          const __half2* __restrict__ sz, const __half* __restrict__ x, int M,
+                                          int N, int P, int ldx) {
+  const int slot = chunk * 64 + 16 * t;  // this lane's 16 slots lie in one group (16 divides P)
+  const size_t grp = slot / P;
+  const __half2 sz0 = sz[grp * N + col], sz8 = sz[grp * N + col + 8];
+  const __half2 s0 = __low2half2(sz0), z0 = __high2half2(sz0);
+  const __half2 s8 = __low2half2(sz8), z8 = __high2half2(sz8);
+  uint32_t xb[MT][8];
+#pragma unroll
+  for (int r = 0; r < MT; ++r) {
+    const int m = r * 8 + g;
+    if (m < M) {
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + slot);
+      const uint4 lo = xp[0], hi = xp[1];
+      xb[r][0] = lo.x; xb[r][1] = lo.y; xb[r][2] = lo.z; xb[r][3] = lo.w;
+      xb[r][4] = hi.x; xb[r][5] = hi.y; xb[r][6] = hi.z; xb[r][7] = hi.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xb[r][i] = 0;
+    }
+  }
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t q = words[j];
+    const uint32_t a0 = dequant2(q, z0, s0), a1 = dequant2(q >> 4, z8, s8);
+    const uint32_t a2 = dequant2(q >> 8, z0, s0), a3 = dequant2(q >> 12, z8, s8);
+#pragma unroll
+    for (int r = 0; r < MT; ++r) mma_16816(acc[r], a0, a1, a2, a3, xb[r][2 * j], xb[r][2 * j + 1]);
+  }
+}
+
+// MT tiles of 8 rows (m <= 8 * MT). Each lane loads its 16 bytes of kUnroll consecutive chunks, then does their
+// math. (Measured on the H100 and not kept, docs/PERFORMANCE.md: issuing the next step's loads before this
+// step's math, also with the scales and activations; a cp.async ring in shared memory 4 or 8 chunks deep. Each
+// was 3-20% slower: the math between loads, not the loads in flight, is what this kernel waits on.)
+template <int MT>
+__global__ void __launch_bounds__(kThreads) q4_few_rows(
+    const uint4* __restrict__ qw,     // q4mma words: [tiles][chunks][32 lanes] x 4 words
+    const __half2* __restrict__ sz,   // [groups][N]: (scale, 1024 + zero)
+    const __half* __restrict__ x,     // [M][ldx], columns in slot order, chunks * 64 of them
+    const __half* __restrict__ bias,  // [N] or null
+    __half* __restrict__ out,         // [M][ldo]
+    float* __restrict__ ws,           // [splits][M][N] partials (unused with one split)
+    int* __restrict__ counters,       // [column blocks], zero between calls
+    int M, int N, int chunks, int P, int ldx, int ldo, int per_split) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x * kWarps + warp;
+  const int c_begin = blockIdx.y * per_split;
+  const int c_end = min(chunks, c_begin + per_split);
+  float acc[MT][4];
+#pragma unroll
+  for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
+
+  if (tile < (N >> 4)) {
+    const uint4* wp = qw + (size_t)tile * chunks * 32 + lane;
+    const int col = tile * 16 + g;
+    for (int c = c_begin; c < c_end; c += kUnroll) {
+      uint4 w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        w[u] = c + u < c_end ? load_once(wp + (size_t)(c + u) * 32) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (c + u < c_end) chunk_mma<MT>(acc, w[u], c + u, g, t, col, sz, x, M, N, P, ldx);
+    }
+  }
+
+  // acc[r]: c0 = (column g, row 2t), c1 = (g, 2t + 1), c2 = (g + 8, 2t), c3 = (g + 8, 2t + 1)
+  const bool one_split = gridDim.y == 1;
+  if (tile < (N >> 4)) {
+#pragma unroll
+    for (int r = 0; r < MT; ++r) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = r * 8 + 2 * t + (i & 1);
+        const int n = tile * 16 + g + (i >> 1) * 8;
+        if (m < M) {
+          if (one_split) {
+            const float b = bias ? __half2float(bias[n]) : 0.f;
+            out[(size_t)m * ldo + n] = __float2half(acc[r][i] + b);
+          } else {
+            ws[((size_t)blockIdx.y * M + m) * N + n] = acc[r][i];
+          }
+        }
+      }
+    }
+  }
+  if (one_split) return;
+
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int n0 = blockIdx.x * kCols;
+  for (int i = threadIdx.x; i < M * kCols; i += kThreads) {
+    const int m = i / kCols, n = n0 + i % kCols;
+    if (n >= N) continue;
+    float s = 0.f;
+    for (int sp = 0; sp < (int)gridDim.y; ++sp) s += __ldcg(ws + ((size_t)sp * M + m) * N + n);
+    if (bias) s += __half2float(bias[n]);
+    out[(size_t)m * ldo + n] = __float2half(s);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+// x's columns in slot order: out[m, s] = x[m, idx[s]], or 0 where idx[s] < 0 (pad slots).
+__global__ void gather_columns(const __half* __restrict__ x, int ldx, const int* __restrict__ idx,
+                               __half* __restrict__ out, int slots) {
+  const int s = blockIdx.x * blockDim.x + threadIdx.x;
+  const int m = blockIdx.y;
+  if (s < slots) {
+    const int k = idx[s];
+    out[(size_t)m * slots + s] = k >= 0 ? x[(size_t)m * ldx + k] : __float2half(0.f);
+  }
+}
+
+// The float16 weight [K][N] in input-row order. A block dequantizes one chunk (64 slots) of 4 tiles (64 columns)
+// into shared memory, one 16-byte load a lane as in q4_few_rows, then writes each of the 64 rows as one 128-byte
+// run (rows scattered by perm, columns contiguous).
+__global__ void __launch_bounds__(kThreads) q4_dequantize(
+    const uint4* __restrict__ qw, const __half2* __restrict__ sz, const int* __restrict__ perm,
+    __half* __restrict__ w, int N, int chunks, int P, int slots) {
+  __shared__ __align__(16) __half tile_w[64][kCols + 8];  // +8: rows start on different banks
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunk = blockIdx.y;
+  const int tile = blockIdx.x * kWarps + warp;
+  if (tile < (N >> 4)) {
+    const uint4 q4 = load_once(qw + ((size_t)tile * chunks + chunk) * 32 + lane);
+    const int col = tile * 16 + g;
+    const size_t grp = (chunk * 64 + 16 * t) / P;
+    const __half2 sz0 = sz[grp * N + col], sz8 = sz[grp * N + col + 8];
+    const __half2 s0 = __low2half2(sz0), z0 = __high2half2(sz0), s8 = __low2half2(sz8), z8 = __high2half2(sz8);
+    const uint32_t words[4] = {q4.x, q4.y, q4.z, q4.w};
+    const int c = warp * 16 + g;  // column within the block
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = 16 * t + 4 * j;  // slot within the chunk
+      // (slot +0, +1) of column g, of column g + 8; (slot +2, +3) of column g, of column g + 8
+      const uint32_t v[4] = {dequant2(words[j], z0, s0), dequant2(words[j] >> 4, z8, s8),
+                             dequant2(words[j] >> 8, z0, s0), dequant2(words[j] >> 12, z8, s8)};
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const int rr = r + (h >> 1) * 2, cc = c + (h & 1) * 8;
+        tile_w[rr][cc] = __ushort_as_half(static_cast<unsigned short>(v[h]));
+        tile_w[rr + 1][cc] = __ushort_as_half(static_cast<unsigned short>(v[h] >> 16));
+      }
+    }
+  }
+  __syncthreads();
+  const int n0 = blockIdx.x * kCols;
+  for (int i = threadIdx.x; i < 64 * (kCols / 8); i += kThreads) {  // 8 halves (16 bytes) a store
+    const int r = i / (kCols / 8), c8 = (i % (kCols / 8)) * 8;
+    const int slot = chunk * 64 + r;
+    if (slot >= slots || n0 + c8 >= N) continue;
+    const int row = perm ? perm[slot] : slot;
+    if (row < 0) continue;
+    *reinterpret_cast<uint4*>(w + (size_t)row * N + n0 + c8) = *reinterpret_cast<const uint4*>(&tile_w[r][c8]);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 0 on success, else a cudaError_t (gb_error_string names it); -1: more rows than the kernel takes.
+int gb_q4_few_rows(const void* qw, const void* sz, const void* x, const void* bias, void* out, void* ws,
+                   void* counters, int M, int N, int chunks, int P, int ldx, int ldo, int splits, int per_split,
+                   void* stream) {
+  const dim3 grid((N / 16 + kWarps - 1) / kWarps, splits);
+  auto s = static_cast<cudaStream_t>(stream);
+#define GB_ARGS                                                                                              \
+  static_cast<const uint4*>(qw), static_cast<const __half2*>(sz), static_cast<const __half*>(x),             \
+      static_cast<const __half*>(bias), static_cast<__half*>(out), static_cast<float*>(ws),                  \
+      static_cast<int*>(counters), M, N, chunks, P, ldx, ldo, per_split
+  if (M <= 8) q4_few_rows<1><<<grid, kThreads, 0, s>>>(GB_ARGS);
+  else if (M <= 16) q4_few_rows<2><<<grid, kThreads, 0, s>>>(GB_ARGS);
+  else if (M <= 32) q4_few_rows<4><<<grid, kThreads, 0, s>>>(GB_ARGS);
+  else return -1;
+#undef GB_ARGS
+  return static_cast<int>(cudaGetLastError());
+}
+
+int gb_gather_columns(const void* x, int ldx, const void* idx, void* out, int M, int slots, void* stream) {
+  const dim3 grid((slots + 255) / 256, M);
+  gather_columns<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const __half*>(x), ldx, static_cast<const int*>(idx), static_cast<__half*>(out), slots);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, int N, int chunks, int P,
+                     int slots, void* stream) {
+  const dim3 grid((N / 16 + kWarps - 1) / kWarps, chunks);
+  q4_dequantize<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const uint4*>(qw), static_cast<const __half2*>(sz), static_cast<const int*>(perm),
+      static_cast<__half*>(w), N, chunks, P, slots);
+  return static_cast<int>(cudaGetLastError());
+}
+
+const char* gb_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // extern "C"

@@ -1,0 +1,102 @@
+"""The CUDA kernel's parts that a CPU can check: the q4mma weight layout, the mma fragment contract it is
+built on, the build, and registration. The kernel itself runs in tests/gpu (test_cuda_kernel_gpu.py)."""
+
+import ctypes
+
+import pytest
+import torch
+
+from gptq_bridge.kernels import cuda_build
+from gptq_bridge.kernels.cuda_gptq import kernel_spec, shuffle, unshuffle
+
+
+def random_q(slots, n, seed=0):
+    return torch.randint(0, 16, (slots, n), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+
+
+def test_shuffle_round_trips():
+    q = random_q(192, 48)
+    words = shuffle(q)
+    assert words.shape == (3, 3, 32, 4) and words.dtype == torch.int32
+    assert torch.equal(unshuffle(words), q)
+
+
+def test_shuffle_follows_the_table_in_q4_mma_cu():
+    """Every nibble of every word sits where q4_mma.cu's comment says: lane (g, t), word j, bits 4b..4b+3 hold
+    slot 16t + 4j + (0, 0, 2, 2, 1, 1, 3, 3)[b] of column g + (0, 8)[b % 2] of the tile."""
+    q = random_q(128, 32, seed=1)
+    words = shuffle(q).to(torch.int64) & 0xFFFFFFFF
+    slot_of_bit = {0: 0, 4: 0, 8: 2, 12: 2, 16: 1, 20: 1, 24: 3, 28: 3}
+    col_of_bit = {0: 0, 4: 8, 8: 0, 12: 8, 16: 0, 20: 8, 24: 0, 28: 8}
+    checked = 0
+    for tile in range(2):
+        for chunk in range(2):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for j in range(4):
+                    word = int(words[tile, chunk, lane, j])
+                    for bit in range(0, 32, 4):
+                        slot = chunk * 64 + 16 * t + 4 * j + slot_of_bit[bit]
+                        col = tile * 16 + g + col_of_bit[bit]
+                        assert (word >> bit) & 15 == int(q[slot, col])
+                        checked += 1
+    assert checked == q.numel()
+
+
+def test_the_fragments_multiply_to_x_times_w():
+    """Emulate the kernel's arithmetic on the CPU: per lane and k-tile, the A fragment (dequantized from the
+    nibble pairs the lop3 trick extracts: bits 0/16, 4/20, 8/24, 12/28) and the B fragment (two words of the
+    lane's 16 consecutive activations), placed where PTX's m16n8k16 puts fragment elements; their products
+    summed over k-tiles must be x @ w."""
+    slots, n, m = 128, 32, 8
+    q = random_q(slots, n, seed=2)
+    x = torch.randn(m, slots, dtype=torch.float64)
+    words = shuffle(q).to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros(n, m, dtype=torch.float64)  # the kernel computes out transposed: columns x rows
+    for tile in range(n // 16):
+        for chunk in range(slots // 64):
+            for j in range(4):
+                A = torch.zeros(16, 16, dtype=torch.float64)  # [column in tile, logical k]
+                B = torch.zeros(16, 8, dtype=torch.float64)  # [logical k, row]
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    w = int(words[tile, chunk, lane, j])
+                    # a0..a3: (row, first logical k) of the pair; the pair's nibbles sit at bits s and s + 16
+                    for (row, k), shift in zip(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)),
+                                               (0, 4, 8, 12)):
+                        A[row, k] = (w >> shift) & 15
+                        A[row, k + 1] = (w >> (shift + 16)) & 15
+                    base = chunk * 64 + 16 * t + 4 * j  # b0: slots base, base + 1; b1: base + 2, base + 3
+                    B[2 * t, g], B[2 * t + 1, g] = x[g, base], x[g, base + 1]
+                    B[2 * t + 8, g], B[2 * t + 9, g] = x[g, base + 2], x[g, base + 3]
+                out[tile * 16 : tile * 16 + 16] += A @ B
+    assert torch.allclose(out.t(), x @ q.double())
+
+
+def test_kernel_is_registered_with_honest_capabilities():
+    spec = kernel_spec()
+    assert spec.name == "cuda" and spec.bits == {4} and spec.devices == {"cuda"}
+    assert spec.dtypes == {torch.float16} and spec.min_capability == (8, 0)
+    if not torch.cuda.is_available():
+        assert spec.check_available() == "no CUDA device"
+
+
+@pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
+def test_the_library_builds_and_exports_its_functions(tmp_path, monkeypatch):
+    """nvcc compiles q4_mma.cu (for sm_80: no GPU needed to build or to load the library); a second build is a
+    cache hit."""
+    monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path))
+    path = cuda_build.build(archs=[(8, 0)])
+    assert path.parent == tmp_path and path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    lib = ctypes.CDLL(str(path))
+    for name in ("gb_q4_few_rows", "gb_gather_columns", "gb_q4_dequantize", "gb_error_string"):
+        assert hasattr(lib, name)
+    mtime = path.stat().st_mtime_ns
+    assert cuda_build.build(archs=[(8, 0)]) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_a_missing_nvcc_is_a_clear_build_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path))
+    with pytest.raises(cuda_build.BuildError, match="nvcc"):
+        cuda_build.build(nvcc=str(tmp_path / "no-nvcc-here"), archs=[(8, 0)])
