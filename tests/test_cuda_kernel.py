@@ -100,3 +100,15 @@ def test_a_missing_nvcc_is_a_clear_build_error(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path))
     with pytest.raises(cuda_build.BuildError, match="nvcc"):
         cuda_build.build(nvcc=str(tmp_path / "no-nvcc-here"), archs=[(8, 0)])
+
+
+@pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
+def test_a_failing_build_names_the_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.cu"
+    broken.write_text('extern "C" int f() { return undefined_name; }\n')
+    with pytest.raises(cuda_build.BuildError) as info:
+        cuda_build.build(archs=[(8, 0)], source=broken)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("nvcc failed to build broken.cu:") and "undefined_name" in first
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -83,7 +83,10 @@ def build(nvcc: str | None = None, archs: list[tuple[int, int]] | None = None, s
     try:
         proc = subprocess.run(_nvcc_command(nvcc, archs, Path(tmp), source), capture_output=True, text=True)
         if proc.returncode:
-            raise BuildError(f"nvcc failed to build {source.name}:\n{(proc.stderr or proc.stdout)[-3000:]}")
+            output = (proc.stderr or proc.stdout).strip()
+            lines = output.splitlines() or ["(no output)"]
+            first_error = next((line for line in lines if "error" in line.lower()), lines[-1])
+            raise BuildError(f"nvcc failed to build {source.name}: {first_error.strip()}\n{output[-3000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

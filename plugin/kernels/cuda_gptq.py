@@ -204,7 +204,7 @@ def _check_available() -> str | None:
     try:
         cuda_build.library()  # builds on first use: seconds
     except (cuda_build.BuildError, OSError) as exc:
-        return str(exc)
+        return str(exc).splitlines()[0]  # one line for `explain`; the exception has nvcc's whole output
     return None
 
 
