@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything the GPU side needs, in one device call (docs/PERFORMANCE.md): tests/gpu, then bench/kernels.py.
 #
-#   run(command="bash bench/gpu_session.sh --bits 4,3 --ms 1,8,32,512 --torch-ref --exllama",
+#   run(command="bash bench/gpu_session.sh --bits 4,3 --ms 1,8,32,512 --torch-ref --exllama --cuda",
 #       carry=[".whl", ".device-carry"])
 #
+# The cuda kernel's library is built with the device's nvcc before the tests (7 s; cached in ~/.cache for the
+# rest of the call).
 # .whl holds the wheels the device lacks (pydantic and its three dependencies, exllamav2). .device-carry holds
 # a built exllamav2_ext.so when one is here: the device then imports it instead of compiling exllamav2's
 # extension (126 s on an H100). Without it the script compiles and sends the .so back in 15 MB parts (the
