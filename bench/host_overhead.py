@@ -1,4 +1,5 @@
-"""Host (CPU) time of one call of each Triton path, the part a CUDA graph removes: python bench/host_overhead.py
+"""Host (CPU) time of one call of each Triton path and of the cuda kernel, the part a CUDA graph removes:
+python bench/host_overhead.py
 
 On a small layer (1024x1024, 4-bit g128 act-order) the GPU work of a call takes a few microseconds, so the
 wall time of many back-to-back calls is the Python + launch time per call. Then the torch profiler lists
@@ -27,7 +28,10 @@ def per_call_us(fn, calls=2000):
 
 
 def main():
-    tris, _, _, _ = build_layers(1024, 1024, 4, 128, 1, seed=1)
+    from gptq_bridge.kernels.cuda_gptq import kernel_spec
+
+    others = ("cuda",) if kernel_spec().check_available() is None else ()
+    tris, extra, _, _ = build_layers(1024, 1024, 4, 128, 1, seed=1, others=others)
     tri = tris[0]
     rows = []
     for m in (1, 8, 32, 512):
@@ -35,10 +39,14 @@ def main():
         paths = {"auto": tri, "gemm": tri.forward_gemm, "dequant": tri.forward_dequant}
         if m <= 16:
             paths["decode"] = tri.forward_decode
+        if others:
+            paths["cuda (forward)"] = extra["cuda"][0]
         for name, fn in paths.items():
             rows.append((m, name, per_call_us(lambda: fn(x))))
     x = torch.randn(8, 1024, device="cuda").half()
-    for name, fn in (("gemm", tri.forward_gemm), ("decode", tri.forward_decode)):
+    profiled = [("gemm", tri.forward_gemm), ("decode", tri.forward_decode)] + (
+        [("cuda", extra["cuda"][0].forward)] if others else [])
+    for name, fn in profiled:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(200):
                 fn(x)
