@@ -19,7 +19,7 @@ from ..config import QuantizeConfig
 from ..errors import KernelError
 from ..hookspecs import hookimpl
 from ..packing import unpack
-from ..types import KernelSpec, LayerShape
+from ..types import DeviceInfo, KernelSpec, LayerShape
 from . import cuda_build
 from .base import GPTQLinear
 from .measured import MEASURED_US
@@ -110,6 +110,8 @@ class CudaQuantLinear(GPTQLinear):
             raise RuntimeError("prepare() was not called on this layer (the loader calls it after loading)")
         if x.dtype != torch.float16:
             raise KernelError(f"the cuda kernel computes in float16, got {x.dtype}")
+        if x.device != self.cu_words.device:  # raw pointers of another device would fault the whole context
+            raise KernelError(f"input on {x.device}, layer on {self.cu_words.device}")
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
@@ -208,6 +210,15 @@ def _check_available() -> str | None:
     return None
 
 
+def _check_model(layers, config: QuantizeConfig, device: DeviceInfo, dtype: torch.dtype) -> str | None:
+    # The library links its own (static) CUDA runtime, whose current device is 0 whatever torch's is; launching
+    # on another device's stream needs a cudaSetDevice per call there, which has not been run on a multi-GPU
+    # machine yet.
+    if device.index not in (None, 0):
+        return f"runs on cuda:0 only for now, not cuda:{device.index}"
+    return None
+
+
 def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
     if layer.in_features % 32:
         return "input features must be a multiple of 32"
@@ -230,6 +241,7 @@ def kernel_spec() -> KernelSpec:
         factory=CudaQuantLinear,
         check_available=_check_available,
         check_layer=_check_layer,
+        check_model=_check_model,
     )
 
 
