@@ -27,8 +27,6 @@ from .slot_layout import sort_rows_by_group, zero_points
 
 FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
 _SHUFFLE_COLUMNS = 1024
-_NIBBLE_SLOT = (0, 0, 2, 2, 1, 1, 3, 3)  # nibble b of a word: slot 16t + 4j + _NIBBLE_SLOT[b] ...
-_NIBBLE_COL = (0, 8, 0, 8, 0, 8, 0, 8)  # ... column g + _NIBBLE_COL[b] (q4_mma.cu's table)
 _SLOT_ORDER = [0, 2, 1, 3]  # nibble pair p (bits 8p..8p+7, interleaved by column half) holds slot offset this
 
 
@@ -63,11 +61,7 @@ class CudaQuantLinear(GPTQLinear):
         super().__init__(layer, config, dtype)
         self._ready = False
         self.few_rows_config: dict | None = None  # benchmark override: {"SPLITS": n}
-        self._plans: dict[tuple, tuple] = {}
-
-    def _apply(self, fn, *args, **kwargs):
-        self._plans = {}  # plans hold raw pointers of the buffers, which .to() may move
-        return super()._apply(fn, *args, **kwargs)
+        self._plans: dict[tuple, tuple] = {}  # (splits, chunks per split, workspace floats) by (rows, device, ...)
 
     def prepare(self) -> None:
         if self._ready:
