@@ -3,8 +3,9 @@
 Builds a random-weight float16 Llama directory of the size asked for (with the tests' word-level tokenizer),
 then runs, each in a fresh process so each peak is its own:
 - `baseline`: import gptq_bridge + transformers and load the float16 model, nothing else;
-- `quantize`: the CLI, 4-bit g128 act-order: the default (fp-targets); the same without the quantizer's glibc
-  heap reuse (`_reuse_freed_memory`); and --no-fp-targets.
+- `quantize`: the CLI, 4-bit g128 act-order: the default (fp-targets); the same with glibc's default
+  allocation behaviour instead of the quantizer's heap policy (`_heap_policy`: the heap reuse of narrow
+  models, the fixed mmap threshold of wide ones); and --no-fp-targets.
 Prints the peak resident memory of each (getrusage of the child), the load average around it, and the
 quantizer's peak over the float16 model's size, with and without the part the baseline already needs
 (runtime + the model itself). Since `quantize` reads the source one block at a time, the baseline (which
@@ -98,7 +99,7 @@ def main() -> None:
             from gptq_bridge.cli import main as cli_main
 
             if kind == "quantize-no-heap-reuse":  # glibc's default allocation behaviour, for comparison
-                q._reuse_freed_memory = lambda *a, **k: contextlib.nullcontext()
+                q._heap_policy = lambda *a, **k: contextlib.nullcontext()
             rc = cli_main(["quantize", *rest])
         print(f"PEAK_RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
         raise SystemExit(rc)
@@ -132,7 +133,7 @@ def main() -> None:
             kind = "quantize-no-heap-reuse" if run == "no-heap-reuse" else "quantize"
             mode = "--no-fp-targets" if run == "no-fp-targets" else "--fp-targets"
             peak, wall = peak_of(child([kind, str(src), str(args.work / f"q-{run}"), *quantize_args, mode]))
-            name = {"default": "quantize (default: fp-targets)", "no-heap-reuse": "quantize, without the glibc heap reuse",
+            name = {"default": "quantize (default: fp-targets)", "no-heap-reuse": "quantize, glibc's default allocation (no heap policy)",
                     "no-fp-targets": "quantize --no-fp-targets"}[run]
             shutil.rmtree(args.work / f"q-{run}", ignore_errors=True)
         rows.append((name, peak, wall, load, os.getloadavg()[0]))

@@ -735,18 +735,29 @@ def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: li
 
 
 @contextlib.contextmanager
-def _reuse_freed_memory(enabled: bool = True):
-    """While quantizing on the CPU under glibc: serve large allocations from the heap and keep freed memory.
+def _heap_policy(reuse: bool):
+    """How glibc serves the quantizer's large host allocations while it runs; restored and trimmed afterwards.
 
-    Every forward pass over the calibration set allocates and frees the same activation-sized tensors (tens
-    of MB each). By default glibc gives each one back to the kernel (munmap) and maps fresh pages for the
-    next, and every 4 KiB page of those is a page fault that zeroes it: for SmolLM2-135M (39 x 512 tokens)
-    about 9 of 55 CPU seconds per 6 blocks were system time. With mmap off and trimming deferred, the
-    memory is reused instead. The price is resident memory that is not given back during the run (peak RSS
-    of the SmolLM2 benchmark: 2.2 GB -> 3.0 GB). Only for CPU runs; restored and trimmed afterwards.
+    `reuse` (CPU runs with narrow layers, `_heap_reuse_pays`): serve large allocations from the heap and keep
+    freed memory. Every forward pass over the calibration set allocates and frees the same activation-sized
+    tensors (tens of MB each). By default glibc gives each one back to the kernel (munmap) and maps fresh
+    pages for the next, and every 4 KiB page of those is a page fault that zeroes it: for SmolLM2-135M
+    (39 x 512 tokens) about 9 of 55 CPU seconds per 6 blocks were system time. With mmap off and trimming
+    deferred, the memory is reused instead. The price is resident memory that is not given back during the
+    run (peak RSS of the SmolLM2 benchmark: 2.2 GB -> 3.0 GB).
+
+    Otherwise (wide layers, or a GPU run): a fixed mmap threshold at glibc's initial 128 KiB, so every
+    tensor above it is mapped on its own and given back to the kernel when freed. glibc's default raises the
+    threshold each time a mapped block is freed, up to 32 MiB, so after the first forward pass every tensor
+    up to 32 MiB (Hessians, weight copies, activations) came from the heap, where short- and long-lived
+    chunks interleave and the free space between them cannot be given back: the heap grew with every block
+    while the memory in use did not (hidden 1024 / MLP 2752, 16 x 512 tokens: 163 MiB in use after every
+    block, free heap memory 300 -> 550 MiB over 16 blocks, peak RSS +25 MiB per block; with the fixed
+    threshold 1 -> 3 MiB free and a flat peak; docs/QUALITY.md). The cost is the page faults of those
+    tensors: more system time.
     """
     libc = None
-    if enabled and sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
             libc.gnu_get_libc_version  # glibc only (mallopt's parameter numbers are glibc's)
@@ -755,15 +766,25 @@ def _reuse_freed_memory(enabled: bool = True):
     if libc is None:
         yield
         return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    if reuse:
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+    else:
+        libc.mallopt(m_mmap_threshold, GLIBC_MMAP_THRESHOLD)  # also turns glibc's dynamic threshold off
     try:
         yield
     finally:
-        libc.mallopt(m_mmap_max, 65536)  # glibc's defaults
+        # glibc's default values; the threshold stays fixed at its initial value (mallopt cannot turn the
+        # dynamic adjustment back on), which only means large blocks keep being mapped on their own
+        libc.mallopt(m_mmap_max, 65536)
+        libc.mallopt(m_mmap_threshold, GLIBC_MMAP_THRESHOLD)
         libc.mallopt(m_trim_threshold, 128 * 1024)
         libc.malloc_trim(0)
+
+
+# glibc's initial M_MMAP_THRESHOLD: allocations above it are mapped on their own (see `_heap_policy`).
+GLIBC_MMAP_THRESHOLD = 128 * 1024
 
 
 # Widest Linear input for which keeping freed memory in the heap pays (see `_heap_reuse_pays`).
@@ -771,7 +792,7 @@ HEAP_REUSE_MAX_WIDTH = 4096
 
 
 def _heap_reuse_pays(blocks: nn.ModuleList) -> bool:
-    """Whether `_reuse_freed_memory` is worth its memory for these blocks.
+    """Whether `_heap_policy`'s heap reuse is worth its memory for these blocks.
 
     It saves the page faults of activation-sized tensors allocated again in every forward pass (SmolLM2,
     widths up to 1536: ~35 s of system time per run). With wider layers the float64 [in, in] Hessians and
@@ -900,7 +921,7 @@ def _quantize_loaded(model: nn.Module, weights: BlockWeights | None, tokenizer, 
                                  f"{s['bits']}-bit group {s['group_size']}{' act-order' if s['desc_act'] else ''}"))
     # the calibration states between blocks are stored in the model's own dtype (computed in float32)
     store = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta)
-    with CheckpointWriter(out) as writer, _reuse_freed_memory(dev.type == "cpu" and _heap_reuse_pays(blocks)):
+    with CheckpointWriter(out) as writer, _heap_policy(reuse=dev.type == "cpu" and _heap_reuse_pays(blocks)):
         states, kwargs_list = capture_block_inputs(model, blocks, parent, attr, windows, batch_size, dev, compute)
         states = [h.to(store) for h in states]
         reports: list[LayerReport] = []
