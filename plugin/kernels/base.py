@@ -48,3 +48,15 @@ class GPTQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """float32 scratch for split-K partial sums, shared by every layer and kernel on a device (launches on one
+    stream run one after another); it grows to the largest request and stays."""
+    ws = _WORKSPACES.get(device)
+    if ws is None or ws.numel() < numel:
+        ws = _WORKSPACES[device] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+    return ws

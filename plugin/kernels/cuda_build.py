@@ -35,10 +35,10 @@ class BuildError(RuntimeError):
 
 
 def find_nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
+    """$CUDA_HOME/bin/nvcc, $CUDA_PATH/bin/nvcc, nvcc on PATH, /usr/local/cuda/bin/nvcc: the first that exists."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    candidates = [Path(h) / "bin" / "nvcc" for h in homes if h] + [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    return next((str(c) for c in candidates if c and Path(c).is_file()), None)
 
 
 def cache_dir() -> Path:

@@ -21,7 +21,7 @@ from ..hookspecs import hookimpl
 from ..packing import unpack
 from ..types import DeviceInfo, KernelSpec, LayerShape
 from . import cuda_build
-from .base import GPTQLinear
+from .base import GPTQLinear, split_k_workspace
 from .measured import MEASURED_US
 from .slot_layout import sort_rows_by_group, zero_points
 
@@ -143,7 +143,7 @@ class CudaQuantLinear(GPTQLinear):
             fixed = self._plans[key] = self._few_rows_plan(M, x.device)
         splits, per_split, ws_numel = fixed
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
-        ws = _workspace(x.device, ws_numel) if splits > 1 else out
+        ws = split_k_workspace(x.device, ws_numel) if splits > 1 else out
         bias = self.bias.data_ptr() if self.bias is not None else None
         cuda_build.check(cuda_build.library().gb_q4_few_rows(
             self.cu_words.data_ptr(), self.cu_sz.data_ptr(), xs.data_ptr(), bias, out.data_ptr(), ws.data_ptr(),
@@ -181,17 +181,6 @@ class CudaQuantLinear(GPTQLinear):
             self.cu_words.data_ptr(), self.cu_sz.data_ptr(), perm, w.data_ptr(), self.out_features, self.chunks,
             self.slots_per_group, self.slots, torch.cuda.current_stream(w.device).cuda_stream), "q4_dequantize")
         return w
-
-
-_WORKSPACES: dict[torch.device, torch.Tensor] = {}
-
-
-def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """float32 split-K partials, shared by the layers of a device (one stream runs them one after another)."""
-    ws = _WORKSPACES.get(device)
-    if ws is None or ws.numel() < numel:
-        ws = _WORKSPACES[device] = torch.empty(numel, dtype=torch.float32, device=device)
-    return ws
 
 
 def _check_available() -> str | None:

@@ -28,7 +28,7 @@ import torch
 from ..config import QuantizeConfig
 from ..hookspecs import hookimpl
 from ..types import KernelSpec, LayerShape
-from .base import GPTQLinear
+from .base import GPTQLinear, split_k_workspace
 from .measured import MEASURED_US
 from .slot_layout import sort_rows_by_group, zero_points
 
@@ -416,18 +416,6 @@ DECODE_UP_TO_M = 2
 CUBLAS_MIN_M = 128
 
 
-_WORKSPACES: dict[torch.device, torch.Tensor] = {}
-
-
-def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """float32 scratch for split-K partial sums, shared by all layers on a device (launches on one stream run
-    one after another); it grows to the largest request and stays."""
-    ws = _WORKSPACES.get(device)
-    if ws is None or ws.numel() < numel:
-        ws = _WORKSPACES[device] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
-    return ws
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -516,7 +504,7 @@ class TritonQuantLinear(GPTQLinear):
         plan = self._plan(("decode", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16),
                           self._decode_plan, x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        ws = _workspace(x.device, plan.ws) if plan.ws else out
+        ws = split_k_workspace(x.device, plan.ws) if plan.ws else out
         perm, bias = self.tq_perm, self.bias
         plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
                      bias if bias is not None else x, out, ws, self.tq_counters))
@@ -554,7 +542,7 @@ class TritonQuantLinear(GPTQLinear):
         plan = self._plan(("gemm", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16),
                           self._gemm_plan, x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        ws = _workspace(x.device, plan.ws) if plan.ws else out
+        ws = split_k_workspace(x.device, plan.ws) if plan.ws else out
         bias = self.bias
         plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, bias if bias is not None else x, out, ws,
                      self.tq_counters))
