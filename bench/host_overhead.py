@@ -53,10 +53,41 @@ def main():
             torch.cuda.synchronize()
         print(f"\n## profile of forward_{name}, m=8, 200 calls (CPU time)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    if others:
+        rows += cuda_parts(extra["cuda"][0], x)
     print(f"\n## {torch.cuda.get_device_name()}: host microseconds per call (1024x1024 layer, wall of 2000 calls)")
     print("| m | path | us per call |\n|---|---|---|")
     for m, name, us in rows:
         print(f"| {m} | {name} | {us:.1f} |")
+
+
+def cuda_parts(mod, x):
+    """The host steps of one cuda-kernel call at m = 8, each timed on its own (rows of the printed table)."""
+    from gptq_bridge.kernels import cuda_build
+    from gptq_bridge.kernels.base import split_k_workspace
+
+    lib = cuda_build.library()
+    out = torch.empty(8, 1024, dtype=torch.float16, device="cuda")
+    splits, per_split, ws_numel = mod._few_rows_plan(8, x.device)
+    ws = split_k_workspace(x.device, ws_numel)
+    stream = torch.cuda.current_stream().cuda_stream
+    xs = torch.empty(8, mod.chunks * 64, dtype=torch.float16, device="cuda")
+    args = (mod.cu_words.data_ptr(), mod.cu_sz.data_ptr(), x.data_ptr(), 1024, mod.cu_xidx.data_ptr(), xs.data_ptr(),
+            None, out.data_ptr(), ws.data_ptr(), mod.cu_counters.data_ptr(), 8, 1024, mod.chunks, mod.slots_per_group,
+            1024, splits, per_split, stream)
+    parts = {
+        "torch.cuda.current_stream(dev).cuda_stream": lambda: torch.cuda.current_stream(x.device).cuda_stream,
+        "torch._C._cuda_getCurrentRawStream(index)": lambda: torch._C._cuda_getCurrentRawStream(0),
+        "torch.empty(8, 1024) on cuda": lambda: torch.empty(8, 1024, dtype=torch.float16, device=x.device),
+        "six data_ptr() calls": lambda: (x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(),
+                                         x.data_ptr()),
+        "x.device != module device": lambda: x.device != mod.cu_words.device,
+        "ctypes call of gb_q4_few_rows (18 arguments, 2 launches: gather + kernel)": lambda: lib.gb_q4_few_rows(*args),
+        "ctypes call without a launch, 1 argument (gb_error_string)": lambda: lib.gb_error_string(0),
+        "cuda forward_few_rows, whole": lambda: mod.forward_few_rows(x),
+        "cuda forward, whole": lambda: mod(x),
+    }
+    return [(8, f"cuda part: {name}", per_call_us(fn, 20000)) for name, fn in parts.items()]
 
 
 if __name__ == "__main__":

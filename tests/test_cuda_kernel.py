@@ -1,5 +1,6 @@
 """The CUDA kernel's parts that a CPU can check: the q4mma weight layout, the mma fragment contract it is
-built on, the build, and registration. The kernel itself runs in tests/gpu (test_cuda_kernel_gpu.py)."""
+built on, the build, registration and the shared scratch. The kernel itself runs in tests/gpu
+(test_kernels_gpu.py)."""
 
 import ctypes
 
@@ -96,7 +97,7 @@ def test_the_library_builds_and_exports_its_functions(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.is_file()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
     lib = ctypes.CDLL(str(path))
-    for name in ("gb_q4_few_rows", "gb_gather_columns", "gb_q4_dequantize", "gb_error_string"):
+    for name in ("gb_q4_few_rows", "gb_q4_dequantize", "gb_error_string"):
         assert hasattr(lib, name)
     mtime = path.stat().st_mtime_ns
     assert cuda_build.build(archs=[(8, 0)]) == path and path.stat().st_mtime_ns == mtime
@@ -118,3 +119,18 @@ def test_a_failing_build_names_the_error_and_leaves_nothing(tmp_path, monkeypatc
     first = str(info.value).splitlines()[0]
     assert first.startswith("nvcc failed to build broken.cu:") and "undefined_name" in first
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_scratch_is_shared_per_device_and_dtype_and_grows():
+    """The split-K partials (float32) and the gathered activations (float16) each get one buffer per device:
+    smaller requests reuse it, a larger one replaces it, and the two dtypes never share memory."""
+    from gptq_bridge.kernels.base import scratch, split_k_workspace
+
+    cpu = torch.device("cpu")
+    a = scratch(cpu, 100, torch.float16)
+    assert a.dtype == torch.float16 and a.numel() >= 100
+    assert scratch(cpu, 10, torch.float16).data_ptr() == a.data_ptr()
+    b = split_k_workspace(cpu, 100)
+    assert b.dtype == torch.float32 and b.data_ptr() != a.data_ptr()
+    c = scratch(cpu, a.numel() + 1, torch.float16)
+    assert c.numel() > a.numel() and scratch(cpu, 1, torch.float16).data_ptr() == c.data_ptr()

@@ -50,13 +50,19 @@ class GPTQLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
-_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A flat scratch tensor of at least `numel` elements, shared by every layer and kernel on a device (split-K
+    partial sums, float32; activations gathered into a kernel's order, float16). Safe because the launches that
+    use it run on one stream, one after another; it grows to the largest request and stays."""
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[(device, dtype)] = torch.empty(max(numel, 1), dtype=dtype, device=device)
+    return buf
 
 
 def split_k_workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """float32 scratch for split-K partial sums, shared by every layer and kernel on a device (launches on one
-    stream run one after another); it grows to the largest request and stays."""
-    ws = _WORKSPACES.get(device)
-    if ws is None or ws.numel() < numel:
-        ws = _WORKSPACES[device] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
-    return ws
+    """float32 scratch for split-K partial sums (see `scratch`)."""
+    return scratch(device, numel, torch.float32)

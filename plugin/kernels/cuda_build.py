@@ -22,8 +22,7 @@ MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with float16 inputs
 
 _VOID, _INT = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {  # name: argument types (every function returns int: 0 or a cudaError_t)
-    "gb_q4_few_rows": [_VOID] * 7 + [_INT] * 8 + [_VOID],
-    "gb_gather_columns": [_VOID, _INT, _VOID, _VOID, _INT, _INT, _VOID],
+    "gb_q4_few_rows": [_VOID] * 3 + [_INT] + [_VOID] * 6 + [_INT] * 7 + [_VOID],
     "gb_q4_dequantize": [_VOID] * 4 + [_INT] * 4 + [_VOID],
 }
 

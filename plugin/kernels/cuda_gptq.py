@@ -6,7 +6,8 @@ need. Scales and zero points become one (scale, 1024 + zero) half2 per group and
 
 forward() by rows m:
 - m <= 32: one launch of `q4_few_rows` (split-K, partials summed by the last block of each column block), after
-  one gather of x into slot order when the rows were sorted (act-order) or x is not 16-byte aligned;
+  one gather of x into slot order when the rows were sorted (act-order) or x is not 16-byte aligned, both from
+  one call into the library;
 - m > 32: the weight is dequantized into float16 once per call, then cuBLAS.
 Float16 activations only (the spec says so; selection keeps other dtypes away).
 """
@@ -21,11 +22,15 @@ from ..hookspecs import hookimpl
 from ..packing import unpack
 from ..types import DeviceInfo, KernelSpec, LayerShape
 from . import cuda_build
-from .base import GPTQLinear, split_k_workspace
+from .base import GPTQLinear, scratch, split_k_workspace
 from .measured import MEASURED_US
 from .slot_layout import sort_rows_by_group, zero_points
 
 FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
+# The current stream's handle as an int: torch's own fast path (what Triton's launcher uses), ~7 us less per call
+# than torch.cuda.current_stream(device).cuda_stream on the H100 machine (bench/host_overhead.py).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
 _SHUFFLE_COLUMNS = 1024
 _SLOT_ORDER = [0, 2, 1, 3]  # nibble pair p (bits 8p..8p+7, interleaved by column half) holds slot offset this
 
@@ -61,7 +66,7 @@ class CudaQuantLinear(GPTQLinear):
         super().__init__(layer, config, dtype)
         self._ready = False
         self.few_rows_config: dict | None = None  # benchmark override: {"SPLITS": n}
-        self._plans: dict[tuple, tuple] = {}  # (splits, chunks per split, workspace floats) by (rows, device, ...)
+        self._plans: dict = {}  # (splits, chunks per split, workspace floats) by rows (and config)
 
     def prepare(self) -> None:
         if self._ready:
@@ -104,7 +109,7 @@ class CudaQuantLinear(GPTQLinear):
             raise RuntimeError("prepare() was not called on this layer (the loader calls it after loading)")
         if x.dtype != torch.float16:
             raise KernelError(f"the cuda kernel computes in float16, got {x.dtype}")
-        if x.device != self.cu_words.device:  # raw pointers of another device would fault the whole context
+        if x.get_device() != self.cu_words.get_device():  # another device's raw pointers would fault the context
             raise KernelError(f"input on {x.device}, layer on {self.cu_words.device}")
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
@@ -119,36 +124,29 @@ class CudaQuantLinear(GPTQLinear):
                 out += self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
-    def _slot_x(self, x: torch.Tensor, stream: int) -> torch.Tensor:
-        """x as the kernel reads it: slot-ordered columns (chunks * 64 of them), rows 16-byte aligned."""
-        if self._identity and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0:
-            return x
-        xs = torch.empty(x.shape[0], self.chunks * 64, dtype=torch.float16, device=x.device)
+    def forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """m <= 32 rows: one call into the library, which launches the gather of x into slot order when the rows
+        were sorted (act-order) or x is not 16-byte aligned (into the device's shared scratch), then the
+        tensor-core kernel."""
+        M, N = x.shape[0], self.out_features
         if x.stride(1) != 1:
             x = x.contiguous()
-        cuda_build.check(cuda_build.library().gb_gather_columns(
-            x.data_ptr(), x.stride(0), self.cu_xidx.data_ptr(), xs.data_ptr(), x.shape[0], xs.shape[1], stream),
-            "gather_columns")
-        return xs
-
-    def forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """m <= 32 rows: one tensor-core launch (after the gather of x, when one is needed)."""
-        M, N = x.shape[0], self.out_features
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        xs = self._slot_x(x, stream)
+        direct = self._identity and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+        xs = None if direct else scratch(x.device, M * self.chunks * 64, torch.float16)
         cfg = self.few_rows_config
-        key = ("few", M, x.device, None if cfg is None else tuple(sorted(cfg.items())))
+        key = M if cfg is None else (M, tuple(sorted(cfg.items())))  # a module lives on one device
         fixed = self._plans.get(key)
         if fixed is None:
             fixed = self._plans[key] = self._few_rows_plan(M, x.device)
         splits, per_split, ws_numel = fixed
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
         ws = split_k_workspace(x.device, ws_numel) if splits > 1 else out
-        bias = self.bias.data_ptr() if self.bias is not None else None
         cuda_build.check(cuda_build.library().gb_q4_few_rows(
-            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), xs.data_ptr(), bias, out.data_ptr(), ws.data_ptr(),
-            self.cu_counters.data_ptr(), M, N, self.chunks, self.slots_per_group, xs.stride(0), N, splits,
-            per_split, stream), "q4_few_rows")
+            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0),
+            None if direct else self.cu_xidx.data_ptr(), None if direct else xs.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
+            self.cu_counters.data_ptr(), M, N, self.chunks, self.slots_per_group, N, splits, per_split,
+            _raw_stream(x.get_device())), "q4_few_rows")
         return out
 
     def _few_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int]:
@@ -179,7 +177,7 @@ class CudaQuantLinear(GPTQLinear):
         perm = self.cu_perm.data_ptr() if self.cu_perm is not None else None
         cuda_build.check(cuda_build.library().gb_q4_dequantize(
             self.cu_words.data_ptr(), self.cu_sz.data_ptr(), perm, w.data_ptr(), self.out_features, self.chunks,
-            self.slots_per_group, self.slots, torch.cuda.current_stream(w.device).cuda_stream), "q4_dequantize")
+            self.slots_per_group, self.slots, _raw_stream(w.get_device())), "q4_dequantize")
         return w
 
 

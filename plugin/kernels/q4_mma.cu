@@ -232,27 +232,29 @@ __global__ void __launch_bounds__(kThreads) q4_dequantize(
 extern "C" {
 
 // 0 on success, else a cudaError_t (gb_error_string names it); -1: more rows than the kernel takes.
-int gb_q4_few_rows(const void* qw, const void* sz, const void* x, const void* bias, void* out, void* ws,
-                   void* counters, int M, int N, int chunks, int P, int ldx, int ldo, int splits, int per_split,
-                   void* stream) {
-  const dim3 grid((N / 16 + kWarps - 1) / kWarps, splits);
+// x [M][ldx] is read as it is when xidx is null; otherwise its columns are first gathered into slot order
+// (gather_columns) into xs [M][chunks * 64], which the kernel then reads: one call, two launches.
+int gb_q4_few_rows(const void* qw, const void* sz, const void* x, int ldx, const void* xidx, void* xs,
+                   const void* bias, void* out, void* ws, void* counters, int M, int N, int chunks, int P, int ldo,
+                   int splits, int per_split, void* stream) {
+  if (M > 32) return -1;
   auto s = static_cast<cudaStream_t>(stream);
+  if (xidx) {
+    const int slots = chunks * 64;
+    gather_columns<<<dim3((slots + 255) / 256, M), 256, 0, s>>>(
+        static_cast<const __half*>(x), ldx, static_cast<const int*>(xidx), static_cast<__half*>(xs), slots);
+    x = xs;
+    ldx = slots;
+  }
+  const dim3 grid((N / 16 + kWarps - 1) / kWarps, splits);
 #define GB_ARGS                                                                                              \
   static_cast<const uint4*>(qw), static_cast<const __half2*>(sz), static_cast<const __half*>(x),             \
       static_cast<const __half*>(bias), static_cast<__half*>(out), static_cast<float*>(ws),                  \
       static_cast<int*>(counters), M, N, chunks, P, ldx, ldo, per_split
   if (M <= 8) q4_few_rows<1><<<grid, kThreads, 0, s>>>(GB_ARGS);
   else if (M <= 16) q4_few_rows<2><<<grid, kThreads, 0, s>>>(GB_ARGS);
-  else if (M <= 32) q4_few_rows<4><<<grid, kThreads, 0, s>>>(GB_ARGS);
-  else return -1;
+  else q4_few_rows<4><<<grid, kThreads, 0, s>>>(GB_ARGS);
 #undef GB_ARGS
-  return static_cast<int>(cudaGetLastError());
-}
-
-int gb_gather_columns(const void* x, int ldx, const void* idx, void* out, int M, int slots, void* stream) {
-  const dim3 grid((slots + 255) / 256, M);
-  gather_columns<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const __half*>(x), ldx, static_cast<const int*>(idx), static_cast<__half*>(out), slots);
   return static_cast<int>(cudaGetLastError());
 }
 
