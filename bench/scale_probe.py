@@ -28,8 +28,8 @@ def launch(mod, x, out, P):
     splits, per_split, ws_numel = mod._few_rows_plan(x.shape[0], DEV)
     ws = split_k_workspace(DEV, ws_numel)
     code = cuda_build.library().gb_q4_few_rows(
-        mod.cu_words.data_ptr(), mod.cu_sz.data_ptr(), x.data_ptr(), None, out.data_ptr(), ws.data_ptr(),
-        mod.cu_counters.data_ptr(), x.shape[0], mod.out_features, mod.chunks, P, x.stride(0), mod.out_features,
+        mod.cu_words.data_ptr(), mod.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), None, None, None, out.data_ptr(),
+        ws.data_ptr(), mod.cu_counters.data_ptr(), x.shape[0], mod.out_features, mod.chunks, P, mod.out_features,
         splits, per_split, torch.cuda.current_stream().cuda_stream)
     assert code == 0, code
 
