@@ -173,7 +173,7 @@ def main():
     ap.add_argument("--sweep-dequant", action="store_true")
     ap.add_argument("--torch-ref", action="store_true", help="also time the pure-PyTorch kernel")
     ap.add_argument("--exllama", action="store_true", help="also time exllamav2's kernel (4-bit)")
-    ap.add_argument("--cuda", action="store_true", help="also time gptq-bridge's CUDA kernel (4-bit)")
+    ap.add_argument("--cuda", action="store_true", help="also time gptq-bridge's CUDA kernel (3- and 4-bit)")
     ap.add_argument("--no-cuda-sweep", action="store_true", help="time the cuda kernel's default split count only")
     ap.add_argument("--no-triton-paths", action="store_true", help="time only triton's auto path, not each path")
     args = ap.parse_args()
@@ -192,7 +192,8 @@ def main():
         for k, n in shapes:
             nbytes = disk_bytes(k, n, bits, 128)
             copies = max(2, min(24, math.ceil(3 * L2_BYTES / nbytes)))
-            others = [name for name, on in (("exllama", args.exllama), ("cuda", args.cuda)) if on and bits == 4]
+            others = [name for name, on, kernel_bits in (("exllama", args.exllama, (4,)), ("cuda", args.cuda, (3, 4)))
+                      if on and bits in kernel_bits]
             tris, extra, ref_w, torch_mod = build_layers(k, n, bits, 128, copies, seed=k * 7 + n + bits,
                                                          others=others)
             w16 = ref_w.half()

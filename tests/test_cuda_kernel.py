@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptq_bridge.kernels import cuda_build
-from gptq_bridge.kernels.cuda_gptq import kernel_spec, shuffle, unshuffle
+from gptq_bridge.kernels.cuda_gptq import kernel_spec, shuffle, shuffle3, unshuffle, unshuffle3
 
 
 def random_q(slots, n, seed=0):
@@ -74,12 +74,57 @@ def test_the_fragments_multiply_to_x_times_w():
     assert torch.allclose(out.t(), x @ q.double())
 
 
+def test_shuffle3_round_trips():
+    q = torch.randint(0, 8, (512, 48), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    words = shuffle3(q)
+    assert words.shape == (3, 2, 3, 32, 4) and words.dtype == torch.int32
+    assert torch.equal(unshuffle3(words), q)
+    with pytest.raises(ValueError, match="slots % 256"):
+        shuffle3(q[:448])
+
+
+def raw_pair(w, bits, j, h):
+    """q4_mma.cu's raw_pair<BITS>(w, j, h), operation for operation, on Python ints: (q_lo, q_hi)."""
+    if bits == 4:
+        r = (w[j] >> (4 * h)) & 0x000F000F
+    elif 4 * j + h < 15:
+        p = 4 * j + h
+        r = (w[p // 5] >> (3 * (p % 5))) & 0x00070007
+    else:
+        r = ((w[0] >> 15) & 0x00010001) | ((w[1] >> 14) & 0x00020002) | ((w[2] >> 13) & 0x00040004)
+    return r & 0xFFFF, r >> 16
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_the_kernels_bit_extraction_finds_every_value_where_the_mma_wants_it(bits):
+    """For every lane, chunk, k-tile j and pair h, raw_pair (as the .cu computes it, on the words as the kernel
+    loads them: 4-bit one uint4 a chunk, 3-bit word i of chunk u in uint4 i of the quad, component u) yields
+    the values of slots s + 2 * (h // 2) + (0, 1), s = 16t + 4j, of column g + 8 * (h % 2): the A fragment pairs
+    that test_the_fragments_multiply_to_x_times_w multiplies."""
+    slots, n = 256, 32
+    q = torch.randint(0, 2**bits, (slots, n), generator=torch.Generator().manual_seed(4), dtype=torch.int32)
+    words = (shuffle(q) if bits == 4 else shuffle3(q)).to(torch.int64) & 0xFFFFFFFF
+    for tile in range(n // 16):
+        for chunk in range(slots // 64):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                if bits == 4:
+                    w = [int(v) for v in words[tile, chunk, lane]]
+                else:
+                    w = [int(words[tile, chunk // 4, i, lane, chunk % 4]) for i in range(3)]
+                for j in range(4):
+                    for h in range(4):
+                        s = chunk * 64 + 16 * t + 4 * j + 2 * (h // 2)
+                        col = tile * 16 + g + 8 * (h % 2)
+                        assert raw_pair(w, bits, j, h) == (int(q[s, col]), int(q[s + 1, col])), (tile, chunk, lane, j, h)
+
+
 def test_kernel_is_registered_with_honest_capabilities():
     from gptq_bridge.config import QuantizeConfig
     from gptq_bridge.types import DeviceInfo
 
     spec = kernel_spec()
-    assert spec.name == "cuda" and spec.bits == {4} and spec.devices == {"cuda"}
+    assert spec.name == "cuda" and spec.bits == {3, 4} and spec.devices == {"cuda"}
     assert spec.dtypes == {torch.float16} and spec.min_capability == (8, 0)
     second = DeviceInfo(type="cuda", index=1, capability=(9, 0))
     assert spec.check_model([], QuantizeConfig(bits=4), second, torch.float16) == "runs on cuda:0 only for now, not cuda:1"

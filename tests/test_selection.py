@@ -181,21 +181,22 @@ def test_builtin_measured_table_is_what_the_registered_kernels_carry(monkeypatch
     for name, table in MEASURED_US.items():
         assert specs[name].measured_us == table and specs[name].measured_on == "cuda"
         assert all(bits in specs[name].bits and m >= 1 and us > 0 for (bits, m), us in table.items())
-    for bits in (3, 4):  # the card's variants are costed for triton and the reference, 4-bit for exllama
+    for bits in (3, 4):  # the card's variants are costed for triton, cuda and the reference, 4-bit for exllama
         assert workload_us(specs["triton"], bits, H100) is not None
         assert workload_us(specs["torch"], bits, H100) is not None
     assert workload_us(specs["exllama"], 4, H100) is not None
-    assert workload_us(specs["cuda"], 4, H100) is not None
+    assert workload_us(specs["cuda"], 4, H100) is not None and workload_us(specs["cuda"], 3, H100) is not None
 
 
-def test_builtin_kernels_on_an_h100_pick_cuda_for_4_bit_and_triton_for_3_bit(monkeypatch):
+def test_builtin_kernels_on_an_h100_pick_cuda_for_4_and_3_bit(monkeypatch):
     """The measured table decides on a (simulated) H100 where every built-in kernel is available: the cuda
-    kernel's 4-bit chat turn (31.7 ms a layer) beats exllama's (33.2) and triton's (42.8); 3-bit is triton's."""
+    kernel's 4-bit chat turn (31.8 ms a layer) beats exllama's (33.3) and triton's (42.8); its 3-bit turn (30.1)
+    beats triton's (44.0)."""
     from gptq_bridge.plugins import registered_kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     specs = [k.model_copy(update={"check_available": lambda: None}) for k in registered_kernels()]
-    for bits, want in ((4, "cuda"), (3, "triton")):
+    for bits, want in ((4, "cuda"), (3, "cuda")):
         choice = select_kernel(QuantizeConfig(bits=bits, group_size=128, desc_act=True), LAYERS, H100,
                                torch.float16, specs)
         assert choice.chosen == want

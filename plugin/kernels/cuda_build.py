@@ -22,8 +22,8 @@ MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with float16 inputs
 
 _VOID, _INT = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {  # name: argument types (every function returns int: 0 or a cudaError_t)
-    "gb_q4_few_rows": [_VOID] * 3 + [_INT] + [_VOID] * 6 + [_INT] * 7 + [_VOID],
-    "gb_q4_dequantize": [_VOID] * 4 + [_INT] * 4 + [_VOID],
+    "gb_q4_few_rows": [_VOID] * 3 + [_INT] + [_VOID] * 6 + [_INT] * 8 + [_VOID],
+    "gb_q4_dequantize": [_VOID] * 4 + [_INT] * 5 + [_VOID],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -109,6 +109,6 @@ def library() -> ctypes.CDLL:
 def check(code: int, what: str) -> None:
     """Raise with CUDA's own words when a launch returned an error."""
     if code == -1:
-        raise ValueError(f"{what}: more rows than the kernel takes")
+        raise ValueError(f"{what}: a size the kernel does not take (more than 32 rows, or bits / chunks)")
     if code:
         raise RuntimeError(f"{what}: {library().gb_error_string(code).decode()} (CUDA error {code})")

@@ -1,8 +1,9 @@
-"""The project's CUDA kernel for 4-bit checkpoints (q4_mma.cu): tensor-core decode for few rows.
+"""The project's CUDA kernel for 3- and 4-bit checkpoints (q4_mma.cu): tensor-core decode for few rows.
 
-`prepare()` sorts the rows by group (slot_layout) and shuffles the 4-bit values into the "q4mma" layout that
-q4_mma.cu describes: each lane of a warp loads, in one 16-byte read, exactly the values its mma fragments
-need. Scales and zero points become one (scale, 1024 + zero) half2 per group and column.
+`prepare()` sorts the rows by group (slot_layout) and shuffles the values into the layout q4_mma.cu describes:
+each lane of a warp loads exactly the values its mma fragments need, 4-bit ("q4mma") in one 16-byte read a
+64-slot chunk, 3-bit ("q3mma") in three 16-byte reads a quad of chunks. Scales and zero points become one
+(scale, 1024 + zero) half2 per group and column.
 
 forward() by rows m:
 - m <= 32: one launch of `q4_few_rows` (split-K, partials summed by the last block of each column block), after
@@ -27,6 +28,8 @@ from .measured import MEASURED_US
 from .slot_layout import sort_rows_by_group, zero_points
 
 FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
+BITS = (3, 4)
+_LOAD_UNIT_CHUNKS = {4: 1, 3: 4}  # chunks (64 slots each) a lane loads together: 3-bit ones come in quads
 # The current stream's handle as an int: torch's own fast path (what Triton's launcher uses), ~7 us less per call
 # than torch.cuda.current_stream(device).cuda_stream on the H100 machine (bench/host_overhead.py).
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
@@ -45,7 +48,7 @@ def shuffle(q: torch.Tensor) -> torch.Tensor:
     v = v.reshape(N // 16, S // 64, 32, 4, 8)  # lane = 4g + t; nibble b = 2 * pair + half
     shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
     words = (v << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return _as_int32(words)
 
 
 def unshuffle(words: torch.Tensor) -> torch.Tensor:
@@ -59,8 +62,59 @@ def unshuffle(words: torch.Tensor) -> torch.Tensor:
     return out.reshape(chunks * 64, tiles * 16)
 
 
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 holding 32-bit patterns -> int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pairs(q: torch.Tensor) -> torch.Tensor:
+    """Values [slots, N] -> [tile, chunk, g, t, 16 pairs, (lo, hi)] int64 in q4_mma.cu's fragment order: pair
+    4j + h of lane (g, t) is slots s + 2 * (h // 2) + (0, 1) of column g + 8 * (h % 2), s = 16t + 4j."""
+    S, N = q.shape
+    v = q.to(torch.int64).view(S // 64, 4, 4, 2, 2, N // 16, 2, 8)  # chunk, t, j, slot pair, lo/hi, tile, half, g
+    return v.permute(5, 0, 7, 1, 2, 3, 6, 4).reshape(N // 16, S // 64, 8, 4, 16, 2)
+
+
+def shuffle3(q: torch.Tensor) -> torch.Tensor:
+    """3-bit values [slots, N] (slots a multiple of 256, N of 16) -> q3mma words, int32 [N/16, slots/256, 3, 32,
+    4]: word i of lane (g, t) for chunk u of a quad holds pairs 5i .. 5i + 4 at bits 3f / 16 + 3f, and bit i of
+    pair 15's two values at bits 15 / 31 (q4_mma.cu, raw_pair)."""
+    S, N = q.shape
+    if S % 256 or N % 16:
+        raise ValueError(f"q3mma needs slots % 256 == 0 and N % 16 == 0, got {S} x {N}")
+    p = _pairs(q)
+    f = torch.arange(5, device=q.device, dtype=torch.int64)
+    words = []
+    for i in range(3):
+        lo, hi = p[..., 5 * i : 5 * i + 5, 0], p[..., 5 * i : 5 * i + 5, 1]
+        w = ((lo << (3 * f)) + (hi << (16 + 3 * f))).sum(-1)
+        w += ((p[..., 15, 0] >> i) & 1) << 15
+        w += ((p[..., 15, 1] >> i) & 1) << 31
+        words.append(w)
+    w = torch.stack(words, -1)  # tile, chunk, g, t, word
+    tiles, chunks = w.shape[:2]
+    w = w.reshape(tiles, chunks // 4, 4, 32, 3).permute(0, 1, 4, 3, 2)  # tile, quad, word, lane, chunk in quad
+    return _as_int32(w.contiguous())
+
+
+def unshuffle3(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `shuffle3`: q3mma words -> 3-bit values [slots, N] (int32)."""
+    tiles, quads = words.shape[:2]
+    w = words.to(torch.int64).permute(0, 1, 4, 3, 2).reshape(tiles, quads * 4, 8, 4, 3) & 0xFFFFFFFF
+    pairs = torch.empty(*w.shape[:4], 16, 2, dtype=torch.int64, device=words.device)
+    for i in range(3):
+        for f in range(5):
+            pairs[..., 5 * i + f, 0] = (w[..., i] >> (3 * f)) & 7
+            pairs[..., 5 * i + f, 1] = (w[..., i] >> (16 + 3 * f)) & 7
+    pairs[..., 15, 0] = sum(((w[..., i] >> 15) & 1) << i for i in range(3))
+    pairs[..., 15, 1] = sum(((w[..., i] >> 31) & 1) << i for i in range(3))
+    v = pairs.view(tiles, quads * 4, 8, 4, 4, 2, 2, 2)  # tile, chunk, g, t, j, slot pair, half, lo/hi
+    v = v.permute(1, 3, 4, 5, 7, 0, 6, 2)  # chunk, t, j, slot pair, lo/hi, tile, half, g
+    return v.reshape(quads * 256, tiles * 16).to(torch.int32)
+
+
 class CudaQuantLinear(GPTQLinear):
-    """GPTQ Linear served by q4_mma.cu (4-bit, float16)."""
+    """GPTQ Linear served by q4_mma.cu (3- and 4-bit, float16)."""
 
     def __init__(self, layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype):
         super().__init__(layer, config, dtype)
@@ -71,20 +125,22 @@ class CudaQuantLinear(GPTQLinear):
     def prepare(self) -> None:
         if self._ready:
             return
-        if self.bits != 4:
-            raise KernelError(f"the cuda kernel serves 4-bit checkpoints, not {self.bits}-bit")
+        bits = self.bits
+        if bits not in BITS:
+            raise KernelError(f"the cuda kernel serves 3- and 4-bit checkpoints, not {bits}-bit")
         dev = self.qweight.device
         K, N = self.in_features, self.out_features
         layout = sort_rows_by_group(self)
-        chunks = -(-layout.slots // 64)
-        words = torch.empty(N // 16, chunks, 32, 4, dtype=torch.int32, device=dev)
+        unit = _LOAD_UNIT_CHUNKS[bits]  # 3-bit chunks come in quads
+        chunks = -(-layout.slots // (64 * unit)) * unit
+        words = torch.empty(N // 16, chunks * 32 * bits, dtype=torch.int32, device=dev)  # bits words a lane and chunk
         for n0 in range(0, N, _SHUFFLE_COLUMNS):  # a slice at a time: shuffle's int64 temporaries stay small
             n1 = min(N, n0 + _SHUFFLE_COLUMNS)
             q = torch.zeros(chunks * 64, n1 - n0, dtype=torch.int32, device=dev)
-            q[: layout.slots] = unpack(layout.qweight[:, n0:n1].contiguous(), 4, 0, layout.slots)
-            words[n0 // 16 : n1 // 16] = shuffle(q)
+            q[: layout.slots] = unpack(layout.qweight[:, n0:n1].contiguous(), bits, 0, layout.slots)
+            words[n0 // 16 : n1 // 16] = (shuffle(q) if bits == 4 else shuffle3(q)).reshape(n1 // 16 - n0 // 16, -1)
         del q
-        self.qweight = torch.empty(0, dtype=torch.int32, device=dev)  # the q4mma words are the one copy
+        self.qweight = torch.empty(0, dtype=torch.int32, device=dev)  # the shuffled words are the one copy
         P = layout.slots_per_group
         groups = max(self.scales.shape[0], -(-chunks * 64 // P))  # pad slots past the last group read group G..
         sz = torch.zeros(groups, N, 2, dtype=torch.float16, device=dev)
@@ -145,7 +201,7 @@ class CudaQuantLinear(GPTQLinear):
             self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0),
             None if direct else self.cu_xidx.data_ptr(), None if direct else xs.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
-            self.cu_counters.data_ptr(), M, N, self.chunks, self.slots_per_group, N, splits, per_split,
+            self.cu_counters.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, splits, per_split,
             _raw_stream(x.get_device())), "q4_few_rows")
         return out
 
@@ -165,7 +221,8 @@ class CudaQuantLinear(GPTQLinear):
             else:
                 splits = max(4, -(-2 * sms // col_blocks))
         splits = max(1, min(splits, self.chunks))
-        per_split = -(-self.chunks // splits)
+        unit = _LOAD_UNIT_CHUNKS[self.bits]  # a split is whole load units
+        per_split = -(-self.chunks // (splits * unit)) * unit
         splits = -(-self.chunks // per_split)
         return splits, per_split, splits * M * self.out_features
 
@@ -176,7 +233,8 @@ class CudaQuantLinear(GPTQLinear):
         w = torch.empty(self.in_features, self.out_features, dtype=torch.float16, device=self.cu_words.device)
         perm = self.cu_perm.data_ptr() if self.cu_perm is not None else None
         cuda_build.check(cuda_build.library().gb_q4_dequantize(
-            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), perm, w.data_ptr(), self.out_features, self.chunks,
+            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), perm, w.data_ptr(), self.bits, self.out_features,
+            self.chunks,
             self.slots_per_group, self.slots, _raw_stream(w.get_device())), "q4_dequantize")
         return w
 
@@ -211,9 +269,9 @@ def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
 def kernel_spec() -> KernelSpec:
     return KernelSpec(
         name="cuda",
-        description="gptq-bridge's CUDA kernel (q4_mma.cu): 4-bit, tensor-core decode up to 32 rows, "
+        description="gptq-bridge's CUDA kernel (q4_mma.cu): 3- and 4-bit, tensor-core decode up to 32 rows, "
                     "dequantize + cuBLAS above; built with nvcc on first use",
-        bits=frozenset({4}),
+        bits=frozenset(BITS),
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16}),
         min_capability=cuda_build.MIN_CAPABILITY,

@@ -1,4 +1,5 @@
-// gptq-bridge's CUDA kernels for 4-bit GPTQ weights (built by cuda_build.py, driven by cuda_gptq.py).
+// gptq-bridge's CUDA kernels for 4-bit and 3-bit GPTQ weights (built by cuda_build.py, driven by
+// cuda_gptq.py; the file is named for its first layout, q4mma).
 //
 // Few rows (m <= 32): out[m, n] = sum_k x[m, k] w[k, n] on the tensor cores, computed transposed: one
 // mma.sync m16n8k16 takes 16 output columns as its M side (A = dequantized weight) and 8 activation rows as its
@@ -16,9 +17,17 @@
 // permutation for A and B, so the product is unchanged, and lane t's activations for the whole chunk are 16
 // consecutive halves (two 16-byte loads per row).
 //
-// Dequantization, two values per instruction: lop3 puts nibbles (bits 0-3, 16-19) into the mantissas of the
-// half2 (1024, 1024), giving (1024 + q0, 1024 + q1) exactly; minus (1024 + z) is the exact integer q - z; times
-// the scale rounds once, the same float16 weight the reference kernel makes. Accumulation is float32.
+// 3-bit layout "q3mma" (cuda_gptq.shuffle3): the same 32 values per lane and chunk, in 16 pairs p = 4j + h
+// (h as the four rows of the table above: (slot +0, +1) of column g, of g + 8, (+2, +3) of g, of g + 8) packed
+// into 3 words: word i holds pairs 5i..5i+4, pair 5i+f at bits 3f..3f+2 (first slot) and 16+3f..18+3f (second);
+// pair 15's two values are spread over the spare bits 15 and 31 of the three words (bit i in word i). Slots are
+// padded to a multiple of 256 and chunks go in quads: a tile's quad is 3 x 32 lanes x 16 bytes, lane's 16-byte
+// word i holding word i of the quad's four chunks, so a warp reads 1,536 contiguous bytes per quad.
+//
+// Dequantization, two values per instruction: lop3 puts a pair's fields (bits 0-3 / 0-2 and 16-19 / 16-18,
+// after a shift) into the mantissas of the half2 (1024, 1024), giving (1024 + q0, 1024 + q1) exactly; minus
+// (1024 + z) is the exact integer q - z; times the scale rounds once, the same float16 weight the reference
+// kernel makes. Accumulation is float32.
 //
 // Split-K: the grid is (column blocks, splits); each split writes float32 partials, and the last block of a
 // column block to finish (an arrival counter, reset by that block) sums them in a fixed order: one launch,
@@ -35,10 +44,32 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kCols = kWarps * 16;  // columns per block
 constexpr int kUnroll = 4;  // chunks loaded before any is used: 64 bytes a lane in flight
 
-__device__ __forceinline__ uint32_t dequant2(uint32_t w, __half2 z, __half2 s) {
+// (1024 + q_lo, 1024 + q_hi) as a half2: the value pair at bits `shift` and 16 + `shift` of w, `mask` wide.
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t magic_pair(uint32_t w) {
   uint32_t h;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(w), "n"(0x000F000F), "n"(0x64006400));  // (w & m) | c
-  __half2 v = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), z), s);
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(w), "n"(kMask), "n"(0x64006400));  // (w & m) | c
+  return h;
+}
+
+// Pair h (0..3) of k-tile j (0..3) of a lane's chunk, as (1024 + q, 1024 + q'): pair 0 = slots (s, s + 1) of
+// column g, 1 = the same slots of column g + 8, 2 = slots (s + 2, s + 3) of column g, 3 = those of g + 8, with
+// s = 16t + 4j. 4-bit: word j holds its four pairs at bits 4h..4h+3 and 16+4h..19+4h. 3-bit: pair p = 4j + h
+// sits in word p / 5 at bits 3(p % 5).. and 16 + 3(p % 5).. for p < 15; pair 15 is spread over the spare bits
+// 15 and 31 of the three words (bit i of its values in word i). (Measured and not kept, docs/PERFORMANCE.md:
+// leaving the fields at bits 3-8 in place and undoing their 2^k with one fma instead of the subtract, one shift
+// a word: 0-5% slower for 4-bit, 3-12% slower for 3-bit.)
+template <int BITS>
+__device__ __forceinline__ uint32_t raw_pair(const uint32_t (&w)[4], int j, int h) {
+  if (BITS == 4) return magic_pair<0x000F000F>(w[j] >> (4 * h));
+  const int p = 4 * j + h;
+  if (p < 15) return magic_pair<0x00070007>(w[p / 5] >> (3 * (p % 5)));
+  return ((w[0] >> 15) & 0x00010001) | ((w[1] >> 14) & 0x00020002) | ((w[2] >> 13) & 0x00040004) | 0x64006400;
+}
+
+// (q - z) * s for a raw pair: an exact subtract, then one rounding: the reference kernel's float16 weight.
+__device__ __forceinline__ uint32_t dequant_raw(uint32_t raw, __half2 z, __half2 s) {
+  __half2 v = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&raw), z), s);
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
@@ -59,8 +90,9 @@ __device__ __forceinline__ uint4 load_once(const uint4* p) {
 }
 
 // One 64-slot chunk of one lane: 4 k-tiles, each one mma per 8-row tile.
-template <int MT>
-__device__ __forceinline__ void chunk_mma(float (&acc)[MT][4], uint4 w, int chunk, int g, int t, int col,
+template <int MT, int BITS>
+__device__ __forceinline__ void chunk_mma(float (&acc)[MT][4], const uint32_t (&words)[4], int chunk, int g, int t,
+                                          int col,
                                           const __half2* __restrict__ sz, const __half* __restrict__ x, int M,
                                           int N, int P, int ldx) {
   const int slot = chunk * 64 + 16 * t;  // this lane's 16 slots lie in one group (16 divides P)
@@ -82,24 +114,45 @@ __device__ __forceinline__ void chunk_mma(float (&acc)[MT][4], uint4 w, int chun
       for (int i = 0; i < 8; ++i) xb[r][i] = 0;
     }
   }
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t q = words[j];
-    const uint32_t a0 = dequant2(q, z0, s0), a1 = dequant2(q >> 4, z8, s8);
-    const uint32_t a2 = dequant2(q >> 8, z0, s0), a3 = dequant2(q >> 12, z8, s8);
+    const uint32_t a0 = dequant_raw(raw_pair<BITS>(words, j, 0), z0, s0);
+    const uint32_t a1 = dequant_raw(raw_pair<BITS>(words, j, 1), z8, s8);
+    const uint32_t a2 = dequant_raw(raw_pair<BITS>(words, j, 2), z0, s0);
+    const uint32_t a3 = dequant_raw(raw_pair<BITS>(words, j, 3), z8, s8);
 #pragma unroll
     for (int r = 0; r < MT; ++r) mma_16816(acc[r], a0, a1, a2, a3, xb[r][2 * j], xb[r][2 * j + 1]);
   }
 }
 
-// MT tiles of 8 rows (m <= 8 * MT). Each lane loads its 16 bytes of kUnroll consecutive chunks, then does their
+// One lane's words of the kUnroll (= 4) chunks c, c + 1, ... (word j of chunk u in w[u][j]). 4-bit: one 16-byte
+// load a chunk (its four k-tile words). 3-bit: chunks come in whole quads (c a multiple of 4), three 16-byte
+// loads a quad; load i brings word i of each of the four chunks.
+template <int BITS>
+__device__ __forceinline__ void load_batch(uint32_t (&w)[kUnroll][4], const uint4* wp, int c, int c_end) {
+  if (BITS == 4) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint4 q = c + u < c_end ? load_once(wp + (size_t)(c + u) * 32) : make_uint4(0, 0, 0, 0);
+      w[u][0] = q.x; w[u][1] = q.y; w[u][2] = q.z; w[u][3] = q.w;
+    }
+  } else {
+    const uint4 p0 = load_once(wp + (size_t)c * 24), p1 = load_once(wp + (size_t)c * 24 + 32),
+                p2 = load_once(wp + (size_t)c * 24 + 64);
+    w[0][0] = p0.x; w[0][1] = p1.x; w[0][2] = p2.x; w[0][3] = 0;
+    w[1][0] = p0.y; w[1][1] = p1.y; w[1][2] = p2.y; w[1][3] = 0;
+    w[2][0] = p0.z; w[2][1] = p1.z; w[2][2] = p2.z; w[2][3] = 0;
+    w[3][0] = p0.w; w[3][1] = p1.w; w[3][2] = p2.w; w[3][3] = 0;
+  }
+}
+
+// MT tiles of 8 rows (m <= 8 * MT). Each lane loads its words of kUnroll consecutive chunks, then does their
 // math. (Measured on the H100 and not kept, docs/PERFORMANCE.md: issuing the next step's loads before this
 // step's math, also with the scales and activations; a cp.async ring in shared memory 4 or 8 chunks deep. Each
 // was 3-20% slower: the math between loads, not the loads in flight, is what this kernel waits on.)
-template <int MT>
+template <int MT, int BITS>
 __global__ void __launch_bounds__(kThreads) q4_few_rows(
-    const uint4* __restrict__ qw,     // q4mma words: [tiles][chunks][32 lanes] x 4 words
+    const uint4* __restrict__ qw,     // 4-bit: [tiles][chunks][32 lanes] x 4 words; 3-bit: [tiles][quads][3][32] x 4
     const __half2* __restrict__ sz,   // [groups][N]: (scale, 1024 + zero)
     const __half* __restrict__ x,     // [M][ldx], columns in slot order, chunks * 64 of them
     const __half* __restrict__ bias,  // [N] or null
@@ -117,16 +170,14 @@ __global__ void __launch_bounds__(kThreads) q4_few_rows(
   for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
 
   if (tile < (N >> 4)) {
-    const uint4* wp = qw + (size_t)tile * chunks * 32 + lane;
+    const uint4* wp = qw + (size_t)tile * chunks * 8 * BITS + lane;  // a chunk is 8 * BITS uint4 of a tile
     const int col = tile * 16 + g;
     for (int c = c_begin; c < c_end; c += kUnroll) {
-      uint4 w[kUnroll];
+      uint32_t w[kUnroll][4];
+      load_batch<BITS>(w, wp, c, c_end);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
-        w[u] = c + u < c_end ? load_once(wp + (size_t)(c + u) * 32) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (c + u < c_end) chunk_mma<MT>(acc, w[u], c + u, g, t, col, sz, x, M, N, P, ldx);
+        if (c + u < c_end) chunk_mma<MT, BITS>(acc, w[u], c + u, g, t, col, sz, x, M, N, P, ldx);
     }
   }
 
@@ -182,48 +233,55 @@ __global__ void gather_columns(const __half* __restrict__ x, int ldx, const int*
   }
 }
 
-// The float16 weight [K][N] in input-row order. A block dequantizes one chunk (64 slots) of 4 tiles (64 columns)
-// into shared memory, one 16-byte load a lane as in q4_few_rows, then writes each of the 64 rows as one 128-byte
-// run (rows scattered by perm, columns contiguous).
+// The float16 weight [K][N] in input-row order. A block dequantizes the chunks of one load unit (4-bit: one
+// chunk; 3-bit: a quad of four) of 4 tiles (64 columns): the words come as in q4_few_rows, then chunk by chunk
+// the values go through shared memory and each of the 64 rows is written as one 128-byte run (rows scattered by
+// perm, columns contiguous).
+template <int BITS>
 __global__ void __launch_bounds__(kThreads) q4_dequantize(
     const uint4* __restrict__ qw, const __half2* __restrict__ sz, const int* __restrict__ perm,
     __half* __restrict__ w, int N, int chunks, int P, int slots) {
+  constexpr int kChunks = BITS == 4 ? 1 : 4;
   __shared__ __align__(16) __half tile_w[64][kCols + 8];  // +8: rows start on different banks
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int chunk = blockIdx.y;
   const int tile = blockIdx.x * kWarps + warp;
-  if (tile < (N >> 4)) {
-    const uint4 q4 = load_once(qw + ((size_t)tile * chunks + chunk) * 32 + lane);
-    const int col = tile * 16 + g;
-    const size_t grp = (chunk * 64 + 16 * t) / P;
-    const __half2 sz0 = sz[grp * N + col], sz8 = sz[grp * N + col + 8];
-    const __half2 s0 = __low2half2(sz0), z0 = __high2half2(sz0), s8 = __low2half2(sz8), z8 = __high2half2(sz8);
-    const uint32_t words[4] = {q4.x, q4.y, q4.z, q4.w};
-    const int c = warp * 16 + g;  // column within the block
+  const int col = tile * 16 + g;
+  const int c = warp * 16 + g;  // column within the block
+  const int n0 = blockIdx.x * kCols;
+  const int chunk0 = blockIdx.y * kChunks;
+  const bool has_tile = tile < (N >> 4);
+  uint32_t words[kUnroll][4] = {};
+  if (has_tile) load_batch<BITS>(words, qw + (size_t)tile * chunks * 8 * BITS + lane, chunk0, chunk0 + kChunks);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = 16 * t + 4 * j;  // slot within the chunk
-      // (slot +0, +1) of column g, of column g + 8; (slot +2, +3) of column g, of column g + 8
-      const uint32_t v[4] = {dequant2(words[j], z0, s0), dequant2(words[j] >> 4, z8, s8),
-                             dequant2(words[j] >> 8, z0, s0), dequant2(words[j] >> 12, z8, s8)};
+  for (int u = 0; u < kChunks; ++u) {
+    const int chunk = chunk0 + u;
+    if (has_tile) {
+      const size_t grp = (chunk * 64 + 16 * t) / P;
+      const __half2 sz0 = sz[grp * N + col], sz8 = sz[grp * N + col + 8];
+      const __half2 s0 = __low2half2(sz0), z0 = __high2half2(sz0), s8 = __low2half2(sz8), z8 = __high2half2(sz8);
 #pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        const int rr = r + (h >> 1) * 2, cc = c + (h & 1) * 8;
-        tile_w[rr][cc] = __ushort_as_half(static_cast<unsigned short>(v[h]));
-        tile_w[rr + 1][cc] = __ushort_as_half(static_cast<unsigned short>(v[h] >> 16));
+      for (int j = 0; j < 4; ++j) {
+        const int r = 16 * t + 4 * j;  // slot within the chunk
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {  // pair h: slots r + (h / 2) * 2 and + 1, column c + (h % 2) * 8
+          const uint32_t v = dequant_raw(raw_pair<BITS>(words[u], j, h), h & 1 ? z8 : z0, h & 1 ? s8 : s0);
+          const int rr = r + (h >> 1) * 2, cc = c + (h & 1) * 8;
+          tile_w[rr][cc] = __ushort_as_half(static_cast<unsigned short>(v));
+          tile_w[rr + 1][cc] = __ushort_as_half(static_cast<unsigned short>(v >> 16));
+        }
       }
     }
-  }
-  __syncthreads();
-  const int n0 = blockIdx.x * kCols;
-  for (int i = threadIdx.x; i < 64 * (kCols / 8); i += kThreads) {  // 8 halves (16 bytes) a store
-    const int r = i / (kCols / 8), c8 = (i % (kCols / 8)) * 8;
-    const int slot = chunk * 64 + r;
-    if (slot >= slots || n0 + c8 >= N) continue;
-    const int row = perm ? perm[slot] : slot;
-    if (row < 0) continue;
-    *reinterpret_cast<uint4*>(w + (size_t)row * N + n0 + c8) = *reinterpret_cast<const uint4*>(&tile_w[r][c8]);
+    __syncthreads();
+    for (int i = threadIdx.x; i < 64 * (kCols / 8); i += kThreads) {  // 8 halves (16 bytes) a store
+      const int r = i / (kCols / 8), c8 = (i % (kCols / 8)) * 8;
+      const int slot = chunk * 64 + r;
+      if (slot >= slots || n0 + c8 >= N) continue;
+      const int row = perm ? perm[slot] : slot;
+      if (row < 0) continue;
+      *reinterpret_cast<uint4*>(w + (size_t)row * N + n0 + c8) = *reinterpret_cast<const uint4*>(&tile_w[r][c8]);
+    }
+    if (kChunks > 1) __syncthreads();  // tile_w is written again for the next chunk
   }
 }
 
@@ -234,10 +292,11 @@ extern "C" {
 // 0 on success, else a cudaError_t (gb_error_string names it); -1: more rows than the kernel takes.
 // x [M][ldx] is read as it is when xidx is null; otherwise its columns are first gathered into slot order
 // (gather_columns) into xs [M][chunks * 64], which the kernel then reads: one call, two launches.
+// bits: 4, or 3 (then chunks and per_split are multiples of 4).
 int gb_q4_few_rows(const void* qw, const void* sz, const void* x, int ldx, const void* xidx, void* xs,
-                   const void* bias, void* out, void* ws, void* counters, int M, int N, int chunks, int P, int ldo,
-                   int splits, int per_split, void* stream) {
-  if (M > 32) return -1;
+                   const void* bias, void* out, void* ws, void* counters, int bits, int M, int N, int chunks, int P,
+                   int ldo, int splits, int per_split, void* stream) {
+  if (M > 32 || (bits != 4 && bits != 3) || (bits == 3 && (chunks % 4 || per_split % 4))) return -1;
   auto s = static_cast<cudaStream_t>(stream);
   if (xidx) {
     const int slots = chunks * 64;
@@ -251,19 +310,30 @@ int gb_q4_few_rows(const void* qw, const void* sz, const void* x, int ldx, const
   static_cast<const uint4*>(qw), static_cast<const __half2*>(sz), static_cast<const __half*>(x),             \
       static_cast<const __half*>(bias), static_cast<__half*>(out), static_cast<float*>(ws),                  \
       static_cast<int*>(counters), M, N, chunks, P, ldx, ldo, per_split
-  if (M <= 8) q4_few_rows<1><<<grid, kThreads, 0, s>>>(GB_ARGS);
-  else if (M <= 16) q4_few_rows<2><<<grid, kThreads, 0, s>>>(GB_ARGS);
-  else q4_few_rows<4><<<grid, kThreads, 0, s>>>(GB_ARGS);
+  if (bits == 4) {
+    if (M <= 8) q4_few_rows<1, 4><<<grid, kThreads, 0, s>>>(GB_ARGS);
+    else if (M <= 16) q4_few_rows<2, 4><<<grid, kThreads, 0, s>>>(GB_ARGS);
+    else q4_few_rows<4, 4><<<grid, kThreads, 0, s>>>(GB_ARGS);
+  } else {
+    if (M <= 8) q4_few_rows<1, 3><<<grid, kThreads, 0, s>>>(GB_ARGS);
+    else if (M <= 16) q4_few_rows<2, 3><<<grid, kThreads, 0, s>>>(GB_ARGS);
+    else q4_few_rows<4, 3><<<grid, kThreads, 0, s>>>(GB_ARGS);
+  }
 #undef GB_ARGS
   return static_cast<int>(cudaGetLastError());
 }
 
-int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, int N, int chunks, int P,
-                     int slots, void* stream) {
-  const dim3 grid((N / 16 + kWarps - 1) / kWarps, chunks);
-  q4_dequantize<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const uint4*>(qw), static_cast<const __half2*>(sz), static_cast<const int*>(perm),
-      static_cast<__half*>(w), N, chunks, P, slots);
+int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, int bits, int N, int chunks,
+                     int P, int slots, void* stream) {
+  if ((bits != 4 && bits != 3) || (bits == 3 && chunks % 4)) return -1;
+  const dim3 grid((N / 16 + kWarps - 1) / kWarps, bits == 4 ? chunks : chunks / 4);
+  auto s = static_cast<cudaStream_t>(stream);
+#define GB_ARGS                                                                                              \
+  static_cast<const uint4*>(qw), static_cast<const __half2*>(sz), static_cast<const int*>(perm),             \
+      static_cast<__half*>(w), N, chunks, P, slots
+  if (bits == 4) q4_dequantize<4><<<grid, kThreads, 0, s>>>(GB_ARGS);
+  else q4_dequantize<3><<<grid, kThreads, 0, s>>>(GB_ARGS);
+#undef GB_ARGS
   return static_cast<int>(cudaGetLastError());
 }
 

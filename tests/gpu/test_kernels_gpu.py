@@ -4,6 +4,7 @@ Inputs are drawn fresh each run (seeded from the clock, printed on failure), nev
 float32: x @ the dequantized weight computed by the torch kernel's own unpacking.
 """
 
+import itertools
 import os
 import time
 
@@ -143,7 +144,8 @@ def test_decode_is_deterministic():
     assert relative_error(first, x.float() @ weight) < 2e-3
 
 
-def test_whole_model_logits_agree(tmp_path):
+@pytest.mark.parametrize("bits", [4, 3])
+def test_whole_model_logits_agree(tmp_path, bits):
     """A random-weight Llama-2-7B-shaped checkpoint (two of its blocks: hidden 4096, MLP 11008, real layout)
     gives the same logits through every GPU kernel and the torch reference, and matches the float model."""
     import sys
@@ -152,10 +154,11 @@ def test_whole_model_logits_agree(tmp_path):
     from tiny_checkpoints import build, llama_config
 
     hf_config = llama_config(hidden=4096, intermediate=11008, layers=2, vocab=512)  # 7B's Linear shapes
-    ck = build(tmp_path / "ck", bits=4, group_size=128, desc_act=True, sym=False, hf_config=hf_config, seed=SEED % 1000)
+    ck = build(tmp_path / "ck", bits=bits, group_size=128, desc_act=True, sym=False, hf_config=hf_config,
+               seed=SEED % 1000)
     from gptq_bridge.kernels import cuda_gptq
 
-    kernels = ["triton", "torch"] + (["exllama"] if HAVE_EXLLAMA else []) + (
+    kernels = ["triton", "torch"] + (["exllama"] if HAVE_EXLLAMA and bits == 4 else []) + (
         ["cuda"] if cuda_gptq.kernel_spec().check_available() is None else [])
     models = {k: gptq_bridge.load_model(str(ck.path), kernel=k, device="cuda", dtype=torch.float16) for k in kernels}
     assert all(m.kernel == k for k, m in models.items())
@@ -263,8 +266,9 @@ def check_cuda(mod, weight, gen, ms, bias=None):
 @pytest.mark.parametrize("group_size,act_order,sym,fmt", CUDA_SETTINGS,
                          ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for g, a, s, f in CUDA_SETTINGS])
 @pytest.mark.parametrize("k,n", LLAMA2_7B + LLAMA2_70B, ids=[f"{k}x{n}" for k, n in LLAMA2_7B + LLAMA2_70B])
-def test_cuda_matches_reference(k, n, group_size, act_order, sym, fmt):
-    mod, weight, gen = make_modules(k, n, 4, group_size, act_order, sym, fmt, seed=k + n + 7,
+@pytest.mark.parametrize("bits", [4, 3], ids=["4bit", "3bit"])
+def test_cuda_matches_reference(k, n, group_size, act_order, sym, fmt, bits):
+    mod, weight, gen = make_modules(k, n, bits, group_size, act_order, sym, fmt, seed=k + n + 7 + bits,
                                     kernel=cuda_gptq.CudaQuantLinear)
     check_cuda(mod, weight, gen, (1, 3, 8, 9, 16, 17, 32, 33, 300))
 
@@ -273,8 +277,8 @@ def test_cuda_matches_reference(k, n, group_size, act_order, sym, fmt):
 def test_cuda_small_odd_shapes_bias_and_awkward_x():
     """Slots not a multiple of 64 (pad chunk), 48 columns (a column block with one empty warp), a bias, and x
     that is misaligned or strided."""
-    for k, n in ((96, 48), (4160, 4096)):
-        mod, weight, gen = make_modules(k, n, 4, 32, False, seed=k, kernel=cuda_gptq.CudaQuantLinear)
+    for (k, n), bits in itertools.product(((96, 48), (4160, 4096)), (4, 3)):
+        mod, weight, gen = make_modules(k, n, bits, 32, False, seed=k + bits, kernel=cuda_gptq.CudaQuantLinear)
         bias = torch.randn(n, generator=gen, device=DEV).half()
         mod.bias = bias
         check_cuda(mod, weight, gen, (1, 5, 32, 40), bias=bias)
@@ -292,10 +296,11 @@ def test_cuda_small_odd_shapes_bias_and_awkward_x():
 @needs_cuda_kernel
 def test_cuda_split_counts_agree():
     """Every split count gives the same result up to float32 summation order (the counters reset each call)."""
-    mod, weight, gen = make_modules(8192, 1024, 4, 128, True, seed=21, kernel=cuda_gptq.CudaQuantLinear)
-    x = torch.randn(4, 8192, generator=gen, device=DEV).half()
-    want = x.float() @ weight
-    for splits in (1, 2, 7, 64, 128):
-        mod.few_rows_config = {"SPLITS": splits}
-        for _ in range(3):
-            assert relative_error(mod(x), want) < 2e-3, f"splits={splits} (seed {SEED})"
+    for bits in (4, 3):  # 3-bit splits are whole quads of chunks
+        mod, weight, gen = make_modules(8192, 1024, bits, 128, True, seed=21, kernel=cuda_gptq.CudaQuantLinear)
+        x = torch.randn(4, 8192, generator=gen, device=DEV).half()
+        want = x.float() @ weight
+        for splits in (1, 2, 7, 64, 128):
+            mod.few_rows_config = {"SPLITS": splits}
+            for _ in range(3):
+                assert relative_error(mod(x), want) < 2e-3, f"{bits}-bit splits={splits} (seed {SEED})"
