@@ -73,8 +73,8 @@ def cuda_parts(mod, x):
     stream = torch.cuda.current_stream().cuda_stream
     xs = torch.empty(8, mod.chunks * 64, dtype=torch.float16, device="cuda")
     args = (mod.cu_words.data_ptr(), mod.cu_sz.data_ptr(), x.data_ptr(), 1024, mod.cu_xidx.data_ptr(), xs.data_ptr(),
-            None, out.data_ptr(), ws.data_ptr(), mod.cu_counters.data_ptr(), 8, 1024, mod.chunks, mod.slots_per_group,
-            1024, splits, per_split, stream)
+            None, out.data_ptr(), ws.data_ptr(), mod.cu_counters.data_ptr(), 4, 8, 1024, mod.chunks, mod.slots_per_group,
+            1024, splits, per_split, 0, stream)
     parts = {
         "torch.cuda.current_stream(dev).cuda_stream": lambda: torch.cuda.current_stream(x.device).cuda_stream,
         "torch._C._cuda_getCurrentRawStream(index)": lambda: torch._C._cuda_getCurrentRawStream(0),
@@ -82,7 +82,7 @@ def cuda_parts(mod, x):
         "six data_ptr() calls": lambda: (x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(),
                                          x.data_ptr()),
         "x.device != module device": lambda: x.device != mod.cu_words.device,
-        "ctypes call of gb_q4_few_rows (18 arguments, 2 launches: gather + kernel)": lambda: lib.gb_q4_few_rows(*args),
+        "ctypes call of gb_q4_few_rows (20 arguments, 2 launches: gather + kernel)": lambda: lib.gb_q4_few_rows(*args),
         "ctypes call without a launch, 1 argument (gb_error_string)": lambda: lib.gb_error_string(0),
         "cuda forward_few_rows, whole": lambda: mod.forward_few_rows(x),
         "cuda forward, whole": lambda: mod(x),

@@ -18,20 +18,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.kernels import L2_BYTES, build_layers, disk_bytes, time_graph  # noqa: E402
-from gptq_bridge.kernels import cuda_build  # noqa: E402
-from gptq_bridge.kernels.base import split_k_workspace  # noqa: E402
 
 DEV = torch.device("cuda")
 
 
-def launch(mod, x, out, P):
-    splits, per_split, ws_numel = mod._few_rows_plan(x.shape[0], DEV)
-    ws = split_k_workspace(DEV, ws_numel)
-    code = cuda_build.library().gb_q4_few_rows(
-        mod.cu_words.data_ptr(), mod.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), None, None, None, out.data_ptr(),
-        ws.data_ptr(), mod.cu_counters.data_ptr(), x.shape[0], mod.out_features, mod.chunks, P, mod.out_features,
-        splits, per_split, torch.cuda.current_stream().cuda_stream)
-    assert code == 0, code
+def launch(mod, x, P):
+    """One few-rows call of `mod` with the group size the kernel is told set to P."""
+    real, mod.slots_per_group = mod.slots_per_group, P
+    try:
+        mod.forward_few_rows(x)
+    finally:
+        mod.slots_per_group = real
 
 
 def main():
@@ -42,10 +39,9 @@ def main():
         _, extra, _, _ = build_layers(k, n, 4, 128, copies, seed=3, others=("cuda",))
         mods = extra["cuda"]
         for m in (1, 8):
-            xs = [torch.randn(m, mods[0].chunks * 64, device=DEV).half() for _ in mods]
-            out = torch.empty(m, n, dtype=torch.float16, device=DEV)
-            real = time_graph([lambda t=t, x=x: launch(t, x, out, t.slots_per_group) for t, x in zip(mods, xs)], 20)
-            flat = time_graph([lambda t=t, x=x: launch(t, x, out, 2**30) for t, x in zip(mods, xs)], 20)
+            xs = [torch.randn(m, k, device=DEV).half() for _ in mods]
+            real = time_graph([lambda t=t, x=x: launch(t, x, t.slots_per_group) for t, x in zip(mods, xs)], 20)
+            flat = time_graph([lambda t=t, x=x: launch(t, x, 2**30) for t, x in zip(mods, xs)], 20)
             print(f"| {k}x{n} | {m} | {real:.1f} | {flat:.1f} | {(real - flat) / real:.0%} |", flush=True)
         del extra, mods
         torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ from ..config import QuantizeConfig
 from ..errors import KernelError
 from ..hookspecs import hookimpl
 from ..packing import unpack
-from ..types import DeviceInfo, KernelSpec, LayerShape
+from ..types import KernelSpec, LayerShape
 from . import cuda_build
 from .base import GPTQLinear, scratch, split_k_workspace
 from .measured import MEASURED_US
@@ -202,7 +202,7 @@ class CudaQuantLinear(GPTQLinear):
             None if direct else self.cu_xidx.data_ptr(), None if direct else xs.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
             self.cu_counters.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, splits, per_split,
-            _raw_stream(x.get_device())), "q4_few_rows")
+            x.get_device(), _raw_stream(x.get_device())), "q4_few_rows")
         return out
 
     def _few_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int]:
@@ -235,7 +235,7 @@ class CudaQuantLinear(GPTQLinear):
         cuda_build.check(cuda_build.library().gb_q4_dequantize(
             self.cu_words.data_ptr(), self.cu_sz.data_ptr(), perm, w.data_ptr(), self.bits, self.out_features,
             self.chunks,
-            self.slots_per_group, self.slots, _raw_stream(w.get_device())), "q4_dequantize")
+            self.slots_per_group, self.slots, w.get_device(), _raw_stream(w.get_device())), "q4_dequantize")
         return w
 
 
@@ -246,15 +246,6 @@ def _check_available() -> str | None:
         cuda_build.library()  # builds on first use: seconds
     except (cuda_build.BuildError, OSError) as exc:
         return str(exc).splitlines()[0]  # one line for `explain`; the exception has nvcc's whole output
-    return None
-
-
-def _check_model(layers, config: QuantizeConfig, device: DeviceInfo, dtype: torch.dtype) -> str | None:
-    # The library links its own (static) CUDA runtime, whose current device is 0 whatever torch's is; launching
-    # on another device's stream needs a cudaSetDevice per call there, which has not been run on a multi-GPU
-    # machine yet.
-    if device.index not in (None, 0):
-        return f"runs on cuda:0 only for now, not cuda:{device.index}"
     return None
 
 
@@ -280,7 +271,6 @@ def kernel_spec() -> KernelSpec:
         factory=CudaQuantLinear,
         check_available=_check_available,
         check_layer=_check_layer,
-        check_model=_check_model,
     )
 
 

@@ -287,6 +287,16 @@ __global__ void __launch_bounds__(kThreads) q4_dequantize(
 
 }  // namespace
 
+// The library links its own (static) CUDA runtime, whose current device belongs to the calling host thread and
+// starts at 0, whatever torch's is: each entry point first makes `device` (that of the tensors and the stream it
+// is given) current.
+static cudaError_t use_device(int device) {
+  int current;
+  cudaError_t e = cudaGetDevice(&current);
+  if (e == cudaSuccess && current != device) e = cudaSetDevice(device);
+  return e;
+}
+
 extern "C" {
 
 // 0 on success, else a cudaError_t (gb_error_string names it); -1: more rows than the kernel takes.
@@ -295,8 +305,9 @@ extern "C" {
 // bits: 4, or 3 (then chunks and per_split are multiples of 4).
 int gb_q4_few_rows(const void* qw, const void* sz, const void* x, int ldx, const void* xidx, void* xs,
                    const void* bias, void* out, void* ws, void* counters, int bits, int M, int N, int chunks, int P,
-                   int ldo, int splits, int per_split, void* stream) {
+                   int ldo, int splits, int per_split, int device, void* stream) {
   if (M > 32 || (bits != 4 && bits != 3) || (bits == 3 && (chunks % 4 || per_split % 4))) return -1;
+  if (cudaError_t e = use_device(device)) return static_cast<int>(e);
   auto s = static_cast<cudaStream_t>(stream);
   if (xidx) {
     const int slots = chunks * 64;
@@ -324,8 +335,9 @@ int gb_q4_few_rows(const void* qw, const void* sz, const void* x, int ldx, const
 }
 
 int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, int bits, int N, int chunks,
-                     int P, int slots, void* stream) {
+                     int P, int slots, int device, void* stream) {
   if ((bits != 4 && bits != 3) || (bits == 3 && chunks % 4)) return -1;
+  if (cudaError_t e = use_device(device)) return static_cast<int>(e);
   const dim3 grid((N / 16 + kWarps - 1) / kWarps, bits == 4 ? chunks : chunks / 4);
   auto s = static_cast<cudaStream_t>(stream);
 #define GB_ARGS                                                                                              \

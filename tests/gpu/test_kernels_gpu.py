@@ -57,8 +57,10 @@ def random_layer(k, n, bits, group_size, act_order, sym, gen) -> IntLayer:
     return IntLayer(q=q, zeros=zeros, scales=scales, g_idx=g_idx)
 
 
-def make_modules(k, n, bits, group_size=128, act_order=True, sym=False, fmt="gptq", seed=0, kernel=TritonQuantLinear):
-    """(prepared `kernel` module, float32 reference weight [in, out], generator) for a fresh random layer."""
+def make_modules(k, n, bits, group_size=128, act_order=True, sym=False, fmt="gptq", seed=0, kernel=TritonQuantLinear,
+                 device=DEV):
+    """(`kernel` module prepared on `device`, float32 reference weight [in, out] there, generator on DEV) for a
+    fresh random layer."""
     gen = torch.Generator(device=DEV).manual_seed(SEED + seed)
     layer = random_layer(k, n, bits, group_size, act_order, sym, gen)
     tensors = pack_layer(layer, bits, fmt)
@@ -71,10 +73,10 @@ def make_modules(k, n, bits, group_size=128, act_order=True, sym=False, fmt="gpt
     weight = ref.weight(torch.float32)  # [in, out], before the kernel's module may change its on-disk copy
     module = kernel(shape, config, torch.float16)
     for key, value in tensors.items():
-        setattr(module, key, value.to(torch.float16) if value.is_floating_point() else value.clone())
+        setattr(module, key, (value.to(torch.float16) if value.is_floating_point() else value.clone()).to(device))
     module.fill_missing()
     module.prepare()
-    return module, weight, gen
+    return module, weight.to(device), gen
 
 
 def check_paths(tri, weight, gen, ms):
@@ -304,3 +306,23 @@ def test_cuda_split_counts_agree():
             mod.few_rows_config = {"SPLITS": splits}
             for _ in range(3):
                 assert relative_error(mod(x), want) < 2e-3, f"{bits}-bit splits={splits} (seed {SEED})"
+
+
+@needs_cuda_kernel
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_cuda_kernel_on_a_second_device():
+    """Layers on cuda:1 and cuda:0 called in turn: each call runs on its own tensors' device (the library's runtime
+    is switched per call), few rows and the dequantize path, both bit widths."""
+    second = torch.device("cuda:1")
+    for bits in (4, 3):
+        mods = []
+        for dev in (second, DEV):
+            mod, weight, gen = make_modules(4096, 1024, bits, 128, True, seed=25 + bits, kernel=cuda_gptq.CudaQuantLinear,
+                                            device=dev)
+            mods.append((mod, weight, gen))
+        for m in (1, 8, 40):
+            for mod, weight, gen in mods + mods[:1]:
+                x = torch.randn(m, 4096, generator=gen, device=DEV).half().to(mod.cu_words.device)
+                got = mod(x)
+                assert got.device == x.device
+                assert relative_error(got, x.float() @ weight) < 2e-3, f"{bits}-bit m={m} on {x.device} (seed {SEED})"
