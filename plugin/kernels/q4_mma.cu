@@ -42,9 +42,11 @@ namespace {
 constexpr int kWarps = 4;  // a block: 4 warps, one 16-column tile each
 constexpr int kThreads = kWarps * 32;
 constexpr int kCols = kWarps * 16;  // columns per block
-constexpr int kUnroll = 4;  // chunks loaded before any is used: 64 bytes a lane in flight
+constexpr int kUnroll = 4;  // chunks loaded before any is used: 64 bytes a lane in flight (3-bit: 48, a quad)
+static_assert(kUnroll == 4, "load_batch's 3-bit path loads exactly one quad of chunks");
 
-// (1024 + q_lo, 1024 + q_hi) as a half2: the value pair at bits `shift` and 16 + `shift` of w, `mask` wide.
+// (1024 + q_lo, 1024 + q_hi) as a half2: w's bits under kMask (one field in each 16-bit half, at bit 0) put into
+// the mantissas of (1024, 1024).
 template <uint32_t kMask>
 __device__ __forceinline__ uint32_t magic_pair(uint32_t w) {
   uint32_t h;
