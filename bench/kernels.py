@@ -39,7 +39,7 @@ def disk_bytes(k, n, bits, group_size):
     return k * n * bits // 8 + groups * n * 2 + groups * n * bits // 8
 
 
-def build_layers(k, n, bits, group_size, copies, seed, others=()):
+def build_layers(k, n, bits, group_size, copies, seed, others=(), act_order=True):
     """(triton modules, {other kernel: modules}, float32 reference weight, torch module); the copies differ."""
     from gptq_bridge.config import QuantizeConfig
     from gptq_bridge.gptq_layer import IntLayer, group_index, pack_layer
@@ -48,7 +48,7 @@ def build_layers(k, n, bits, group_size, copies, seed, others=()):
     from gptq_bridge.types import LayerShape
 
     gen = torch.Generator(device=DEV).manual_seed(seed)
-    config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=True, sym=False, checkpoint_format="gptq")
+    config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=False, checkpoint_format="gptq")
     shape = LayerShape(name="bench", in_features=k, out_features=n)
     maxq = 2**bits - 1
     groups = -(-k // group_size)
@@ -58,7 +58,7 @@ def build_layers(k, n, bits, group_size, copies, seed, others=()):
     classes = {"exllama": ExllamaQuantLinear, "cuda": CudaQuantLinear}
     tris, extra, ref_weight, torch_mod = [], {name: [] for name in others}, None, None
     for c in range(copies):
-        order = torch.randperm(k, generator=gen, device=DEV).cpu()
+        order = torch.randperm(k, generator=gen, device=DEV).cpu() if act_order else None
         g_idx = group_index(k, group_size, order).to(DEV)
         layer = IntLayer(q=torch.randint(0, maxq + 1, (k, n), generator=gen, device=DEV),
                          zeros=torch.randint(1, maxq + 1, (groups, n), generator=gen, device=DEV),
