@@ -1,7 +1,9 @@
-"""Time two builds of the cuda kernel's library on the same layers: as committed, and with preprocessor
-definitions prepended (a variant the source selects by macro); check that they compute the same bits.
+"""Time two builds of the cuda kernel's library on the same layers and check that they compute the same bits:
+a baseline (q4_mma.cu as it is, or --baseline FILE, e.g. an earlier commit's q4_mma.cu with the same C
+interface) and q4_mma.cu with preprocessor definitions prepended (a variant the source selects by macro).
 
-    python bench/library_ab.py GB_FMA_FIELDS=0 [--bits 4,3] [--ms 1,8,32]
+    python bench/library_ab.py GB_PDL=0 [--bits 4,3] [--ms 1,8,32]
+    python bench/library_ab.py --baseline /tmp/q4_mma_HEAD.cu
 
 Prints CUDA-graph microseconds per call for each Llama-2-70B shape, bits and m, alternating the two builds in
 the same process (each timed twice) so that the machine's drift falls on both.
@@ -36,14 +38,16 @@ def load(source: Path) -> ctypes.CDLL:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("defines", nargs="+", help="NAME=VALUE, prepended to q4_mma.cu as #define NAME VALUE")
+    ap.add_argument("defines", nargs="*", help="NAME=VALUE, prepended to q4_mma.cu as #define NAME VALUE")
+    ap.add_argument("--baseline", type=Path, default=cuda_build.SOURCE, help="source of the baseline build")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--ms", default="1,8,32")
     args = ap.parse_args()
     header = "".join(f"#define {d.partition('=')[0]} {d.partition('=')[2] or 1}\n" for d in args.defines)
     variant_src = Path(tempfile.mkdtemp()) / "q4_mma_variant.cu"
     variant_src.write_text(header + cuda_build.SOURCE.read_text())
-    libs = {"committed": load(cuda_build.SOURCE), " ".join(args.defines): load(variant_src)}
+    libs = {"baseline" if args.baseline != cuda_build.SOURCE else "as it is": load(args.baseline),
+            " ".join(args.defines) or "q4_mma.cu": load(variant_src)}
     print(f"# {torch.cuda.get_device_name()}; variant: {header.strip()}")
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):

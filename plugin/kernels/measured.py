@@ -6,7 +6,8 @@ Microseconds per call of one Llama-2-70B decoder layer's seven Linears (q and o 
 triton, exllama and cuda: `bash bench/gpu_session.sh --bits 4,3 --ms 1,8,32,512 --exllama --cuda
 --no-triton-paths --no-sweep --no-cuda-sweep` (bench/kernels.py, which prints this table last; every kernel at
 its default launch configuration) on one NVIDIA H100 80GB HBM3, 2026-11-27 22:35 UTC; raw numbers in
-bench/results/kernels-h100-2026-11-27-3bit.json. torch: the same bench with --torch-ref, 2026-11-27 17:00 UTC
+bench/results/kernels-h100-2026-11-27-3bit.json. (Since then the cuda kernel overlaps the activation gather
+with its launch up to 16 rows, 1-7% faster there in A/B runs, docs/PERFORMANCE.md; not re-measured here.) torch: the same bench with --torch-ref, 2026-11-27 17:00 UTC
 (bench/results/kernels-h100-2026-11-27.json; its code has not changed since). docs/PERFORMANCE.md has the
 tables. A third-party kernel registers its own numbers in its KernelSpec.
 """
