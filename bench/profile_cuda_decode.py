@@ -4,20 +4,21 @@
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \\
         --section MemoryWorkloadAnalysis python3 bench/profile_cuda_decode.py [--k 8192 --n 28672]
 
-Builds one random 4-bit g128 act-order layer and calls it three times at m = 1, then three times at m = 8
+Builds one random 4-bit g128 act-order layer (bench/kernels.build_layers, which also builds its triton twin)
+and calls the cuda module three times at m = 1, then three times at m = 8
 (so --launch-skip 2 profiles the third m = 1 call).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
-from gptq_bridge.config import QuantizeConfig
-from gptq_bridge.gptq_layer import IntLayer, group_index, pack_layer
-from gptq_bridge.kernels.cuda_gptq import CudaQuantLinear
-from gptq_bridge.types import LayerShape
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.kernels import build_layers  # noqa: E402
 
 
 def main():
@@ -25,22 +26,9 @@ def main():
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--n", type=int, default=28672)
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    k, n = args.k, args.n
-    gen = torch.Generator(device=dev).manual_seed(0)
-    order = torch.randperm(k, generator=gen, device=dev).cpu()
-    layer = IntLayer(q=torch.randint(0, 16, (k, n), generator=gen, device=dev),
-                     zeros=torch.randint(1, 16, (k // 128, n), generator=gen, device=dev),
-                     scales=torch.rand(k // 128, n, generator=gen, device=dev) * 0.02 + 0.002,
-                     g_idx=group_index(k, 128, order).to(dev))
-    config = QuantizeConfig(bits=4, group_size=128, desc_act=True)
-    mod = CudaQuantLinear(LayerShape(name="profiled", in_features=k, out_features=n), config, torch.float16)
-    for key, value in pack_layer(layer, 4, "gptq").items():
-        setattr(mod, key, value.half() if value.is_floating_point() else value)
-    mod.fill_missing()
-    mod.prepare()
+    mod = build_layers(args.k, args.n, 4, 128, 1, seed=0, others=("cuda",))[1]["cuda"][0]
     for m in (1, 8):
-        x = torch.randn(m, k, device=dev).half()
+        x = torch.randn(m, args.k, device="cuda").half()
         for _ in range(3):
             mod(x)
     torch.cuda.synchronize()

@@ -184,7 +184,7 @@ class CudaQuantLinear(GPTQLinear):
         """m <= 32 rows: one call into the library, which launches the gather of x into slot order when the rows
         were sorted (act-order) or x is not 16-byte aligned (into the device's shared scratch), then the
         tensor-core kernel."""
-        M, N = x.shape[0], self.out_features
+        M, N, device = x.shape[0], self.out_features, x.get_device()
         if x.stride(1) != 1:
             x = x.contiguous()
         direct = self._identity and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
@@ -202,7 +202,7 @@ class CudaQuantLinear(GPTQLinear):
             None if direct else self.cu_xidx.data_ptr(), None if direct else xs.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
             self.cu_counters.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, splits, per_split,
-            x.get_device(), _raw_stream(x.get_device())), "q4_few_rows")
+            device, _raw_stream(device)), "q4_few_rows")
         return out
 
     def _few_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int]:
@@ -232,10 +232,10 @@ class CudaQuantLinear(GPTQLinear):
             raise RuntimeError("prepare() was not called on this layer")
         w = torch.empty(self.in_features, self.out_features, dtype=torch.float16, device=self.cu_words.device)
         perm = self.cu_perm.data_ptr() if self.cu_perm is not None else None
+        device = w.get_device()
         cuda_build.check(cuda_build.library().gb_q4_dequantize(
             self.cu_words.data_ptr(), self.cu_sz.data_ptr(), perm, w.data_ptr(), self.bits, self.out_features,
-            self.chunks,
-            self.slots_per_group, self.slots, w.get_device(), _raw_stream(w.get_device())), "q4_dequantize")
+            self.chunks, self.slots_per_group, self.slots, device, _raw_stream(device)), "q4_dequantize")
         return w
 
 
