@@ -5,8 +5,9 @@
         --section MemoryWorkloadAnalysis python3 bench/profile_cuda_decode.py [--k 8192 --n 28672]
 
 Builds one random 4-bit g128 act-order layer (bench/kernels.build_layers, which also builds its triton twin)
-and calls the cuda module three times at m = 1, then three times at m = 8
-(so --launch-skip 2 profiles the third m = 1 call).
+and calls the cuda module three times at m = 1, then three times at m = 8 (--ms: other row counts; -k
+regex:q4_many_rows --ms 512 profiles the many-rows kernel on Hopper), so --launch-skip 2 profiles the third
+call of the first m.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--n", type=int, default=28672)
+    ap.add_argument("--ms", default="1,8", help="rows of each group of three calls")
     args = ap.parse_args()
     mod = build_layers(args.k, args.n, 4, 128, 1, seed=0, others=("cuda",))[1]["cuda"][0]
-    for m in (1, 8):
+    for m in map(int, args.ms.split(",")):
         x = torch.randn(m, args.k, device="cuda").half()
         for _ in range(3):
             mod(x)

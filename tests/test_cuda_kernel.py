@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptq_bridge.kernels import cuda_build
-from gptq_bridge.kernels.cuda_gptq import kernel_spec, shuffle, shuffle3, unshuffle, unshuffle3
+from gptq_bridge.kernels.cuda_gptq import kernel_spec, shuffle, shuffle3, unshuffle, unshuffle3, wgmma_x_index
 
 
 def random_q(slots, n, seed=0):
@@ -72,6 +72,45 @@ def test_the_fragments_multiply_to_x_times_w():
                     B[2 * t + 8, g], B[2 * t + 9, g] = x[g, base + 2], x[g, base + 3]
                 out[tile * 16 : tile * 16 + 16] += A @ B
     assert torch.allclose(out.t(), x @ q.double())
+
+
+def test_the_many_rows_kernel_pairs_each_weight_with_its_activation():
+    """Emulate q4_many_rows' data path on the CPU: x gathered by wgmma_x_index and stored tile by tile with
+    gather_tiles' swizzle (16-byte piece p of row r at p ^ (r % 8)); wgmma reading k-step j of a row through the
+    128-byte-swizzle descriptor (logical halves 16j .. 16j + 15, swizzled back); the A fragment of each warp
+    from the same words as the few-rows kernel, at the rows and k PTX gives wgmma's register A (mma.sync's A
+    per 16 rows). Summed over k-steps, A @ B must be x @ w, with x's columns in act-order (a permutation)."""
+    slots, n, m = 128, 32, 16
+    q = random_q(slots, n, seed=5)
+    perm = torch.randperm(slots, generator=torch.Generator().manual_seed(6))  # slot -> input column
+    x = torch.randn(m, slots, dtype=torch.float64)
+    idx = wgmma_x_index(perm.to(torch.int32))
+    words = shuffle(q).to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros(n, m, dtype=torch.float64)
+    for chunk in range(slots // 64):
+        tile_x = torch.zeros(m, 64, dtype=torch.float64)  # shared memory as stored: [row, halves of 128 bytes]
+        for r in range(m):
+            for p in range(8):
+                for e in range(8):
+                    tile_x[r, 8 * (p ^ (r % 8)) + e] = x[r, int(idx[chunk * 64 + 8 * p + e])]
+        for j in range(4):
+            B = torch.zeros(16, m, dtype=torch.float64)  # [logical k of the step, row]
+            for r in range(m):
+                for kk in range(16):
+                    logical = 16 * j + kk
+                    B[kk, r] = tile_x[r, 8 * ((logical // 8) ^ (r % 8)) + logical % 8]
+            for tile in range(n // 16):
+                A = torch.zeros(16, 16, dtype=torch.float64)
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    w = int(words[tile, chunk, lane, j])
+                    for (row, k), shift in zip(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)),
+                                               (0, 4, 8, 12)):
+                        A[row, k] = (w >> shift) & 15
+                        A[row, k + 1] = (w >> (shift + 16)) & 15
+                out[tile * 16 : tile * 16 + 16] += A @ B
+    x_in_slot_order = x[:, perm]  # slot s reads input column perm[s]
+    assert torch.allclose(out.t(), x_in_slot_order @ q.double())
 
 
 def test_shuffle3_round_trips():
@@ -141,10 +180,21 @@ def test_the_library_builds_and_exports_its_functions(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.is_file()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
     lib = ctypes.CDLL(str(path))
-    for name in ("gb_q4_few_rows", "gb_q4_dequantize", "gb_error_string"):
+    for name in ("gb_q4_few_rows", "gb_q4_dequantize", "gb_q4_many_rows", "gb_error_string"):
         assert hasattr(lib, name)
     mtime = path.stat().st_mtime_ns
     assert cuda_build.build(archs=[(8, 0)]) == path and path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
+def test_the_hopper_build_has_the_wgmma_kernel(tmp_path, monkeypatch):
+    """For compute capability 9.0 the library is built as sm_90a, where q4_wgmma.cuh's wgmma code exists; its
+    source is part of the cache key."""
+    monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path))
+    cmd = cuda_build._nvcc_command("nvcc", [(8, 0), (9, 0)], tmp_path / "x.so", cuda_build.SOURCE)
+    assert "arch=compute_90a,code=sm_90a" in cmd and "arch=compute_80,code=sm_80" in cmd
+    path = cuda_build.build(archs=[(9, 0)])
+    assert hasattr(ctypes.CDLL(str(path)), "gb_q4_many_rows")
 
 
 def test_a_missing_nvcc_is_a_clear_build_error(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Build q4_mma.cu once per machine with nvcc and load it with ctypes.
+"""Build q4_mma.cu (with the headers beside it) once per machine with nvcc and load it with ctypes.
 
 The library is plain CUDA C with a C interface (raw pointers, sizes, a stream), linked against the static
 CUDA runtime: it does not depend on torch's C++ ABI, so one build serves every torch version, and it builds in
@@ -24,6 +24,7 @@ _VOID, _INT = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {  # name: argument types (every function returns int: 0 or a cudaError_t)
     "gb_q4_few_rows": [_VOID] * 3 + [_INT] + [_VOID] * 6 + [_INT] * 9 + [_VOID],
     "gb_q4_dequantize": [_VOID] * 4 + [_INT] * 6 + [_VOID],
+    "gb_q4_many_rows": [_VOID] * 3 + [_INT] + [_VOID] * 5 + [_INT] * 10 + [_VOID],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -55,9 +56,10 @@ def _architectures() -> list[tuple[int, int]]:
 
 
 def _nvcc_command(nvcc: str, archs: list[tuple[int, int]], out: Path, source: Path) -> list[str]:
-    cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17"]
+    cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "-I", str(SOURCE.parent)]
     for major, minor in archs:
-        cmd += ["-gencode", f"arch=compute_{major}{minor},code=sm_{major}{minor}"]
+        arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")  # 9.0a: Hopper's wgmma (q4_wgmma.cuh)
+        cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     return cmd + ["-o", str(out), str(source)]
 
 
@@ -72,7 +74,8 @@ def build(nvcc: str | None = None, archs: list[tuple[int, int]] | None = None, s
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise BuildError(f"{nvcc} --version failed: {exc}") from exc
-    key = hashlib.sha256(source.read_bytes() + version.encode() + repr(archs).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCE.parent.glob("*.cuh")))  # what q4_mma.cu includes
+    key = hashlib.sha256(source.read_bytes() + headers + version.encode() + repr(archs).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}_{key}.so"
     if target.is_file():
         return target
@@ -109,6 +112,7 @@ def library() -> ctypes.CDLL:
 def check(code: int, what: str) -> None:
     """Raise with CUDA's own words when a launch returned an error."""
     if code == -1:
-        raise ValueError(f"{what}: a size the kernel does not take (more than 32 rows, or bits / chunks)")
+        raise ValueError(f"{what}: sizes or a bit width the kernel does not take, or a library built without it "
+                         "for this GPU")
     if code:
         raise RuntimeError(f"{what}: {library().gb_error_string(code).decode()} (CUDA error {code})")

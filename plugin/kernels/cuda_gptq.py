@@ -9,7 +9,9 @@ forward() by rows m:
 - m <= 32: one launch of `q4_few_rows` (split-K, partials summed by the last block of each column block), after
   one gather of x into slot order when the rows were sorted (act-order) or x is not 16-byte aligned, both from
   one call into the library;
-- m > 32: the weight is dequantized into float16 once per call, then cuBLAS.
+- m > 32 on Hopper (compute capability 9.0): one call, which gathers x into wgmma's k order, then launches
+  `q4_many_rows` (q4_wgmma.cuh: warpgroup MMA with the weight dequantized in registers, x through shared memory);
+- m > 32 elsewhere: the weight is dequantized into float16 once per call, then cuBLAS.
 Float16 activations only (the spec says so; selection keeps other dtypes away).
 """
 
@@ -28,6 +30,7 @@ from .measured import MEASURED_US
 from .slot_layout import sort_rows_by_group, zero_points
 
 FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
+MANY_ROWS_COLS = 128  # q4_many_rows' block: 128 columns of 64, 128 or 256 rows (many_rows_tile)
 BITS = (3, 4)
 _LOAD_UNIT_CHUNKS = {4: 1, 3: 4}  # chunks (64 slots each) a lane loads together: 3-bit ones come in quads
 # The current stream's handle as an int: torch's own fast path (what Triton's launcher uses), ~7 us less per call
@@ -60,6 +63,21 @@ def unshuffle(words: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(v)
     out[:, :, :, _SLOT_ORDER] = v
     return out.reshape(chunks * 64, tiles * 16)
+
+
+def many_rows_tile(m: int) -> int:
+    """Rows per block of q4_many_rows for m rows."""
+    return 64 if m <= 64 else 128 if m <= 128 else 256
+
+
+def wgmma_x_index(xidx: torch.Tensor) -> torch.Tensor:
+    """Slot order -> wgmma's k order (q4_wgmma.cuh): entry 64c + 16j + k is xidx[64c + 16((k % 8) // 2) + 4j +
+    k % 2 + 2(k // 8)], the slot q4mma's k-tile j puts at the mma's k, so that x's 16 columns of a k-step lie
+    together in shared memory. xidx: [chunks * 64] (slot -> input row, -1 for pad slots)."""
+    k = torch.arange(16, device=xidx.device)
+    j = torch.arange(4, device=xidx.device).view(4, 1)
+    slot = 16 * ((k % 8) // 2) + 4 * j + k % 2 + 2 * (k // 8)  # [j, k]
+    return xidx.view(-1, 64)[:, slot.reshape(-1)].reshape(-1).contiguous()
 
 
 def _as_int32(words: torch.Tensor) -> torch.Tensor:
@@ -120,6 +138,7 @@ class CudaQuantLinear(GPTQLinear):
         super().__init__(layer, config, dtype)
         self._ready = False
         self.few_rows_config: dict | None = None  # benchmark override: {"SPLITS": n}
+        self.many_rows_config: dict | None = None  # the same for many rows, and {"ROWS": 64 / 128 / 256}
         self._plans: dict = {}  # (splits, chunks per split, workspace floats) by rows (and config)
 
     def prepare(self) -> None:
@@ -153,6 +172,8 @@ class CudaQuantLinear(GPTQLinear):
         self.register_buffer("cu_words", words, persistent=False)
         self.register_buffer("cu_sz", sz, persistent=False)
         self.register_buffer("cu_xidx", xidx, persistent=False)  # slot -> input row (-1: pad), for the gather
+        wgmma = dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
+        self.register_buffer("cu_xidx_wgmma", wgmma_x_index(xidx) if wgmma else None, persistent=False)
         self.register_buffer("cu_perm", perm, persistent=False)  # None: slot == row
         self.register_buffer("cu_counters", torch.zeros(-(-N // 64), dtype=torch.int32, device=dev),
                              persistent=False)
@@ -174,6 +195,8 @@ class CudaQuantLinear(GPTQLinear):
             out = x2.new_empty(0, self.out_features)
         elif m <= FEW_ROWS_MAX_M:
             out = self.forward_few_rows(x2)
+        elif self.cu_xidx_wgmma is not None and self._many_rows_wins(m, x2.device):
+            out = self.forward_many_rows(x2)
         else:
             out = x2 @ self.dequantize()
             if self.bias is not None:
@@ -204,6 +227,53 @@ class CudaQuantLinear(GPTQLinear):
             self.cu_counters.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, splits, per_split,
             device, _raw_stream(device)), "q4_few_rows")
         return out
+
+    def forward_many_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Hopper, any rows: one call into the library, which gathers x into wgmma's k order (into the device's
+        shared scratch), then launches q4_many_rows."""
+        M, N, device = x.shape[0], self.out_features, x.get_device()
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        cfg = self.many_rows_config
+        key = ("many", M) if cfg is None else ("many", M, tuple(sorted(cfg.items())))
+        fixed = self._plans.get(key)
+        if fixed is None:
+            fixed = self._plans[key] = self._many_rows_plan(M, x.device)
+        rows, splits, per_split, ws_numel = fixed
+        xs = scratch(x.device, -(-M // rows) * rows * self.chunks * 64, torch.float16)
+        out = torch.empty(M, N, dtype=torch.float16, device=x.device)
+        ws = split_k_workspace(x.device, ws_numel) if splits > 1 else out
+        cuda_build.check(cuda_build.library().gb_q4_many_rows(
+            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), self.cu_xidx_wgmma.data_ptr(),
+            xs.data_ptr(), None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
+            self.bits, M, N, self.chunks, self.slots_per_group, N, rows, splits, per_split, device,
+            _raw_stream(device)), "q4_many_rows")
+        return out
+
+    def _many_rows_wins(self, M: int, device: torch.device) -> bool:
+        """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100,
+        docs/PERFORMANCE.md): everywhere except where a narrow layer needs a 4-way split or more and M >= 128
+        rows (8192x1024 at m = 128 / 256 / 512: 22 / 35 / 57 us against 20 / 24 / 31 us), where the dequantized
+        weight is small and cuBLAS makes better use of it."""
+        if self.many_rows_config is not None:  # a benchmark or test asks for this path
+            return True
+        key = ("many", M)
+        if key not in self._plans:
+            self._plans[key] = self._many_rows_plan(M, device)
+        return not (self._plans[key][1] >= 4 and M >= 128)
+
+    def _many_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int, int]:
+        """(rows a block, splits, chunks per split, workspace floats): a grid of at most half as many blocks as
+        SMs is split along k into about one block per SM (chunks per split a multiple of 4); the partials are
+        summed by a second launch."""
+        rows = (self.many_rows_config or {}).get("ROWS") or many_rows_tile(M)
+        tiles = -(-M // rows) * -(-self.out_features // MANY_ROWS_COLS)
+        splits = (self.many_rows_config or {}).get("SPLITS")
+        if splits is None:
+            splits = torch.cuda.get_device_properties(device).multi_processor_count // tiles
+        per_split = -(-self.chunks // (max(1, splits) * 4)) * 4
+        splits = -(-self.chunks // per_split)
+        return rows, splits, per_split, splits * M * self.out_features
 
     def _few_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int]:
         """(splits, chunks per split, workspace floats).

@@ -311,6 +311,8 @@ __global__ void __launch_bounds__(kThreads) q4_dequantize(
 
 }  // namespace
 
+#include "q4_wgmma.cuh"  // Hopper: many rows with wgmma
+
 // The library links its own (static) CUDA runtime, whose current device belongs to the calling host thread and
 // starts at 0, whatever torch's is: each entry point first makes `device` (that of the tensors and the stream it
 // is given) current.
@@ -381,6 +383,53 @@ int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, 
   if (bits == 4) q4_dequantize<4><<<grid, kThreads, 0, s>>>(GB_ARGS);
   else q4_dequantize<3><<<grid, kThreads, 0, s>>>(GB_ARGS);
 #undef GB_ARGS
+  return static_cast<int>(cudaGetLastError());
+}
+
+// Many rows on Hopper (the sm_90a build): x's columns are gathered into wgmma's k order (xidx:
+// cuda_gptq.wgmma_x_index), tile by tile, into xs [chunks][M rounded up to nt][64], then q4_many_rows. -1: sizes or bits it does not take, or a
+// library without an sm_90a build for this device.
+// nt: rows a block (64, 128 or 256). splits > 1: partials in ws [splits][M][N] float32, then summed by a third
+// launch (ldo a multiple of 4).
+int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, const void* xidx, void* xs,
+                    const void* bias, void* out, void* ws, int bits, int M, int N, int chunks, int P, int ldo,
+                    int nt, int splits, int per_split, int device, void* stream) {
+  if (M < 1 || (bits != 4 && bits != 3) || (bits == 3 && chunks % 4) || (nt != 64 && nt != 128 && nt != 256)) {
+    return -1;
+  }
+  if (cudaError_t e = use_device(device)) return static_cast<int>(e);
+  const void* kernel = nullptr;
+  int smem = 0;
+#define GB_PICK(NT)                                                                            \
+  if (nt == NT) {                                                                               \
+    kernel = bits == 4 ? (const void*)q4_many_rows<NT, 4> : (const void*)q4_many_rows<NT, 3>; \
+    smem = many_rows_smem<NT>();                                                                \
+  }
+  GB_PICK(64) GB_PICK(128) GB_PICK(256)
+#undef GB_PICK
+  cudaFuncAttributes attr;
+  if (cudaError_t e = cudaFuncGetAttributes(&attr, kernel)) return static_cast<int>(e);
+  if (attr.binaryVersion != 90) return -1;  // this device runs another build of the kernel, without wgmma
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) {
+    return static_cast<int>(e);
+  }
+  auto s = static_cast<cudaStream_t>(stream);
+  int m_pad = (M + nt - 1) / nt * nt;
+  gather_tiles<<<dim3((m_pad + 31) / 32, chunks), 256, 0, s>>>(
+      static_cast<const __half*>(x), ldx, static_cast<const int*>(xidx), static_cast<__half*>(xs), M, m_pad);
+  const dim3 grid((M + nt - 1) / nt, (N + kWgCols - 1) / kWgCols, splits);
+  const uint4* qw4 = static_cast<const uint4*>(qw);
+  const __half2* sz2 = static_cast<const __half2*>(sz);
+  const __half* xh = static_cast<const __half*>(xs);
+  const __half* b = static_cast<const __half*>(bias);
+  __half* o = static_cast<__half*>(out);
+  float* wsf = static_cast<float*>(ws);
+  void* args[] = {&qw4, &sz2, &xh, &b, &o, &wsf, &M, &N, &chunks, &P, &m_pad, &ldo, &per_split};
+  if (cudaError_t e = cudaLaunchKernel(kernel, grid, dim3(kWgThreads), args, smem, s)) return static_cast<int>(e);
+  if (splits > 1) {
+    const size_t quads = (size_t)M * N / 4;
+    sum_splits<<<(unsigned)((quads + 255) / 256), 256, 0, s>>>(wsf, splits, M, N, b, o, ldo);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -1,0 +1,71 @@
+"""The cuda kernel's many-rows path on Hopper (q4_wgmma.cuh) against what it replaces and what it is held to
+(docs/PERFORMANCE.md, issue 5's m = 512 target): for the Llama-2-70B shapes (group 128, act-order) and m = 33 ..
+512, checks `forward_many_rows` against the float32 reference and times, in CUDA graphs with the weights rotated
+past L2:
+
+- wgmma: `forward_many_rows` (gather of x into wgmma's k order + q4_many_rows);
+- deq+cuBLAS: the path other GPUs take (dequantize to float16, then cuBLAS);
+- cuBLAS fp16: x @ w with an unquantized float16 weight of the same shape.
+
+    python bench/many_rows.py [--bits 4,3] [--ms 33,64,128,256,512] [--shapes all|KxN,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.kernels import L2_BYTES, SHAPES, build_layers, disk_bytes, rel, time_graph  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--ms", default="33,64,128,256,512")
+    ap.add_argument("--shapes", default="all")
+    ap.add_argument("--rows", default="", help="also time these rows-a-block settings (64,128,256)")
+    args = ap.parse_args()
+    shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows = []
+    for bits in map(int, args.bits.split(",")):
+        for k, n in shapes:
+            copies = max(2, math.ceil(3 * L2_BYTES / disk_bytes(k, n, bits, 128)))
+            _, extra, ref_w, _ = build_layers(k, n, bits, 128, copies, seed=k + n + bits, others=("cuda",))
+            mods = extra["cuda"]
+            w16 = [ref_w.half() for _ in range(2)]  # cuBLAS: two float16 copies (each over L2 on the large shapes)
+            for m in map(int, args.ms.split(",")):
+                xs = [torch.randn(m, k, device=DEV).half() for _ in range(copies)]
+                got = mods[0].forward_many_rows(xs[0])
+                err = rel(got, xs[0].float() @ ref_w)
+                wg = time_graph([lambda t=t, x=x: t.forward_many_rows(x) for t, x in zip(mods, xs)])
+                dq = time_graph([lambda t=t, x=x: x @ t.dequantize() for t, x in zip(mods, xs)])
+                cb = time_graph([lambda w=w, x=x: x @ w for w, x in zip(w16, xs)])
+                for r in filter(None, args.rows.split(",")):
+                    for t in mods:
+                        t.many_rows_config = {"ROWS": int(r)}
+                    alt = time_graph([lambda t=t, x=x: t.forward_many_rows(x) for t, x in zip(mods, xs)])
+                    print(f"  rows a block {r}: {alt:.1f} us", flush=True)
+                    for t in mods:
+                        t.many_rows_config = None
+                tflops = 2 * m * k * n / wg / 1e6
+                rows.append((bits, k, n, m, wg, dq, cb, tflops, err))
+                print(f"{bits}-bit {k}x{n} m={m}: wgmma {wg:.1f} us ({tflops:.0f} TFLOPS), deq+cuBLAS {dq:.1f}, "
+                      f"cuBLAS fp16 {cb:.1f} ({wg / cb:.2f}x), rel err {err:.1e}", flush=True)
+            del extra, mods, w16
+            torch.cuda.empty_cache()
+    print("\n| bits | K x N | m | wgmma us | TFLOPS | deq + cuBLAS us | cuBLAS fp16 us | wgmma / cuBLAS | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for bits, k, n, m, wg, dq, cb, tf, err in rows:
+        print(f"| {bits} | {k}x{n} | {m} | **{wg:.1f}** | {tf:.0f} | {dq:.1f} | {cb:.1f} | {wg / cb:.2f}x | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
