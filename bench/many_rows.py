@@ -13,6 +13,7 @@ past L2:
 from __future__ import annotations
 
 import argparse
+import re
 import math
 import os
 import sys
@@ -25,12 +26,30 @@ from bench.kernels import L2_BYTES, SHAPES, build_layers, disk_bytes, rel, time_
 DEV = torch.device("cuda")
 
 
+def launch_times(fn, calls=10):
+    """'kernel: us, ...' per call, from torch.profiler's CUDA kernel times."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            found = re.search(r"::(\w+)", e.name)
+            name = found.group(1) if found else e.name[:40]
+            times[name] = times.get(name, 0.0) + e.device_time / calls
+    return ", ".join(f"{k}: {v:.1f} us" for k, v in times.items())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--ms", default="33,64,128,256,512")
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--rows", default="", help="also time these rows-a-block settings (64,128,256)")
+    ap.add_argument("--kernels", action="store_true", help="also print each launch's GPU time (torch.profiler)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -55,6 +74,8 @@ def main():
                     print(f"  rows a block {r}: {alt:.1f} us", flush=True)
                     for t in mods:
                         t.many_rows_config = None
+                if args.kernels:
+                    print("  " + launch_times(lambda: mods[0].forward_many_rows(xs[0])), flush=True)
                 tflops = 2 * m * k * n / wg / 1e6
                 rows.append((bits, k, n, m, wg, dq, cb, tflops, err))
                 print(f"{bits}-bit {k}x{n} m={m}: wgmma {wg:.1f} us ({tflops:.0f} TFLOPS), deq+cuBLAS {dq:.1f}, "

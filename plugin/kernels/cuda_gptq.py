@@ -1,4 +1,5 @@
-"""The project's CUDA kernel for 3- and 4-bit checkpoints (q4_mma.cu): tensor-core decode for few rows.
+"""The project's CUDA kernel for 3- and 4-bit checkpoints (q4_mma.cu, q4_wgmma.cuh): tensor-core decode for few
+rows, and on Hopper a wgmma kernel for many.
 
 `prepare()` sorts the rows by group (slot_layout) and shuffles the values into the layout q4_mma.cu describes:
 each lane of a warp loads exactly the values its mma fragments need, 4-bit ("q4mma") in one 16-byte read a
@@ -10,7 +11,8 @@ forward() by rows m:
   one gather of x into slot order when the rows were sorted (act-order) or x is not 16-byte aligned, both from
   one call into the library;
 - m > 32 on Hopper (compute capability 9.0): one call, which gathers x into wgmma's k order, then launches
-  `q4_many_rows` (q4_wgmma.cuh: warpgroup MMA with the weight dequantized in registers, x through shared memory);
+  `q4_many_rows` (q4_wgmma.cuh: warpgroup MMA with the weight dequantized in registers, x through shared memory;
+  split-K for small grids), except where dequantize + cuBLAS measured faster (`_many_rows_wins`);
 - m > 32 elsewhere: the weight is dequantized into float16 once per call, then cuBLAS.
 Float16 activations only (the spec says so; selection keeps other dtypes away).
 """
@@ -244,23 +246,23 @@ class CudaQuantLinear(GPTQLinear):
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
         ws = split_k_workspace(x.device, ws_numel) if splits > 1 else out
         cuda_build.check(cuda_build.library().gb_q4_many_rows(
-            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), self.cu_xidx_wgmma.data_ptr(),
-            xs.data_ptr(), None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
+            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), self.in_features,
+            self.cu_xidx_wgmma.data_ptr(), xs.data_ptr(), None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
             self.bits, M, N, self.chunks, self.slots_per_group, N, rows, splits, per_split, device,
             _raw_stream(device)), "q4_many_rows")
         return out
 
     def _many_rows_wins(self, M: int, device: torch.device) -> bool:
         """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100,
-        docs/PERFORMANCE.md): everywhere except where a narrow layer needs a 4-way split or more and M >= 128
-        rows (8192x1024 at m = 128 / 256 / 512: 22 / 35 / 57 us against 20 / 24 / 31 us), where the dequantized
-        weight is small and cuBLAS makes better use of it."""
+        docs/PERFORMANCE.md): everywhere except where a narrow layer needs a 4-way split or more and M > 256
+        (8192x1024, 4-bit, at m = 128 / 256 / 512: 20.0 / 25.4 / 35.7 us against 22.4 / 25.9 / 32.1 us), where the
+        dequantized weight is small and cuBLAS makes better use of it."""
         if self.many_rows_config is not None:  # a benchmark or test asks for this path
             return True
         key = ("many", M)
         if key not in self._plans:
             self._plans[key] = self._many_rows_plan(M, device)
-        return not (self._plans[key][1] >= 4 and M >= 128)
+        return not (self._plans[key][1] >= 4 and M > 256)
 
     def _many_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int, int]:
         """(rows a block, splits, chunks per split, workspace floats): a grid of at most half as many blocks as
@@ -331,7 +333,7 @@ def kernel_spec() -> KernelSpec:
     return KernelSpec(
         name="cuda",
         description="gptq-bridge's CUDA kernel (q4_mma.cu): 3- and 4-bit, tensor-core decode up to 32 rows, "
-                    "dequantize + cuBLAS above; built with nvcc on first use",
+                    "above that wgmma on Hopper, else dequantize + cuBLAS; built with nvcc on first use",
         bits=frozenset(BITS),
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16}),

@@ -386,12 +386,12 @@ int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, 
   return static_cast<int>(cudaGetLastError());
 }
 
-// Many rows on Hopper (the sm_90a build): x's columns are gathered into wgmma's k order (xidx:
+// Many rows on Hopper (the sm_90a build): x [M][ldx] (K columns): its columns are gathered into wgmma's k order (xidx:
 // cuda_gptq.wgmma_x_index), tile by tile, into xs [chunks][M rounded up to nt][64], then q4_many_rows. -1: sizes or bits it does not take, or a
 // library without an sm_90a build for this device.
 // nt: rows a block (64, 128 or 256). splits > 1: partials in ws [splits][M][N] float32, then summed by a third
 // launch (ldo a multiple of 4).
-int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, const void* xidx, void* xs,
+int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int K, const void* xidx, void* xs,
                     const void* bias, void* out, void* ws, int bits, int M, int N, int chunks, int P, int ldo,
                     int nt, int splits, int per_split, int device, void* stream) {
   if (M < 1 || (bits != 4 && bits != 3) || (bits == 3 && chunks % 4) || (nt != 64 && nt != 128 && nt != 256)) {
@@ -415,8 +415,21 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, cons
   }
   auto s = static_cast<cudaStream_t>(stream);
   int m_pad = (M + nt - 1) / nt * nt;
-  gather_tiles<<<dim3((m_pad + 31) / 32, chunks), 256, 0, s>>>(
-      static_cast<const __half*>(x), ldx, static_cast<const int*>(xidx), static_cast<__half*>(xs), M, m_pad);
+  if (K <= kGatherRowsMaxK) {
+    const int row_bytes = (K + 7) / 8 * 16;
+    const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0 && K % 8 == 0;
+    auto gather = vec ? gather_rows<true> : gather_rows<false>;
+    if (row_bytes > 48 * 1024) {
+      if (cudaError_t e = cudaFuncSetAttribute(gather, cudaFuncAttributeMaxDynamicSharedMemorySize, row_bytes)) {
+        return static_cast<int>(e);
+      }
+    }
+    gather<<<m_pad, 256, row_bytes, s>>>(static_cast<const __half*>(x), ldx, K, static_cast<const int*>(xidx),
+                                         static_cast<__half*>(xs), M, m_pad, chunks);
+  } else {
+    gather_tiles<<<dim3((m_pad + 31) / 32, chunks), 256, 0, s>>>(
+        static_cast<const __half*>(x), ldx, static_cast<const int*>(xidx), static_cast<__half*>(xs), M, m_pad);
+  }
   const dim3 grid((M + nt - 1) / nt, (N + kWgCols - 1) / kWgCols, splits);
   const uint4* qw4 = static_cast<const uint4*>(qw);
   const __half2* sz2 = static_cast<const __half2*>(sz);

@@ -7,22 +7,20 @@
 // Why the weight is A: a warpgroup's A fragments are per warp exactly mma.sync m16n8k16's, so each of its four
 // warps dequantizes one 16-column tile of the q4mma / q3mma layout as q4_few_rows does, straight into the
 // registers wgmma reads; no dequantized weight is ever stored. x is float16 already and goes global -> shared
-// memory by cp.async, in the 128-byte-swizzled K-major layout wgmma's descriptors read.
+// memory by bulk copy, in the 128-byte-swizzled K-major layout wgmma's descriptors read.
 //
 // x must be in wgmma's k order: the layout's k-tile j of a chunk holds slots 16t + 4j + (0, 1 | 2, 3) at the
-// mma's k (2t, 2t + 1 | 2t + 8, 2t + 9) (q4_mma.cu's header). gather_tiles puts x's columns in that order with
-// an index made once per layer (cuda_gptq.wgmma_x_index): column 64c + 16j + k of the gathered x is slot
-// 64c + 16((k % 8) / 2) + 4j + k % 2 + 2(k / 8); and it stores x tile by tile, swizzled as the descriptors read
-// it, so that a stage's x tile is one bulk copy.
+// mma's k (2t, 2t + 1 | 2t + 8, 2t + 9) (q4_mma.cu's header). gather_rows (gather_tiles for very long rows)
+// puts x's columns in that order with an index made once per layer (cuda_gptq.wgmma_x_index): column
+// 64c + 16j + k of the gathered x is slot 64c + 16((k % 8) / 2) + 4j + k % 2 + 2(k / 8); and it stores x tile by
+// tile, swizzled as the descriptors read it, so that a stage's x tile is one bulk copy.
 //
 // A block is kWgGroups warpgroups side by side (64 columns each) over NT rows; the loop walks the 64-slot
 // chunks of its split. Everything a chunk needs comes through a ring of kWgStages stages in shared memory,
 // kWgAhead chunks ahead: the x tile (one bulk copy, an mbarrier says it landed), and each lane's own weight words
-// and scales (cp.async). Each
-// warpgroup's A fragments are double-buffered in registers: while chunk c's four wgmmas run, chunk c + 1 is
-// dequantized. Split-K for grids of few blocks: each split writes float32 partials, which sum_splits adds in a fixed
-// order (a second launch: deterministic).
-
+// and scales (cp.async). Each warpgroup's A fragments are double-buffered in registers: while chunk c's four
+// wgmmas run, chunk c + 1 is dequantized. Split-K for grids of few blocks: each split writes float32 partials,
+// which sum_splits adds in a fixed order (another launch: deterministic).
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GB_WGMMA 1  // this pass compiles for sm_90a: wgmma exists
@@ -257,7 +255,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
     for (int u = 0; u < 2; ++u) {  // two chunks a pass: the A buffer a chunk reads is known at compile time
       const int c = c0 + u;
       if (c < c_end) {  // the same for the whole block: the barrier stays uniform
-        __syncthreads();  // every warpgroup is done with chunk c - 2's stage, which chunk c + kWgAhead now gets
+        // Every warpgroup is done with chunk c - 2's stage, which chunk c + kWgAhead now gets. (Measured and not
+        // kept: handing stages back by an mbarrier instead, 2-12% slower; a third A buffer, dequantizing before
+        // the wait, slower too. docs/PERFORMANCE.md.)
+        __syncthreads();
         const int cn = c + kWgAhead;
         if (cn < c_end) load_stage<NT, BITS>(stage_of(cn), bar_of(cn), x_tile(cn), wp, sz, N, P, col, t, cn, has_tile);
         cp_async_commit();
@@ -319,6 +320,41 @@ __global__ void gather_tiles(const __half* __restrict__ x, int ldx, const int* _
   }
   *reinterpret_cast<uint4*>(xs + ((size_t)c * Mpad + m) * 64 + ((piece ^ (m & 7)) << 3)) =
       *reinterpret_cast<const uint4*>(v);
+}
+
+// The same, a block a row: the row is first read once, coalesced, into shared memory (K halves), and the pieces
+// are gathered from there, so act-order's random columns cost shared-memory reads instead of a 32-byte L2 sector
+// a value. For K up to kGatherRowsMaxK. VEC: x's rows are 16-byte aligned and K a multiple of 8 (16-byte loads).
+constexpr int kGatherRowsMaxK = 96 * 1024;  // 192 KB of shared memory
+template <bool VEC>
+__global__ void __launch_bounds__(256) gather_rows(const __half* __restrict__ x, int ldx, int K,
+                                                   const int* __restrict__ idx, __half* __restrict__ xs, int M,
+                                                   int Mpad, int chunks) {
+  extern __shared__ uint4 row_smem[];
+  __half* row = reinterpret_cast<__half*>(row_smem);
+  const int m = blockIdx.x;
+  if (m < M) {
+    const __half* src = x + (size_t)m * ldx;
+    if (VEC) {
+#pragma unroll 4
+      for (int k = threadIdx.x; k < K / 8; k += blockDim.x) row_smem[k] = reinterpret_cast<const uint4*>(src)[k];
+    } else {
+#pragma unroll 8
+      for (int k = threadIdx.x; k < K; k += blockDim.x) row[k] = src[k];
+    }
+  }
+  __syncthreads();
+#pragma unroll 2
+  for (int p = threadIdx.x; p < chunks * 8; p += blockDim.x) {
+    const int c = p >> 3, piece = p & 7;
+    const int4 k0 = reinterpret_cast<const int4*>(idx)[2 * p], k1 = reinterpret_cast<const int4*>(idx)[2 * p + 1];
+    const int ks[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+    __align__(16) __half v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = m < M && ks[e] >= 0 ? row[ks[e]] : __float2half(0.f);
+    *reinterpret_cast<uint4*>(xs + ((size_t)c * Mpad + m) * 64 + ((piece ^ (m & 7)) << 3)) =
+        *reinterpret_cast<const uint4*>(v);
+  }
 }
 
 // After a split q4_many_rows: out[m, n] = the sum of the splits' partials ws[z][m][n] in z order (+ bias), four
