@@ -48,7 +48,8 @@ def main():
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--ms", default="33,64,128,256,512")
     ap.add_argument("--shapes", default="all")
-    ap.add_argument("--rows", default="", help="also time these rows-a-block settings (64,128,256)")
+    ap.add_argument("--config", action="append", default=[],
+                    help="also time this many_rows_config, e.g. ROWS=128 or SPLITS=1 (no tile split); repeatable")
     ap.add_argument("--kernels", action="store_true", help="also print each launch's GPU time (torch.profiler)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
@@ -67,13 +68,16 @@ def main():
                 wg = time_graph([lambda t=t, x=x: t.forward_many_rows(x) for t, x in zip(mods, xs)])
                 dq = time_graph([lambda t=t, x=x: x @ t.dequantize() for t, x in zip(mods, xs)])
                 cb = time_graph([lambda w=w, x=x: x @ w for w, x in zip(w16, xs)])
-                for r in filter(None, args.rows.split(",")):
+                for spec in args.config:
                     for t in mods:
-                        t.many_rows_config = {"ROWS": int(r)}
+                        t.many_rows_config = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in spec.split(",")}
                     alt = time_graph([lambda t=t, x=x: t.forward_many_rows(x) for t, x in zip(mods, xs)])
-                    print(f"  rows a block {r}: {alt:.1f} us", flush=True)
+                    plan = mods[0]._many_rows_plan(m, DEV)
                     for t in mods:
                         t.many_rows_config = None
+                    again = time_graph([lambda t=t, x=x: t.forward_many_rows(x) for t, x in zip(mods, xs)])
+                    print(f"  {spec}: {alt:.1f} us ({plan}); default plan {mods[0]._many_rows_plan(m, DEV)}: "
+                          f"{wg:.1f}, again {again:.1f} us", flush=True)
                 if args.kernels:
                     print("  " + launch_times(lambda: mods[0].forward_many_rows(xs[0])), flush=True)
                 tflops = 2 * m * k * n / wg / 1e6

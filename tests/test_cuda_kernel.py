@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gptq_bridge.kernels import cuda_build
-from gptq_bridge.kernels.cuda_gptq import kernel_spec, shuffle, shuffle3, unshuffle, unshuffle3, wgmma_x_index
+from gptq_bridge.kernels.cuda_gptq import (kernel_spec, many_rows_splits, shuffle, shuffle3, unshuffle, unshuffle3,
+                                           wgmma_x_index)
 
 
 def random_q(slots, n, seed=0):
@@ -111,6 +112,17 @@ def test_the_many_rows_kernel_pairs_each_weight_with_its_activation():
                 out[tile * 16 : tile * 16 + 16] += A @ B
     x_in_slot_order = x[:, perm]  # slot s reads input column perm[s]
     assert torch.allclose(out.t(), x_in_slot_order @ q.double())
+
+
+def test_many_rows_splits_fill_the_sms():
+    """On 132 SMs: small grids split throughout, a partly filled last wave of at most half the SMs split into the
+    parts that fill it, everything else whole (the 70B shapes at m = 512 with 256 rows a block)."""
+    assert many_rows_splits(16, 132) == (0, 8)  # 8192x1024
+    assert many_rows_splits(64, 132) == (0, 2)  # 8192x8192 at m = 33 (64 rows a block)
+    assert many_rows_splits(128, 132) == (128, 1)  # 8192x8192, 28672x8192
+    assert many_rows_splits(448, 132) == (396, 2)  # 8192x28672: 3 whole waves, the last 52 tiles in two
+    assert many_rows_splits(224, 132) == (224, 1)  # its last wave (92 tiles) is more than half full
+    assert many_rows_splits(264, 132) == (264, 1)  # no partial wave
 
 
 def test_shuffle3_round_trips():

@@ -24,7 +24,7 @@ _VOID, _INT = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {  # name: argument types (every function returns int: 0 or a cudaError_t)
     "gb_q4_few_rows": [_VOID] * 3 + [_INT] + [_VOID] * 6 + [_INT] * 9 + [_VOID],
     "gb_q4_dequantize": [_VOID] * 4 + [_INT] * 6 + [_VOID],
-    "gb_q4_many_rows": [_VOID] * 3 + [_INT] * 2 + [_VOID] * 5 + [_INT] * 10 + [_VOID],
+    "gb_q4_many_rows": [_VOID] * 3 + [_INT] * 2 + [_VOID] * 5 + [_INT] * 11 + [_VOID],
 }
 
 _lib: ctypes.CDLL | None = None

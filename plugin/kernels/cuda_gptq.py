@@ -19,6 +19,8 @@ Float16 activations only (the spec says so; selection keeps other dtypes away).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..config import QuantizeConfig
@@ -67,9 +69,33 @@ def unshuffle(words: torch.Tensor) -> torch.Tensor:
     return out.reshape(chunks * 64, tiles * 16)
 
 
+class ManyRowsPlan(NamedTuple):
+    """How gb_q4_many_rows runs for a row count: rows a block; tiles from `whole` on split into `splits` of
+    `per_split` chunks; float32 workspace for their partials."""
+
+    rows: int
+    whole: int
+    splits: int
+    per_split: int
+    ws_numel: int
+
+
 def many_rows_tile(m: int) -> int:
     """Rows per block of q4_many_rows for m rows."""
     return 64 if m <= 64 else 128 if m <= 128 else 256
+
+
+def many_rows_splits(tiles: int, sms: int) -> tuple[int, int]:
+    """(whole, splits) for q4_many_rows: tiles from `whole` on are split in `splits` along k. A grid of at most half
+    as many tiles as SMs is split throughout into about one block per SM; a larger one whose last wave would be
+    at most half full has just those last tiles split, into as many parts as fill that wave (8192x28672 at
+    m = 512: 448 tiles, the last 52 in two)."""
+    if 2 * tiles <= sms:
+        return 0, sms // tiles
+    tail = tiles % sms
+    if tiles > sms and 0 < 2 * tail <= sms:
+        return tiles - tail, sms // tail
+    return tiles, 1
 
 
 def wgmma_x_index(xidx: torch.Tensor) -> torch.Tensor:
@@ -140,7 +166,7 @@ class CudaQuantLinear(GPTQLinear):
         super().__init__(layer, config, dtype)
         self._ready = False
         self.few_rows_config: dict | None = None  # benchmark override: {"SPLITS": n}
-        self.many_rows_config: dict | None = None  # the same for many rows, and {"ROWS": 64 / 128 / 256}
+        self.many_rows_config: dict | None = None  # many rows: {"ROWS": 64 / 128 / 256, "SPLITS": n, "WHOLE": t}
         self._plans: dict = {}  # (splits, chunks per split, workspace floats) by rows (and config)
 
     def prepare(self) -> None:
@@ -232,50 +258,51 @@ class CudaQuantLinear(GPTQLinear):
 
     def forward_many_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Hopper, any rows: one call into the library, which gathers x into wgmma's k order (into the device's
-        shared scratch), then launches q4_many_rows."""
+        shared scratch), then launches q4_many_rows (and, when some tiles are split, the sum of their parts)."""
         M, N, device = x.shape[0], self.out_features, x.get_device()
         if x.stride(1) != 1:
             x = x.contiguous()
-        cfg = self.many_rows_config
-        key = ("many", M) if cfg is None else ("many", M, tuple(sorted(cfg.items())))
-        fixed = self._plans.get(key)
-        if fixed is None:
-            fixed = self._plans[key] = self._many_rows_plan(M, x.device)
-        rows, splits, per_split, ws_numel = fixed
-        xs = scratch(x.device, -(-M // rows) * rows * self.chunks * 64, torch.float16)
+        plan = self._many_rows_plan(M, x.device)
+        xs = scratch(x.device, -(-M // plan.rows) * plan.rows * self.chunks * 64, torch.float16)
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
-        ws = split_k_workspace(x.device, ws_numel) if splits > 1 else out
+        ws = split_k_workspace(x.device, plan.ws_numel) if plan.ws_numel else out
         cuda_build.check(cuda_build.library().gb_q4_many_rows(
             self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), self.in_features,
-            self.cu_xidx_wgmma.data_ptr(), xs.data_ptr(), None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
-            self.bits, M, N, self.chunks, self.slots_per_group, N, rows, splits, per_split, device,
-            _raw_stream(device)), "q4_many_rows")
+            self.cu_xidx_wgmma.data_ptr(), xs.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+            out.data_ptr(), ws.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, plan.rows,
+            plan.whole, plan.splits, plan.per_split, device, _raw_stream(device)), "q4_many_rows")
         return out
 
     def _many_rows_wins(self, M: int, device: torch.device) -> bool:
         """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100,
-        docs/PERFORMANCE.md): everywhere except where a narrow layer needs a 4-way split or more and M > 256
+        docs/PERFORMANCE.md): everywhere except where a narrow layer is split 4 ways or more throughout and M > 256
         (8192x1024, 4-bit, at m = 128 / 256 / 512: 20.0 / 25.4 / 35.7 us against 22.4 / 25.9 / 32.1 us), where the
         dequantized weight is small and cuBLAS makes better use of it."""
         if self.many_rows_config is not None:  # a benchmark or test asks for this path
             return True
-        key = ("many", M)
-        if key not in self._plans:
-            self._plans[key] = self._many_rows_plan(M, device)
-        return not (self._plans[key][1] >= 4 and M > 256)
+        plan = self._many_rows_plan(M, device)
+        return not (plan.whole == 0 and plan.splits >= 4 and M > 256)
 
-    def _many_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int, int]:
-        """(rows a block, splits, chunks per split, workspace floats): a grid of at most half as many blocks as
-        SMs is split along k into about one block per SM (chunks per split a multiple of 4); the partials are
-        summed by a second launch."""
-        rows = (self.many_rows_config or {}).get("ROWS") or many_rows_tile(M)
+    def _many_rows_plan(self, M: int, device: torch.device) -> ManyRowsPlan:
+        """Rows a block (many_rows_tile), and which tiles are split along k and how (many_rows_splits; chunks per
+        split a multiple of 4). Split tiles' partials are summed by another launch, in a fixed order."""
+        cfg = self.many_rows_config
+        key = ("many", M) if cfg is None else ("many", M, tuple(sorted(cfg.items())))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        cfg = cfg or {}
+        rows = cfg.get("ROWS") or many_rows_tile(M)
         tiles = -(-M // rows) * -(-self.out_features // MANY_ROWS_COLS)
-        splits = (self.many_rows_config or {}).get("SPLITS")
-        if splits is None:
-            splits = torch.cuda.get_device_properties(device).multi_processor_count // tiles
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        whole, splits = (cfg.get("WHOLE", 0), cfg["SPLITS"]) if "SPLITS" in cfg else many_rows_splits(tiles, sms)
         per_split = -(-self.chunks // (max(1, splits) * 4)) * 4
         splits = -(-self.chunks // per_split)
-        return rows, splits, per_split, splits * M * self.out_features
+        if splits == 1:
+            whole = tiles
+        ws_numel = (tiles - whole) * splits * rows * MANY_ROWS_COLS
+        plan = self._plans[key] = ManyRowsPlan(rows, whole, splits, per_split, ws_numel)
+        return plan
 
     def _few_rows_plan(self, M: int, device: torch.device) -> tuple[int, int, int]:
         """(splits, chunks per split, workspace floats).

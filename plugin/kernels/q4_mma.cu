@@ -389,11 +389,12 @@ int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, 
 // Many rows on Hopper (the sm_90a build): x [M][ldx] (K columns): its columns are gathered into wgmma's k order (xidx:
 // cuda_gptq.wgmma_x_index), tile by tile, into xs [chunks][M rounded up to nt][64], then q4_many_rows. -1: sizes or bits it does not take, or a
 // library without an sm_90a build for this device.
-// nt: rows a block (64, 128 or 256). splits > 1: partials in ws [splits][M][N] float32, then summed by a third
-// launch (ldo a multiple of 4).
+// nt: rows a block (64, 128 or 256). Tiles (nt rows x 128 columns, the row block fastest) from `whole` on are
+// split in `splits` (per_split chunks each; splits 1: none is); their partials go to ws ([split tiles][splits]
+// [nt][128] float32) and a third launch sums them (ldo a multiple of 4).
 int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int K, const void* xidx, void* xs,
                     const void* bias, void* out, void* ws, int bits, int M, int N, int chunks, int P, int ldo,
-                    int nt, int splits, int per_split, int device, void* stream) {
+                    int nt, int whole, int splits, int per_split, int device, void* stream) {
   if (M < 1 || (bits != 4 && bits != 3) || (bits == 3 && chunks % 4) || (nt != 64 && nt != 128 && nt != 256)) {
     return -1;
   }
@@ -430,18 +431,21 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int 
     gather_tiles<<<dim3((m_pad + 31) / 32, chunks), 256, 0, s>>>(
         static_cast<const __half*>(x), ldx, static_cast<const int*>(xidx), static_cast<__half*>(xs), M, m_pad);
   }
-  const dim3 grid((M + nt - 1) / nt, (N + kWgCols - 1) / kWgCols, splits);
+  const int row_blocks = m_pad / nt, tiles = row_blocks * ((N + kWgCols - 1) / kWgCols);
+  if (splits == 1) whole = tiles;
+  if (whole < 0 || whole > tiles) return -1;
+  const unsigned grid = whole + (tiles - whole) * splits;
   const uint4* qw4 = static_cast<const uint4*>(qw);
   const __half2* sz2 = static_cast<const __half2*>(sz);
   const __half* xh = static_cast<const __half*>(xs);
   const __half* b = static_cast<const __half*>(bias);
   __half* o = static_cast<__half*>(out);
   float* wsf = static_cast<float*>(ws);
-  void* args[] = {&qw4, &sz2, &xh, &b, &o, &wsf, &M, &N, &chunks, &P, &m_pad, &ldo, &per_split};
+  void* args[] = {&qw4, &sz2, &xh, &b, &o, &wsf, &M, &N, &chunks, &P, &m_pad, &ldo, &whole, &splits, &per_split};
   if (cudaError_t e = cudaLaunchKernel(kernel, grid, dim3(kWgThreads), args, smem, s)) return static_cast<int>(e);
-  if (splits > 1) {
-    const size_t quads = (size_t)M * N / 4;
-    sum_splits<<<(unsigned)((quads + 255) / 256), 256, 0, s>>>(wsf, splits, M, N, b, o, ldo);
+  if (whole < tiles) {
+    const dim3 sum_grid((nt * kWgCols / 4 + 255) / 256, tiles - whole);
+    sum_split_tiles<<<sum_grid, 256, 0, s>>>(wsf, whole, splits, nt, row_blocks, M, N, b, o, ldo);
   }
   return static_cast<int>(cudaGetLastError());
 }

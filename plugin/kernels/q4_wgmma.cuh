@@ -19,8 +19,9 @@
 // chunks of its split. Everything a chunk needs comes through a ring of kWgStages stages in shared memory,
 // kWgAhead chunks ahead: the x tile (one bulk copy, an mbarrier says it landed), and each lane's own weight words
 // and scales (cp.async). Each warpgroup's A fragments are double-buffered in registers: while chunk c's four
-// wgmmas run, chunk c + 1 is dequantized. Split-K for grids of few blocks: each split writes float32 partials,
-// which sum_splits adds in a fixed order (another launch: deterministic).
+// wgmmas run, chunk c + 1 is dequantized. Split-K where a grid would leave SMs idle (a small grid, or a partly
+// filled last wave): each split writes float32 partials, which sum_split_tiles adds in a fixed order (another
+// launch: deterministic).
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GB_WGMMA 1  // this pass compiles for sm_90a: wgmma exists
@@ -208,25 +209,34 @@ __device__ __forceinline__ void dequant_stage(uint32_t (&a)[4][4], uint32_t stag
   }
 }
 
-// Grid: (row blocks of NT, column blocks of kWgCols, splits): the blocks sharing a column block's weights run
-// together. x: gather_tiles' layout, [chunks][Mpad][64] (Mpad: M rounded up to NT).
+// Tiles: NT rows x kWgCols columns, numbered with the row block fastest (the blocks sharing a column block's
+// weights run together). The grid is one-dimensional: tiles 0 .. whole - 1 a block each, over all chunks; the
+// rest ("split" tiles) `splits` blocks each, per_split chunks apiece, writing float32 partials into ws (the
+// split tile's slot, [NT][kWgCols] floats a split) for sum_split_tiles. whole = 0 splits a small grid
+// throughout; whole = tiles - (tiles % SMs) splits only what would be a partly filled last wave.
+// x: gather_rows' layout, [chunks][Mpad][64] (Mpad: M rounded up to NT).
 template <int NT, int BITS>
 __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
     const uint4* __restrict__ qw, const __half2* __restrict__ sz, const __half* __restrict__ x,
     const __half* __restrict__ bias, __half* __restrict__ out, float* __restrict__ ws, int M, int N, int chunks,
-    int P, int Mpad, int ldo, int per_split) {
+    int P, int Mpad, int ldo, int whole, int splits, int per_split) {
 #if GB_WGMMA
   extern __shared__ uint8_t wg_smem[];
   constexpr uint32_t kStage = stage_bytes<NT>();
   const uint32_t ring = (static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem)) + 1023) & ~1023u;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int tile = blockIdx.y * (kWgCols / 16) + warp;  // warp w of a warpgroup: the wgmma's rows 16w .. 16w + 15
+  const int row_blocks = Mpad / NT, tiles = row_blocks * ((N + kWgCols - 1) / kWgCols);
+  const bool split = (int)blockIdx.x >= whole;
+  const int item = blockIdx.x - whole;  // split tiles: tile whole + item % (tiles - whole), split item / (...)
+  const int out_tile = split ? whole + item % (tiles - whole) : blockIdx.x;
+  const int z = split ? item / (tiles - whole) : 0;
+  const int tile = out_tile / row_blocks * (kWgCols / 16) + warp;  // warp w of a warpgroup: its rows 16w ..
   const bool has_tile = tile < (N >> 4);
   const int col = tile * 16 + g;
-  const int m0 = blockIdx.x * NT;
+  const int m0 = out_tile % row_blocks * NT;
   const uint4* wp = qw + (size_t)tile * chunks * 8 * BITS + lane;
-  const int c_begin = blockIdx.z * per_split, c_end = min(chunks, c_begin + per_split);
+  const int c_begin = split ? z * per_split : 0, c_end = split ? min(chunks, c_begin + per_split) : chunks;
   auto stage_of = [&](int c) { return ring + ((c - c_begin) % kWgStages) * kStage; };
   __shared__ __align__(8) uint64_t full[kWgStages];  // stage s's x tile has landed (phase: its use count % 2)
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
@@ -278,7 +288,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
   pin(acc);
 
   // acc[4i + e]: column col + 8 (e / 2), row m0 + 8i + 2t + e % 2
-  if (gridDim.z == 1) {
+  if (!split) {
     if (!has_tile) return;
     const float b0 = bias ? __half2float(bias[col]) : 0.f, b8 = bias ? __half2float(bias[col + 8]) : 0.f;
 #pragma unroll
@@ -292,13 +302,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
     return;
   }
   if (!has_tile) return;
+  float* part = ws + ((size_t)(out_tile - whole) * splits + z) * NT * kWgCols + (col % kWgCols);
 #pragma unroll
   for (int i = 0; i < NT / 8; ++i) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int m = m0 + 8 * i + 2 * t + (e & 1);
-      if (m < M) ws[((size_t)blockIdx.z * M + m) * N + col + (e >> 1) * 8] = acc[4 * i + e];
-    }
+    for (int e = 0; e < 4; ++e) part[(8 * i + 2 * t + (e & 1)) * kWgCols + (e >> 1) * 8] = acc[4 * i + e];
   }
 #endif
 }
@@ -357,16 +365,19 @@ __global__ void __launch_bounds__(256) gather_rows(const __half* __restrict__ x,
   }
 }
 
-// After a split q4_many_rows: out[m, n] = the sum of the splits' partials ws[z][m][n] in z order (+ bias), four
-// columns a thread (N is a multiple of 16).
-__global__ void sum_splits(const float* __restrict__ ws, int splits, int M, int N, const __half* __restrict__ bias,
-                           __half* __restrict__ out, int ldo) {
-  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
-  if (i >= (size_t)M * N) return;
-  const int m = i / N, n = i % N;
-  float4 s = __ldcg(reinterpret_cast<const float4*>(ws + i));
+// After q4_many_rows with split tiles: each split tile's outputs are the sum of its splits' partials in split
+// order (+ bias), four columns a thread. Grid: (tile rows x kWgCols / 4 / 256, split tiles).
+__global__ void sum_split_tiles(const float* __restrict__ ws, int whole, int splits, int NT, int row_blocks, int M,
+                                int N, const __half* __restrict__ bias, __half* __restrict__ out, int ldo) {
+  const int e = (blockIdx.x * blockDim.x + threadIdx.x) * 4;  // within the tile: row e / kWgCols, column e % ..
+  if (e >= NT * kWgCols) return;
+  const int out_tile = whole + blockIdx.y;
+  const int m = out_tile % row_blocks * NT + e / kWgCols, n = out_tile / row_blocks * kWgCols + e % kWgCols;
+  if (m >= M || n >= N) return;
+  const float* part = ws + (size_t)blockIdx.y * splits * NT * kWgCols + e;
+  float4 s = __ldcg(reinterpret_cast<const float4*>(part));
   for (int z = 1; z < splits; ++z) {
-    const float4 p = __ldcg(reinterpret_cast<const float4*>(ws + (size_t)z * M * N + i));
+    const float4 p = __ldcg(reinterpret_cast<const float4*>(part + (size_t)z * NT * kWgCols));
     s.x += p.x; s.y += p.y; s.z += p.z; s.w += p.w;
   }
   if (bias) {

@@ -312,9 +312,10 @@ def test_cuda_split_counts_agree():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability(DEV) != (9, 0),
                     reason="q4_many_rows (wgmma) needs compute capability 9.0")
 def test_cuda_many_rows_every_block_and_split():
-    """q4_many_rows at each rows-a-block setting and several split counts, row counts that are no multiple of the
-    block, with a bias, both bit widths: each matches the reference, repeated calls are bit-identical (splits are
-    summed in a fixed order), and the dequantize + cuBLAS path agrees."""
+    """q4_many_rows at each rows-a-block setting and several split counts, splitting every tile or only the last
+    ones, row counts that are no multiple of the block, with a bias, both bit widths: each matches the reference,
+    repeated calls are bit-identical (splits are summed in a fixed order), and the dequantize + cuBLAS path
+    agrees."""
     for bits in (4, 3):
         mod, weight, gen = make_modules(4096, 1024, bits, 128, True, seed=31 + bits, kernel=cuda_gptq.CudaQuantLinear)
         bias = torch.randn(1024, generator=gen, device=DEV).half()
@@ -323,12 +324,16 @@ def test_cuda_many_rows_every_block_and_split():
             x = torch.randn(m, 4096, generator=gen, device=DEV).half()
             want = x.float() @ weight + bias.float()
             for rows, splits in itertools.product((64, 128, 256), (1, 3, 16)):
-                mod.many_rows_config = {"ROWS": rows, "SPLITS": splits}
-                got = mod(x)
-                err = relative_error(got, want)
-                assert err < 2e-3, f"{bits}-bit m={m} rows={rows} splits={splits}: {err:.2e} (seed {SEED})"
-                assert torch.equal(mod(x), got), f"{bits}-bit m={m} rows={rows} splits={splits} (seed {SEED})"
+                tiles = -(-m // rows) * (1024 // cuda_gptq.MANY_ROWS_COLS)
+                for whole in sorted({0, tiles // 2, tiles - 1}):
+                    mod.many_rows_config = {"ROWS": rows, "SPLITS": splits, "WHOLE": whole}
+                    got = mod(x)
+                    err = relative_error(got, want)
+                    what = f"{bits}-bit m={m} rows={rows} splits={splits} whole={whole}"
+                    assert err < 2e-3, f"{what}: {err:.2e} (seed {SEED})"
+                    assert torch.equal(mod(x), got), f"{what} (seed {SEED})"
             mod.many_rows_config = None
+            assert relative_error(mod(x), want) < 2e-3  # the default plan
             assert relative_error(x @ mod.dequantize() + bias, want) < 2e-3
 
 
