@@ -278,13 +278,13 @@ def test_cuda_matches_reference(k, n, group_size, act_order, sym, fmt, bits):
 @needs_cuda_kernel
 def test_cuda_small_odd_shapes_bias_and_awkward_x():
     """Slots not a multiple of 64 (pad chunk), 48 columns (a column block with one empty warp), a bias, and x
-    that is misaligned or strided."""
+    that is misaligned or strided (m = 40: the many-rows gather's 2-byte path on Hopper)."""
     for (k, n), bits in itertools.product(((96, 48), (4160, 4096)), (4, 3)):
         mod, weight, gen = make_modules(k, n, bits, 32, False, seed=k + bits, kernel=cuda_gptq.CudaQuantLinear)
         bias = torch.randn(n, generator=gen, device=DEV).half()
         mod.bias = bias
         check_cuda(mod, weight, gen, (1, 5, 32, 40), bias=bias)
-        for m in (1, 7):
+        for m in (1, 7, 40):
             x = torch.randn(m, k, generator=gen, device=DEV).half()
             flat = torch.empty(m * k + 1, dtype=torch.float16, device=DEV)
             shifted = flat[1:].view(m, k)
