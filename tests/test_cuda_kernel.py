@@ -77,7 +77,7 @@ def test_the_fragments_multiply_to_x_times_w():
 
 def test_the_many_rows_kernel_pairs_each_weight_with_its_activation():
     """Emulate q4_many_rows' data path on the CPU: x gathered by wgmma_x_index and stored tile by tile with
-    gather_tiles' swizzle (16-byte piece p of row r at p ^ (r % 8)); wgmma reading k-step j of a row through the
+    gather_rows' swizzle (16-byte piece p of row r at p ^ (r % 8)); wgmma reading k-step j of a row through the
     128-byte-swizzle descriptor (logical halves 16j .. 16j + 15, swizzled back); the A fragment of each warp
     from the same words as the few-rows kernel, at the rows and k PTX gives wgmma's register A (mma.sync's A
     per 16 rows). Summed over k-steps, A @ B must be x @ w, with x's columns in act-order (a permutation)."""

@@ -35,6 +35,7 @@ from .slot_layout import sort_rows_by_group, zero_points
 
 FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
 MANY_ROWS_COLS = 128  # q4_many_rows' block: 128 columns of 64, 128 or 256 rows (many_rows_tile)
+WGMMA_MAX_IN_FEATURES = 96 * 1024  # its gather holds a row of x in shared memory (q4_wgmma.cuh, kGatherRowsMaxK)
 BITS = (3, 4)
 _LOAD_UNIT_CHUNKS = {4: 1, 3: 4}  # chunks (64 slots each) a lane loads together: 3-bit ones come in quads
 # The current stream's handle as an int: torch's own fast path (what Triton's launcher uses), ~7 us less per call
@@ -277,7 +278,9 @@ class CudaQuantLinear(GPTQLinear):
         """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100,
         docs/PERFORMANCE.md): everywhere except where a narrow layer is split 4 ways or more throughout and M > 256
         (8192x1024, 4-bit, at m = 128 / 256 / 512: 20.0 / 25.4 / 35.7 us against 22.4 / 25.9 / 32.1 us), where the
-        dequantized weight is small and cuBLAS makes better use of it."""
+        dequantized weight is small and cuBLAS makes better use of it; and rows of x too long for the gather."""
+        if self.in_features > WGMMA_MAX_IN_FEATURES:
+            return False
         if self.many_rows_config is not None:  # a benchmark or test asks for this path
             return True
         plan = self._many_rows_plan(M, device)

@@ -414,26 +414,21 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int 
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) {
     return static_cast<int>(e);
   }
-  auto s = static_cast<cudaStream_t>(stream);
   int m_pad = (M + nt - 1) / nt * nt;
-  if (K <= kGatherRowsMaxK) {
-    const int row_bytes = (K + 7) / 8 * 16;
-    const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0 && K % 8 == 0;
-    auto gather = vec ? gather_rows<true> : gather_rows<false>;
-    if (row_bytes > 48 * 1024) {
-      if (cudaError_t e = cudaFuncSetAttribute(gather, cudaFuncAttributeMaxDynamicSharedMemorySize, row_bytes)) {
-        return static_cast<int>(e);
-      }
-    }
-    gather<<<m_pad, 256, row_bytes, s>>>(static_cast<const __half*>(x), ldx, K, static_cast<const int*>(xidx),
-                                         static_cast<__half*>(xs), M, m_pad, chunks);
-  } else {
-    gather_tiles<<<dim3((m_pad + 31) / 32, chunks), 256, 0, s>>>(
-        static_cast<const __half*>(x), ldx, static_cast<const int*>(xidx), static_cast<__half*>(xs), M, m_pad);
-  }
   const int row_blocks = m_pad / nt, tiles = row_blocks * ((N + kWgCols - 1) / kWgCols);
   if (splits == 1) whole = tiles;
-  if (whole < 0 || whole > tiles) return -1;
+  if (whole < 0 || whole > tiles || splits < 1 || K > kGatherRowsMaxK) return -1;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int row_bytes = (K + 7) / 8 * 16;
+  const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0 && K % 8 == 0;
+  auto gather = vec ? gather_rows<true> : gather_rows<false>;
+  if (row_bytes > 48 * 1024) {
+    if (cudaError_t e = cudaFuncSetAttribute(gather, cudaFuncAttributeMaxDynamicSharedMemorySize, row_bytes)) {
+      return static_cast<int>(e);
+    }
+  }
+  gather<<<m_pad, 256, row_bytes, s>>>(static_cast<const __half*>(x), ldx, K, static_cast<const int*>(xidx),
+                                       static_cast<__half*>(xs), M, m_pad, chunks);
   const unsigned grid = whole + (tiles - whole) * splits;
   const uint4* qw4 = static_cast<const uint4*>(qw);
   const __half2* sz2 = static_cast<const __half2*>(sz);

@@ -10,8 +10,7 @@
 // memory by bulk copy, in the 128-byte-swizzled K-major layout wgmma's descriptors read.
 //
 // x must be in wgmma's k order: the layout's k-tile j of a chunk holds slots 16t + 4j + (0, 1 | 2, 3) at the
-// mma's k (2t, 2t + 1 | 2t + 8, 2t + 9) (q4_mma.cu's header). gather_rows (gather_tiles for very long rows)
-// puts x's columns in that order with an index made once per layer (cuda_gptq.wgmma_x_index): column
+// mma's k (2t, 2t + 1 | 2t + 8, 2t + 9) (q4_mma.cu's header). gather_rows puts x's columns in that order with an index made once per layer (cuda_gptq.wgmma_x_index): column
 // 64c + 16j + k of the gathered x is slot 64c + 16((k % 8) / 2) + 4j + k % 2 + 2(k / 8); and it stores x tile by
 // tile, swizzled as the descriptors read it, so that a stage's x tile is one bulk copy.
 //
@@ -314,26 +313,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
 // x for q4_many_rows: xs[c][m][...] holds row m's 64 columns of chunk c in wgmma k order (idx: slot order ->
 // input column, -1 for pad slots) as 8 16-byte pieces, piece p at p ^ (m % 8): each (chunk, row block) tile is
 // one contiguous, already swizzled block, which one bulk copy brings into shared memory. Rows M .. Mpad: zeros.
-// A thread: one piece.
-__global__ void gather_tiles(const __half* __restrict__ x, int ldx, const int* __restrict__ idx,
-                             __half* __restrict__ xs, int M, int Mpad) {
-  const int c = blockIdx.y, piece = threadIdx.x & 7;
-  const int m = blockIdx.x * (blockDim.x / 8) + (threadIdx.x >> 3);
-  if (m >= Mpad) return;
-  __align__(16) __half v[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const int k = idx[c * 64 + piece * 8 + e];
-    v[e] = m < M && k >= 0 ? x[(size_t)m * ldx + k] : __float2half(0.f);
-  }
-  *reinterpret_cast<uint4*>(xs + ((size_t)c * Mpad + m) * 64 + ((piece ^ (m & 7)) << 3)) =
-      *reinterpret_cast<const uint4*>(v);
-}
-
-// The same, a block a row: the row is first read once, coalesced, into shared memory (K halves), and the pieces
-// are gathered from there, so act-order's random columns cost shared-memory reads instead of a 32-byte L2 sector
-// a value. For K up to kGatherRowsMaxK. VEC: x's rows are 16-byte aligned and K a multiple of 8 (16-byte loads).
-constexpr int kGatherRowsMaxK = 96 * 1024;  // 192 KB of shared memory
+// A block a row: the row is first read once, coalesced, into shared memory (K halves), and the pieces are
+// gathered from there, so act-order's random columns cost shared-memory reads instead of a 32-byte L2 sector a
+// value (measured: 3-27 us a call at m = 512 against up to 71). K up to kGatherRowsMaxK. VEC: x's rows are
+// 16-byte aligned and K a multiple of 8 (16-byte loads).
+constexpr int kGatherRowsMaxK = 96 * 1024;  // 192 KB of shared memory (cuda_gptq.WGMMA_MAX_IN_FEATURES)
 template <bool VEC>
 __global__ void __launch_bounds__(256) gather_rows(const __half* __restrict__ x, int ldx, int K,
                                                    const int* __restrict__ idx, __half* __restrict__ xs, int M,
