@@ -89,7 +89,8 @@ def main():
     print("\n| bits | K x N | m | wgmma us | TFLOPS | deq + cuBLAS us | cuBLAS fp16 us | wgmma / cuBLAS | rel err |")
     print("|---|---|---|---|---|---|---|---|---|")
     for bits, k, n, m, wg, dq, cb, tf, err in rows:
-        print(f"| {bits} | {k}x{n} | {m} | **{wg:.1f}** | {tf:.0f} | {dq:.1f} | {cb:.1f} | {wg / cb:.2f}x | {err:.1e} |")
+        print(f"| {bits} | {k}x{n} | {m} | **{wg:.1f}** | {tf:.0f} | {dq:.1f} | {cb:.1f} | {wg / cb:.2f}x | "
+              f"{err:.1e} |")
 
 
 if __name__ == "__main__":

@@ -386,9 +386,10 @@ int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, 
   return static_cast<int>(cudaGetLastError());
 }
 
-// Many rows on Hopper (the sm_90a build): x [M][ldx] (K columns): its columns are gathered into wgmma's k order (xidx:
-// cuda_gptq.wgmma_x_index), tile by tile, into xs [chunks][M rounded up to nt][64], then q4_many_rows. -1: sizes or bits it does not take, or a
-// library without an sm_90a build for this device.
+// Many rows on Hopper (the sm_90a build): the columns of x [M][ldx] (K of them, at most kGatherRowsMaxK) are
+// gathered into wgmma's k order (xidx: cuda_gptq.wgmma_x_index), tile by tile, into xs [chunks][M rounded up to
+// nt][64], then q4_many_rows. -1: sizes or bits it does not take, or a library without an sm_90a build for this
+// device.
 // nt: rows a block (64, 128 or 256). Tiles (nt rows x 128 columns, the row block fastest) from `whole` on are
 // split in `splits` (per_split chunks each; splits 1: none is); their partials go to ws ([split tiles][splits]
 // [nt][128] float32) and a third launch sums them (ldo a multiple of 4).

@@ -10,9 +10,10 @@
 // memory by bulk copy, in the 128-byte-swizzled K-major layout wgmma's descriptors read.
 //
 // x must be in wgmma's k order: the layout's k-tile j of a chunk holds slots 16t + 4j + (0, 1 | 2, 3) at the
-// mma's k (2t, 2t + 1 | 2t + 8, 2t + 9) (q4_mma.cu's header). gather_rows puts x's columns in that order with an index made once per layer (cuda_gptq.wgmma_x_index): column
-// 64c + 16j + k of the gathered x is slot 64c + 16((k % 8) / 2) + 4j + k % 2 + 2(k / 8); and it stores x tile by
-// tile, swizzled as the descriptors read it, so that a stage's x tile is one bulk copy.
+// mma's k (2t, 2t + 1 | 2t + 8, 2t + 9) (q4_mma.cu's header). gather_rows puts x's columns in that order with
+// an index made once per layer (cuda_gptq.wgmma_x_index): column 64c + 16j + k of the gathered x is slot
+// 64c + 16((k % 8) / 2) + 4j + k % 2 + 2(k / 8); and it stores x tile by tile, swizzled as the descriptors read
+// it, so that a stage's x tile is one bulk copy.
 //
 // A block is kWgGroups warpgroups side by side (64 columns each) over NT rows; the loop walks the 64-slot
 // chunks of its split. Everything a chunk needs comes through a ring of kWgStages stages in shared memory,
@@ -163,8 +164,8 @@ __device__ __forceinline__ void wgmma(float (&d)[NT / 2], const uint32_t (&a)[4]
   else wgmma_n256(d, a, desc);
 }
 
-template <int NT>
-__host__ __device__ constexpr uint32_t stage_bytes() { return NT * 128 + kWgThreads * kWgLaneBytes; }  // a multiple of 1,024
+template <int NT>  // a multiple of 1,024: every stage's x tile stays 1,024-byte aligned
+__host__ __device__ constexpr uint32_t stage_bytes() { return NT * 128 + kWgThreads * kWgLaneBytes; }
 
 // Stage `stage` gets chunk c: the x tile (thread 0: one bulk copy of NT x 128 bytes, the gathered x's tile of
 // this chunk and row block, already swizzled), then this lane's own weight words (4-bit: one 16-byte piece;
