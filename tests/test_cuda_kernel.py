@@ -45,6 +45,21 @@ def test_shuffle_follows_the_table_in_q4_mma_cu():
     assert checked == q.numel()
 
 
+def a_fragment(words, tile, chunk, j):
+    """The 16 x 16 A operand [column in tile, logical k] of k-tile j that a warp's lanes hold for one chunk of q4mma
+    words, each value where PTX's m16n8k16 (and, per warp, wgmma's register A) puts fragment elements: registers
+    a0..a3 of lane (g, t) are (row, first logical k) = (g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8), and a
+    pair's two nibbles sit at bits s and s + 16, s = 0, 4, 8, 12."""
+    A = torch.zeros(16, 16, dtype=torch.float64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        w = int(words[tile, chunk, lane, j])
+        for (row, k), shift in zip(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)), (0, 4, 8, 12)):
+            A[row, k] = (w >> shift) & 15
+            A[row, k + 1] = (w >> (shift + 16)) & 15
+    return A
+
+
 def test_the_fragments_multiply_to_x_times_w():
     """Emulate the kernel's arithmetic on the CPU: per lane and k-tile, the A fragment (dequantized from the
     nibble pairs the lop3 trick extracts: bits 0/16, 4/20, 8/24, 12/28) and the B fragment (two words of the
@@ -58,20 +73,13 @@ def test_the_fragments_multiply_to_x_times_w():
     for tile in range(n // 16):
         for chunk in range(slots // 64):
             for j in range(4):
-                A = torch.zeros(16, 16, dtype=torch.float64)  # [column in tile, logical k]
                 B = torch.zeros(16, 8, dtype=torch.float64)  # [logical k, row]
                 for lane in range(32):
                     g, t = lane // 4, lane % 4
-                    w = int(words[tile, chunk, lane, j])
-                    # a0..a3: (row, first logical k) of the pair; the pair's nibbles sit at bits s and s + 16
-                    for (row, k), shift in zip(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)),
-                                               (0, 4, 8, 12)):
-                        A[row, k] = (w >> shift) & 15
-                        A[row, k + 1] = (w >> (shift + 16)) & 15
                     base = chunk * 64 + 16 * t + 4 * j  # b0: slots base, base + 1; b1: base + 2, base + 3
                     B[2 * t, g], B[2 * t + 1, g] = x[g, base], x[g, base + 1]
                     B[2 * t + 8, g], B[2 * t + 9, g] = x[g, base + 2], x[g, base + 3]
-                out[tile * 16 : tile * 16 + 16] += A @ B
+                out[tile * 16 : tile * 16 + 16] += a_fragment(words, tile, chunk, j) @ B
     assert torch.allclose(out.t(), x @ q.double())
 
 
@@ -101,15 +109,7 @@ def test_the_many_rows_kernel_pairs_each_weight_with_its_activation():
                     logical = 16 * j + kk
                     B[kk, r] = tile_x[r, 8 * ((logical // 8) ^ (r % 8)) + logical % 8]
             for tile in range(n // 16):
-                A = torch.zeros(16, 16, dtype=torch.float64)
-                for lane in range(32):
-                    g, t = lane // 4, lane % 4
-                    w = int(words[tile, chunk, lane, j])
-                    for (row, k), shift in zip(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)),
-                                               (0, 4, 8, 12)):
-                        A[row, k] = (w >> shift) & 15
-                        A[row, k + 1] = (w >> (shift + 16)) & 15
-                out[tile * 16 : tile * 16 + 16] += A @ B
+                out[tile * 16 : tile * 16 + 16] += a_fragment(words, tile, chunk, j) @ B
     x_in_slot_order = x[:, perm]  # slot s reads input column perm[s]
     assert torch.allclose(out.t(), x_in_slot_order @ q.double())
 

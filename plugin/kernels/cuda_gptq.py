@@ -168,7 +168,7 @@ class CudaQuantLinear(GPTQLinear):
         self._ready = False
         self.few_rows_config: dict | None = None  # benchmark override: {"SPLITS": n}
         self.many_rows_config: dict | None = None  # many rows: {"ROWS": 64 / 128 / 256, "SPLITS": n, "WHOLE": t}
-        self._plans: dict = {}  # (splits, chunks per split, workspace floats) by rows (and config)
+        self._plans: dict = {}  # launch plans by rows (and config): few rows' tuples, ("many", ...)'s ManyRowsPlan
 
     def prepare(self) -> None:
         if self._ready:
@@ -201,7 +201,8 @@ class CudaQuantLinear(GPTQLinear):
         self.register_buffer("cu_words", words, persistent=False)
         self.register_buffer("cu_sz", sz, persistent=False)
         self.register_buffer("cu_xidx", xidx, persistent=False)  # slot -> input row (-1: pad), for the gather
-        wgmma = dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
+        wgmma = (dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
+                 and K <= WGMMA_MAX_IN_FEATURES)  # q4_many_rows serves this layer (else dequantize + cuBLAS)
         self.register_buffer("cu_xidx_wgmma", wgmma_x_index(xidx) if wgmma else None, persistent=False)
         self.register_buffer("cu_perm", perm, persistent=False)  # None: slot == row
         self.register_buffer("cu_counters", torch.zeros(-(-N // 64), dtype=torch.int32, device=dev),
@@ -278,9 +279,8 @@ class CudaQuantLinear(GPTQLinear):
         """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100,
         docs/PERFORMANCE.md): everywhere except where a narrow layer is split 4 ways or more throughout and M > 256
         (8192x1024, 4-bit, at m = 128 / 256 / 512: 20.0 / 25.4 / 35.7 us against 22.4 / 25.9 / 32.1 us), where the
-        dequantized weight is small and cuBLAS makes better use of it; and rows of x too long for the gather."""
-        if self.in_features > WGMMA_MAX_IN_FEATURES:
-            return False
+        dequantized weight is small and cuBLAS makes better use of it. (Layers it cannot serve at all have no
+        cu_xidx_wgmma: prepare decides that.)"""
         if self.many_rows_config is not None:  # a benchmark or test asks for this path
             return True
         plan = self._many_rows_plan(M, device)

@@ -11,8 +11,7 @@ with its launch up to 16 rows, 1-7% faster there in A/B runs, docs/PERFORMANCE.m
 cuda at m = 512: its Hopper wgmma kernel, re-measured with `TESTS=none bash bench/gpu_session.sh --bits 4,3
 --ms 512 --cuda --no-triton-paths --no-sweep --no-cuda-sweep` on one NVIDIA H100 80GB HBM3, 2026-11-28 00:43 UTC
 (bench/results/kernels-m512-wgmma-h100-2026-11-28.{log,json}; triton's m = 512 in that run, 1996.4 / 2352.1, is
-within 4% of the number kept below). torch: the same bench with --torch-ref, 2026-11-27
-17:00 UTC
+within 4% of the number kept below). torch: the same bench with --torch-ref, 2026-11-27 17:00 UTC
 (bench/results/kernels-h100-2026-11-27.json; its code has not changed since). docs/PERFORMANCE.md has the
 tables. A third-party kernel registers its own numbers in its KernelSpec.
 """

@@ -45,8 +45,8 @@ __device__ __forceinline__ uint32_t scales_at(uint32_t stage) {
   return stage + NT * 128 + kWgThreads * 16 + threadIdx.x * 8;
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {  // bytes 0: fill with 0
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
@@ -90,7 +90,8 @@ __device__ __forceinline__ uint64_t x_desc(uint32_t addr) {
          (1ull << 62);
 }
 
-// d[64 x NT] += a[64 x 16] (registers, each warp its 16 rows as mma.sync's A) * b[16 x NT] (shared memory).
+// d[64 x NT] += a[64 x 16] (registers, each warp its 16 rows as mma.sync's A) * b[16 x NT] (shared memory): one
+// instruction at the three widths the kernel uses, each written out because inline asm names every accumulator.
 __device__ __forceinline__ void wgmma_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
@@ -179,7 +180,7 @@ __device__ __forceinline__ void load_stage(uint32_t stage, uint32_t bar, const _
   if (!has_tile) return;
   const uint32_t mine = words_at<NT>(stage);
   if (BITS == 4) {
-    cp_async16(mine, wp + (size_t)c * 32, 16);
+    cp_async16(mine, wp + (size_t)c * 32);
   } else {
     const uint32_t* q = reinterpret_cast<const uint32_t*>(wp + (size_t)(c >> 2) * 96) + (c & 3);
 #pragma unroll
