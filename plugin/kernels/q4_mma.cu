@@ -401,20 +401,30 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int 
   }
   if (cudaError_t e = use_device(device)) return static_cast<int>(e);
   const void* kernel = nullptr;
-  int smem = 0;
-#define GB_PICK(NT)                                                                            \
+  int smem = 0, which = 0;
+#define GB_PICK(NT, I)                                                                         \
   if (nt == NT) {                                                                               \
     kernel = bits == 4 ? (const void*)q4_many_rows<NT, 4> : (const void*)q4_many_rows<NT, 3>; \
     smem = many_rows_smem<NT>();                                                                \
+    which = 2 * I + (bits == 4);                                                                \
   }
-  GB_PICK(64) GB_PICK(128) GB_PICK(256)
+  GB_PICK(64, 0) GB_PICK(128, 1) GB_PICK(256, 2)
 #undef GB_PICK
-  cudaFuncAttributes attr;
-  if (cudaError_t e = cudaFuncGetAttributes(&attr, kernel)) return static_cast<int>(e);
-  if (attr.binaryVersion != 90) return -1;  // this device runs another build of the kernel, without wgmma
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) {
-    return static_cast<int>(e);
+  if (device < 0 || device >= 64) return -1;
+  // Whether this device runs the sm_90a build, and the kernel's shared-memory limit raised: once per device.
+  static signed char ready[64][6] = {};  // 0: not looked at yet, 1: ready, -1: this device has no wgmma build
+  if (!ready[device][which]) {
+    cudaFuncAttributes attr;
+    if (cudaError_t e = cudaFuncGetAttributes(&attr, kernel)) return static_cast<int>(e);
+    if (attr.binaryVersion != 90) {
+      ready[device][which] = -1;
+    } else if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) {
+      return static_cast<int>(e);
+    } else {
+      ready[device][which] = 1;
+    }
   }
+  if (ready[device][which] < 0) return -1;  // this device runs another build of the kernel, without wgmma
   int m_pad = (M + nt - 1) / nt * nt;
   const int row_blocks = m_pad / nt, tiles = row_blocks * ((N + kWgCols - 1) / kWgCols);
   if (splits == 1) whole = tiles;
@@ -423,10 +433,13 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int 
   const int row_bytes = (K + 7) / 8 * 16;
   const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0 && K % 8 == 0;
   auto gather = vec ? gather_rows<true> : gather_rows<false>;
-  if (row_bytes > 48 * 1024) {
-    if (cudaError_t e = cudaFuncSetAttribute(gather, cudaFuncAttributeMaxDynamicSharedMemorySize, row_bytes)) {
+  static bool gather_limit_raised[64][2] = {};  // rows of up to kGatherRowsMaxK columns: once per device
+  if (row_bytes > 48 * 1024 && !gather_limit_raised[device][vec]) {
+    if (cudaError_t e = cudaFuncSetAttribute(gather, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             kGatherRowsMaxK * 2)) {
       return static_cast<int>(e);
     }
+    gather_limit_raised[device][vec] = true;
   }
   gather<<<m_pad, 256, row_bytes, s>>>(static_cast<const __half*>(x), ldx, K, static_cast<const int*>(xidx),
                                        static_cast<__half*>(xs), M, m_pad, chunks);
@@ -438,7 +451,19 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int 
   __half* o = static_cast<__half*>(out);
   float* wsf = static_cast<float*>(ws);
   void* args[] = {&qw4, &sz2, &xh, &b, &o, &wsf, &M, &N, &chunks, &P, &m_pad, &ldo, &whole, &splits, &per_split};
-  if (cudaError_t e = cudaLaunchKernel(kernel, grid, dim3(kWgThreads), args, smem, s)) return static_cast<int>(e);
+  // Launched while the gather still runs (programmatic dependent launch): the blocks request their first weights,
+  // then wait for the gather's writes (wait_for_inputs) before the first bulk copy of x.
+  cudaLaunchAttribute pdl;
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kWgThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = &pdl;
+  cfg.numAttrs = GB_PDL ? 1 : 0;
+  if (cudaError_t e = cudaLaunchKernelExC(&cfg, kernel, args)) return static_cast<int>(e);
   if (whole < tiles) {
     const dim3 sum_grid((nt * kWgCols / 4 + 255) / 256, tiles - whole);
     sum_split_tiles<<<sum_grid, 256, 0, s>>>(wsf, whole, splits, nt, row_blocks, M, N, b, o, ldo);

@@ -173,10 +173,8 @@ __host__ __device__ constexpr uint32_t stage_bytes() { return NT * 128 + kWgThre
 // 3-bit: component c % 4 of its quad's three pieces) and the (scale, 1024 + zero) of its two columns for the group
 // of its 16 slots (cp.async: read back by the same thread, after cp.async.wait_group).
 template <int NT, int BITS>
-__device__ __forceinline__ void load_stage(uint32_t stage, uint32_t bar, const __half* __restrict__ x_tile,
-                                           const uint4* wp, const __half2* sz, int N, int P, int col, int t, int c,
-                                           bool has_tile) {
-  if (threadIdx.x == 0) bulk_copy(stage, x_tile, NT * 128, bar);
+__device__ __forceinline__ void load_lane(uint32_t stage, const uint4* wp, const __half2* sz, int N, int P, int col,
+                                          int t, int c, bool has_tile) {
   if (!has_tile) return;
   const uint32_t mine = words_at<NT>(stage);
   if (BITS == 4) {
@@ -189,6 +187,14 @@ __device__ __forceinline__ void load_stage(uint32_t stage, uint32_t bar, const _
   const size_t grp = (size_t)(c * 64 + 16 * t) / P;
   cp_async4(scales_at<NT>(stage), sz + grp * N + col);
   cp_async4(scales_at<NT>(stage) + 4, sz + grp * N + col + 8);
+}
+
+template <int NT, int BITS>
+__device__ __forceinline__ void load_stage(uint32_t stage, uint32_t bar, const __half* __restrict__ x_tile,
+                                           const uint4* wp, const __half2* sz, int N, int P, int col, int t, int c,
+                                           bool has_tile) {
+  if (threadIdx.x == 0) bulk_copy(stage, x_tile, NT * 128, bar);
+  load_lane<NT, BITS>(stage, wp, sz, N, P, col, t, c, has_tile);
 }
 
 // This lane's A fragments for the chunk in `stage` (4 k-steps x 4 registers), dequantized as q4_few_rows does.
@@ -252,11 +258,19 @@ __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
   float acc[NT / 2];
 #pragma unroll
   for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
+  // The first chunks' weights are requested before the wait for the gather's x (programmatic dependent launch:
+  // this grid may start while gather_rows still runs).
 #pragma unroll
   for (int d = 0; d < kWgAhead; ++d) {
     const int c = c_begin + d;
-    if (c < c_end) load_stage<NT, BITS>(stage_of(c), bar_of(c), x_tile(c), wp, sz, N, P, col, t, c, has_tile);
+    if (c < c_end) load_lane<NT, BITS>(stage_of(c), wp, sz, N, P, col, t, c, has_tile);
     cp_async_commit();
+  }
+  wait_for_inputs();
+  if (threadIdx.x == 0) {
+    for (int c = c_begin; c < min(c_end, c_begin + kWgAhead); ++c) {
+      bulk_copy(stage_of(c), x_tile(c), NT * 128, bar_of(c));
+    }
   }
   uint32_t a[2][4][4] = {};
   cp_async_wait<kWgAhead - 1>();  // this lane's part of the first chunk has landed
@@ -327,6 +341,7 @@ __global__ void __launch_bounds__(256) gather_rows(const __half* __restrict__ x,
   extern __shared__ uint4 row_smem[];
   __half* row = reinterpret_cast<__half*>(row_smem);
   const int m = blockIdx.x;
+  let_dependents_launch();  // q4_many_rows may start now: it waits for these writes before it reads them
   if (m < M) {
     const __half* src = x + (size_t)m * ldx;
     if (VEC) {
