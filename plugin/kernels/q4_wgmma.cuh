@@ -31,18 +31,26 @@
 
 namespace {
 
-constexpr int kWgGroups = 2;  // warpgroups a block, 64 columns (4 tiles) each
-constexpr int kWgThreads = 128 * kWgGroups;
+constexpr int kWgGroups = 2;  // warpgroups of math a block, 64 columns (4 tiles) each
+constexpr int kWgMathThreads = 128 * kWgGroups;
+constexpr int kWgThreads = kWgMathThreads + 128;  // + a producer warpgroup, whose first warp issues every copy
+// (a warpgroup, not a warp: registers are given out by warpgroup; setmaxnreg moves the producer's to the math)
 constexpr int kWgCols = 64 * kWgGroups;
-constexpr int kWgStages = 5;  // ring: chunk c read now, c - 1 maybe still read by wgmma, c + 1 .. c + 3 landing
-constexpr int kWgAhead = kWgStages - 2;  // chunks in flight
-constexpr int kWgLaneBytes = 16 + 8;  // a stage's per-thread part: weight words (16 bytes), two (scale, zero)s
-// A stage: the x tile (NT x 128 bytes), then every thread's weight words (16 bytes each), then its (scale, zero)s.
+constexpr int kWgStages = 5;  // ring of stages: a chunk each, filled up to kWgStages chunks ahead
+constexpr int kWgScaleRow = kWgCols * 4 + 32;  // a stage's (scale, zero) row of the block's columns; + 32: no bank
+                                               // conflict between the four rows a warp reads at once
+// A stage: the x tile (NT x 128 bytes), every math thread's weight words (16 bytes each), then four rows of
+// (scale, 1024 + zero) for the block's columns, row t for the group of slots 16t .. 16t + 15 of the chunk.
+// Rounded up to 1,024 bytes, so that every stage's x tile is 1,024-byte aligned (the swizzle's atom).
 template <int NT>
-__device__ __forceinline__ uint32_t words_at(uint32_t stage) { return stage + NT * 128 + threadIdx.x * 16; }
+__host__ __device__ constexpr uint32_t stage_bytes() {
+  return (NT * 128 + kWgMathThreads * 16 + 4 * kWgScaleRow + 1023) / 1024 * 1024;
+}
 template <int NT>
-__device__ __forceinline__ uint32_t scales_at(uint32_t stage) {
-  return stage + NT * 128 + kWgThreads * 16 + threadIdx.x * 8;
+__device__ __forceinline__ uint32_t words_at(uint32_t stage, int thread) { return stage + NT * 128 + thread * 16; }
+template <int NT>
+__device__ __forceinline__ uint32_t scale_row_at(uint32_t stage, int t) {
+  return stage + NT * 128 + kWgMathThreads * 16 + t * kWgScaleRow;
 }
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
@@ -51,9 +59,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // The x tiles arrive by bulk copy (the async proxy, as wgmma reads them), each stage signalling its mbarrier.
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -63,6 +68,13 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// One arrival on `bar` once every cp.async this thread has issued so far has landed (counted in the init count).
+__device__ __forceinline__ void mbar_arrive_after_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
@@ -165,45 +177,74 @@ __device__ __forceinline__ void wgmma(float (&d)[NT / 2], const uint32_t (&a)[4]
   else wgmma_n256(d, a, desc);
 }
 
-template <int NT>  // a multiple of 1,024: every stage's x tile stays 1,024-byte aligned
-__host__ __device__ constexpr uint32_t stage_bytes() { return NT * 128 + kWgThreads * kWgLaneBytes; }
-
-// Stage `stage` gets chunk c: the x tile (thread 0: one bulk copy of NT x 128 bytes, the gathered x's tile of
-// this chunk and row block, already swizzled), then this lane's own weight words (4-bit: one 16-byte piece;
-// 3-bit: component c % 4 of its quad's three pieces) and the (scale, 1024 + zero) of its two columns for the group
-// of its 16 slots (cp.async: read back by the same thread, after cp.async.wait_group).
-template <int NT, int BITS>
-__device__ __forceinline__ void load_lane(uint32_t stage, const uint4* wp, const __half2* sz, int N, int P, int col,
-                                          int t, int c, bool has_tile) {
-  if (!has_tile) return;
-  const uint32_t mine = words_at<NT>(stage);
-  if (BITS == 4) {
-    cp_async16(mine, wp + (size_t)c * 32);
-  } else {
-    const uint32_t* q = reinterpret_cast<const uint32_t*>(wp + (size_t)(c >> 2) * 96) + (c & 3);
-#pragma unroll
-    for (int i = 0; i < 3; ++i) cp_async4(mine + 4 * i, q + 4 * 32 * i);
+// The position of a chunk in the ring, walked one chunk at a time (no division in the loops).
+struct RingPos {
+  int stage = 0;
+  uint32_t phase = 0;  // parity of the stage's use count: the mbarrier phase its chunk completes
+  __device__ __forceinline__ void next() {
+    if (++stage == kWgStages) {
+      stage = 0;
+      phase ^= 1;
+    }
   }
-  const size_t grp = (size_t)(c * 64 + 16 * t) / P;
-  cp_async4(scales_at<NT>(stage), sz + grp * N + col);
-  cp_async4(scales_at<NT>(stage) + 4, sz + grp * N + col + 8);
-}
+};
 
-template <int NT, int BITS>
-__device__ __forceinline__ void load_stage(uint32_t stage, uint32_t bar, const __half* __restrict__ x_tile,
-                                           const uint4* wp, const __half2* sz, int N, int P, int col, int t, int c,
-                                           bool has_tile) {
-  if (threadIdx.x == 0) bulk_copy(stage, x_tile, NT * 128, bar);
-  load_lane<NT, BITS>(stage, wp, sz, N, P, col, t, c, has_tile);
-}
+// Producer warp pw (0..3) of the block whose first 16-column tile is tile0 (n_tiles of its 8 exist): for each
+// chunk, the weight words of tiles 2pw and 2pw + 1 (this lane's piece of each: 4-bit one 16-byte piece, 3-bit
+// component c % 4 of its three pieces, written where math thread 32w + lane reads them), and 16 bytes of (scale,
+// zero) row pw (the group of the chunk's slots 16pw ..). One arrival on the stage's `full` once they have landed.
+template <int BITS>
+struct WeightCopier {
+  const uint4* wp[2];  // this lane's words of the two tiles, chunk 0
+  const __half2* sp;   // this lane's 4 columns of the scale rows
+  int tiles_here, has_scales, slot, next_group, P, N;
+  size_t group;
+
+  __device__ __forceinline__ WeightCopier(const uint4* qw, const __half2* sz, int N_, int P_, int chunks, int tile0,
+                                          int n_tiles, int pw, int lane, int c_begin) {
+    tiles_here = min(2, n_tiles - 2 * pw);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) wp[i] = qw + (size_t)(tile0 + 2 * pw + i) * chunks * 8 * BITS + lane;
+    has_scales = 4 * lane < n_tiles * 16;
+    sp = sz + tile0 * 16 + 4 * lane;
+    N = N_;
+    P = P_;
+    slot = c_begin * 64 + 16 * pw;
+    group = slot / P;
+    next_group = (group + 1) * P;
+  }
+
+  template <int NT>
+  __device__ __forceinline__ void copy(uint32_t stage, uint32_t full, int pw, int lane, int c) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (i < tiles_here) {
+        const uint32_t dst = words_at<NT>(stage, 32 * (2 * pw + i) + lane);
+        if (BITS == 4) {
+          cp_async16(dst, wp[i] + (size_t)c * 32);
+        } else {
+          const uint32_t* q = reinterpret_cast<const uint32_t*>(wp[i] + (size_t)(c >> 2) * 96) + (c & 3);
+#pragma unroll
+          for (int k = 0; k < 3; ++k) cp_async4(dst + 4 * k, q + 4 * 32 * k);
+        }
+      }
+    }
+    if (has_scales) cp_async16(scale_row_at<NT>(stage, pw) + 16 * lane, sp + group * N);
+    mbar_arrive_after_cp_async(full);
+    for (slot += 64; slot >= next_group; next_group += P) ++group;  // the group of the next chunk's row pw
+  }
+};
 
 // This lane's A fragments for the chunk in `stage` (4 k-steps x 4 registers), dequantized as q4_few_rows does.
+// c16: the lane's column within the block (its columns c16 and c16 + 8), t: its quarter of the chunk's slots.
 template <int NT, int BITS>
-__device__ __forceinline__ void dequant_stage(uint32_t (&a)[4][4], uint32_t stage) {
+__device__ __forceinline__ void dequant_stage(uint32_t (&a)[4][4], uint32_t stage, int c16, int t) {
   uint32_t w[4], s0r, s8r;
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(words_at<NT>(stage)));
-  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(s0r), "=r"(s8r) : "r"(scales_at<NT>(stage)));
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(words_at<NT>(stage, threadIdx.x)));
+  const uint32_t row = scale_row_at<NT>(stage, t) + 4 * c16;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(s0r) : "r"(row));
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(s8r) : "r"(row + 32));
   if (BITS == 3) w[3] = 0;
   const __half2 sz0 = *reinterpret_cast<__half2*>(&s0r), sz8 = *reinterpret_cast<__half2*>(&s8r);
   const __half2 s0 = __low2half2(sz0), z0 = __high2half2(sz0), s8 = __low2half2(sz8), z8 = __high2half2(sz8);
@@ -222,6 +263,12 @@ __device__ __forceinline__ void dequant_stage(uint32_t (&a)[4][4], uint32_t stag
 // split tile's slot, [NT][kWgCols] floats a split) for sum_split_tiles. whole = 0 splits a small grid
 // throughout; whole = tiles - (tiles % SMs) splits only what would be a partly filled last wave.
 // x: gather_rows' layout, [chunks][Mpad][64] (Mpad: M rounded up to NT).
+//
+// Warp-specialized: a third warpgroup (the producer) issues every copy, up to kWgStages chunks ahead, and waits
+// for a stage to be handed back (`empty`) before it refills it; the two math warpgroups only wait for a stage to
+// be full, dequantize, run wgmma and hand stages back. (The version before, where each math thread copied its own
+// words and the warpgroups met at a block barrier every chunk, spent ~1,560 cycles a chunk issuing ~230
+// instructions a warp for 1,024 cycles of tensor work: docs/PERFORMANCE.md.)
 template <int NT, int BITS>
 __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
     const uint4* __restrict__ qw, const __half2* __restrict__ sz, const __half* __restrict__ x,
@@ -232,70 +279,84 @@ __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
   constexpr uint32_t kStage = stage_bytes<NT>();
   const uint32_t ring = (static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem)) + 1023) & ~1023u;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
   const int row_blocks = Mpad / NT, tiles = row_blocks * ((N + kWgCols - 1) / kWgCols);
   const bool split = (int)blockIdx.x >= whole;
   const int item = blockIdx.x - whole;  // split tiles: tile whole + item % (tiles - whole), split item / (...)
   const int out_tile = split ? whole + item % (tiles - whole) : blockIdx.x;
   const int z = split ? item / (tiles - whole) : 0;
-  const int tile = out_tile / row_blocks * (kWgCols / 16) + warp;  // warp w of a warpgroup: its rows 16w ..
-  const bool has_tile = tile < (N >> 4);
-  const int col = tile * 16 + g;
+  const int tile0 = out_tile / row_blocks * (kWgCols / 16);  // the block's first 16-column tile
   const int m0 = out_tile % row_blocks * NT;
-  const uint4* wp = qw + (size_t)tile * chunks * 8 * BITS + lane;
   const int c_begin = split ? z * per_split : 0, c_end = split ? min(chunks, c_begin + per_split) : chunks;
-  auto stage_of = [&](int c) { return ring + ((c - c_begin) % kWgStages) * kStage; };
-  __shared__ __align__(8) uint64_t full[kWgStages];  // stage s's x tile has landed (phase: its use count % 2)
-  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
-  auto bar_of = [&](int c) { return bar0 + ((c - c_begin) % kWgStages) * 8; };
-  auto x_tile = [&](int c) { return x + ((size_t)c * Mpad + m0) * 64; };
+  // full[s]: stage s holds its chunk (the x tile's bytes + the 4 x 32 producer lanes' copies); empty[s]: each
+  // math warp is done with it.
+  __shared__ __align__(8) uint64_t bars[2 * kWgStages];
+  const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(bars)), empty0 = full0 + 8 * kWgStages;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kWgStages; ++s) mbar_init(bar0 + 8 * s, 1);
+    for (int s = 0; s < kWgStages; ++s) {
+      mbar_init(full0 + 8 * s, 4 * 32 + 1);
+      mbar_init(empty0 + 8 * s, kWgMathThreads / 32);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
 
+  if (warp >= kWgMathThreads / 32) {  // the producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    const int pw = warp - kWgMathThreads / 32;
+    WeightCopier<BITS> copier(qw, sz, N, P, chunks, tile0, min(kWgCols / 16, (N >> 4) - tile0), pw, lane, c_begin);
+    const int first = min(c_end, c_begin + kWgStages);
+    // The first stages' weights are requested before the wait for the gather's x (programmatic dependent launch:
+    // this grid may start while gather_rows still runs).
+    RingPos pos;
+    for (int c = c_begin; c < first; ++c, pos.next()) {
+      copier.template copy<NT>(ring + pos.stage * kStage, full0 + 8 * pos.stage, pw, lane, c);
+    }
+    if (pw == 0 && lane == 0) {
+      wait_for_inputs();
+      for (int c = c_begin; c < first; ++c) {  // the first kWgStages chunks sit in stages 0, 1, ...
+        const int st = c - c_begin;
+        bulk_copy(ring + st * kStage, x + ((size_t)c * Mpad + m0) * 64, NT * 128, full0 + 8 * st);
+      }
+    }
+    for (int c = first; c < c_end; ++c, pos.next()) {
+      const uint32_t stage = ring + pos.stage * kStage, full = full0 + 8 * pos.stage;
+      mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1);  // the math warps are done with chunk c - kWgStages
+      copier.template copy<NT>(stage, full, pw, lane, c);
+      if (pw == 0 && lane == 0) bulk_copy(stage, x + ((size_t)c * Mpad + m0) * 64, NT * 128, full);
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int g = lane >> 2, t = lane & 3;
+  const int c16 = warp * 16 + g;  // the lane's first column within the block
+  const bool has_tile = tile0 + warp < (N >> 4);
+  const int col = tile0 * 16 + c16;
   float acc[NT / 2];
 #pragma unroll
   for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
-  // The first chunks' weights are requested before the wait for the gather's x (programmatic dependent launch:
-  // this grid may start while gather_rows still runs).
-#pragma unroll
-  for (int d = 0; d < kWgAhead; ++d) {
-    const int c = c_begin + d;
-    if (c < c_end) load_lane<NT, BITS>(stage_of(c), wp, sz, N, P, col, t, c, has_tile);
-    cp_async_commit();
-  }
-  wait_for_inputs();
-  if (threadIdx.x == 0) {
-    for (int c = c_begin; c < min(c_end, c_begin + kWgAhead); ++c) {
-      bulk_copy(stage_of(c), x_tile(c), NT * 128, bar_of(c));
-    }
-  }
   uint32_t a[2][4][4] = {};
-  cp_async_wait<kWgAhead - 1>();  // this lane's part of the first chunk has landed
-  if (has_tile) dequant_stage<NT, BITS>(a[0], stage_of(c_begin));
+  RingPos pos, prev;  // chunk c's place in the ring, and chunk c - 1's
+  mbar_wait(full0, 0);
+  if (has_tile) dequant_stage<NT, BITS>(a[0], ring, c16, t);
   for (int c0 = c_begin; c0 < c_end; c0 += 2) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {  // two chunks a pass: the A buffer a chunk reads is known at compile time
       const int c = c0 + u;
-      if (c < c_end) {  // the same for the whole block: the barrier stays uniform
-        // Every warpgroup is done with chunk c - 2's stage, which chunk c + kWgAhead now gets. (Measured and not
-        // kept: handing stages back by an mbarrier instead, 2-12% slower; a third A buffer, dequantizing before
-        // the wait, slower too. docs/PERFORMANCE.md.)
-        __syncthreads();
-        const int cn = c + kWgAhead;
-        if (cn < c_end) load_stage<NT, BITS>(stage_of(cn), bar_of(cn), x_tile(cn), wp, sz, N, P, col, t, cn, has_tile);
-        cp_async_commit();
-        mbar_wait(bar_of(c), ((c - c_begin) / kWgStages) & 1);  // chunk c's x tile has landed
-        const uint64_t desc = x_desc(stage_of(c));
+      if (c < c_end) {
+        const uint64_t desc = x_desc(ring + pos.stage * kStage);
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j) wgmma<NT>(acc, a[u][j], desc + 2 * j);
         wgmma_commit();
-        cp_async_wait<kWgAhead - 1>();  // this thread's part of chunk c + 1 has landed
-        wgmma_wait<1>();                // chunk c - 1's wgmmas are done: its A registers may be written
-        if (has_tile && c + 1 < c_end) dequant_stage<NT, BITS>(a[u ^ 1], stage_of(c + 1));
+        wgmma_wait<1>();  // chunk c - 1's wgmmas are done: its stage and A registers are free
+        if (c > c_begin && lane == 0) mbar_arrive(empty0 + 8 * prev.stage);
+        prev = pos;
+        pos.next();
+        if (c + 1 < c_end) {
+          mbar_wait(full0 + 8 * pos.stage, pos.phase);
+          if (has_tile) dequant_stage<NT, BITS>(a[u ^ 1], ring + pos.stage * kStage, c16, t);
+        }
       }
     }
   }
@@ -303,8 +364,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
   pin(acc);
 
   // acc[4i + e]: column col + 8 (e / 2), row m0 + 8i + 2t + e % 2
+  if (!has_tile) return;
   if (!split) {
-    if (!has_tile) return;
     const float b0 = bias ? __half2float(bias[col]) : 0.f, b8 = bias ? __half2float(bias[col + 8]) : 0.f;
 #pragma unroll
     for (int i = 0; i < NT / 8; ++i) {
@@ -316,8 +377,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) q4_many_rows(
     }
     return;
   }
-  if (!has_tile) return;
-  float* part = ws + ((size_t)(out_tile - whole) * splits + z) * NT * kWgCols + (col % kWgCols);
+  float* part = ws + ((size_t)(out_tile - whole) * splits + z) * NT * kWgCols + c16;
 #pragma unroll
   for (int i = 0; i < NT / 8; ++i) {
 #pragma unroll
