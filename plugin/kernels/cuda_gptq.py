@@ -276,15 +276,15 @@ class CudaQuantLinear(GPTQLinear):
         return out
 
     def _many_rows_wins(self, M: int, device: torch.device) -> bool:
-        """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100,
-        docs/PERFORMANCE.md): everywhere except where a narrow layer is split 4 ways or more throughout and M > 256
-        (8192x1024, 4-bit, at m = 128 / 256 / 512: 20.0 / 25.4 / 35.7 us against 22.4 / 25.9 / 32.1 us), where the
-        dequantized weight is small and cuBLAS makes better use of it. (Layers it cannot serve at all have no
-        cu_xidx_wgmma: prepare decides that.)"""
+        """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100, 2026-11-28
+        01:59 UTC, docs/PERFORMANCE.md): everywhere except for a 4-bit narrow layer split 4 ways or more
+        throughout with M > 256 (8192x1024 at m = 256 / 512: 24.6 / 33.0 us against 25.1 / 31.5 us), where the
+        dequantized weight is small and cuBLAS makes better use of it. (3-bit there: 25.7 / 33.7 against
+        31.2 / 36.4 us.) Layers it cannot serve at all have no cu_xidx_wgmma: prepare decides that."""
         if self.many_rows_config is not None:  # a benchmark or test asks for this path
             return True
         plan = self._many_rows_plan(M, device)
-        return not (plan.whole == 0 and plan.splits >= 4 and M > 256)
+        return not (self.bits == 4 and plan.whole == 0 and plan.splits >= 4 and M > 256)
 
     def _many_rows_plan(self, M: int, device: torch.device) -> ManyRowsPlan:
         """Rows a block (many_rows_tile), and which tiles are split along k and how (many_rows_splits; chunks per
