@@ -31,6 +31,47 @@ __global__ void __launch_bounds__(128) probe_q4mma(const uint4* __restrict__ qw,
   if (acc == 0x12345678u) sink[0] = acc;  // keeps the loads alive; (almost) never stores
 }
 
+// The same bytes by bulk copy (the copy engine) into shared memory, as a decode kernel fed that way would get them:
+// each block's lanes 0-3 copy their tile's whole split (per_split <= 16 chunks: <= 8 KB a tile) in pieces of
+// `piece` bytes, one mbarrier for all; then the block waits and touches one word.
+__global__ void __launch_bounds__(128) probe_bulk(const uint4* __restrict__ qw, uint32_t* __restrict__ sink,
+                                                  int tiles, int chunks, int per_split, int piece) {
+  extern __shared__ uint4 buf[];
+  __shared__ __align__(8) uint64_t bar;
+  const int tile0 = blockIdx.x * 4, c_begin = blockIdx.y * per_split, c_end = min(chunks, c_begin + per_split);
+  const int n_tiles = min(4, tiles - tile0), bytes = (c_end - c_begin) * 512;
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(&bar));
+  const uint32_t dst0 = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(n_tiles * bytes) : "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x < n_tiles) {
+    const char* src = reinterpret_cast<const char*>(qw + (size_t)(tile0 + threadIdx.x) * chunks * 32) +
+                      (size_t)c_begin * 512;
+    for (int o = 0; o < bytes; o += piece) {
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(dst0 + threadIdx.x * 16 * 512 + o), "l"(src + o), "r"(min(piece, bytes - o)), "r"(b)
+                   : "memory");
+    }
+  }
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(b) : "memory");
+  if (buf[threadIdx.x].x == 0x12345678u) sink[0] = 1;
+}
+
+extern "C" int probe_bulk_launch(const void* qw, void* sink, int tiles, int chunks, int splits, int per_split,
+                                 int piece, void* stream) {
+  if (per_split > 16) return -2;
+  probe_bulk<<<dim3((tiles + 3) / 4, splits), 128, 4 * 16 * 512, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const uint4*>(qw), static_cast<uint32_t*>(sink), tiles, chunks, per_split, piece);
+  return static_cast<int>(cudaGetLastError());
+}
+
 extern "C" int probe_q4mma_launch(const void* qw, void* sink, int tiles, int chunks, int splits, int per_split,
                                   int unroll, void* stream) {
   const dim3 grid((tiles + 3) / 4, splits);

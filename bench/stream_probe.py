@@ -1,7 +1,8 @@
 """How fast can the cuda kernel's weights be read at all? (docs/PERFORMANCE.md, issue 5's m = 1 target)
 
 Reads the q4mma words of each Llama-2-70B shape with q4_few_rows' grid and load pattern but no arithmetic
-(bench/stream_probe.cu), over split counts and unrolls, and prints TB/s of the words read beside the fp16
+(bench/stream_probe.cu), over split counts and unrolls, and the same bytes by bulk copies into shared memory (the
+way a copy-engine-fed decode kernel would get them), and prints TB/s of the words read beside the fp16
 cuBLAS matrix-vector product of the same shape on the same card (a reference for a plain stream of weights). CUDA-graph replays, copies rotated past L2.
 
     python bench/stream_probe.py
@@ -26,6 +27,7 @@ DEV = torch.device("cuda")
 def main():
     lib = ctypes.CDLL(str(cuda_build.build(source=Path(__file__).with_name("stream_probe.cu"))))
     lib.probe_q4mma_launch.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+    lib.probe_bulk_launch.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
     sink = torch.zeros(1, dtype=torch.int32, device=DEV)
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     print(f"# {torch.cuda.get_device_name()}, {sms} SMs")
@@ -47,18 +49,33 @@ def main():
                     assert code == 0, code
                 us = time_graph([lambda w=w: call(w) for w in words], 10)
                 best = min(best, (us, (splits_eff, unroll)))
+        bulk = (float("inf"), None)
+        for splits in (8, 16, 32, 64):
+            per = -(-chunks // splits)
+            if per > 16:
+                continue
+            splits_eff = -(-chunks // per)
+            for piece in (2048, 8192):
+                def call(w, s=splits_eff, p=per, b=piece):
+                    code = lib.probe_bulk_launch(w.data_ptr(), sink.data_ptr(), tiles, chunks, s, p, b,
+                                                 torch.cuda.current_stream().cuda_stream)
+                    assert code == 0, code
+                us = time_graph([lambda w=w: call(w) for w in words], 10)
+                bulk = min(bulk, (us, (splits_eff, piece)))
         x = torch.randn(1, k, dtype=torch.float16, device=DEV)
         mats = [torch.randn(k, n, dtype=torch.float16, device=DEV) for _ in range(max(2, -(-3 * L2_BYTES // (k * n * 2))))]
         gemv = time_graph([lambda w=w: x @ w for w in mats], 10)
-        rows.append((k, n, nbytes, best, gemv))
-        print(f"{k}x{n}: probe best {best[0]:.1f} us {best[1]}, fp16 gemv {gemv:.1f} us", flush=True)
+        rows.append((k, n, nbytes, best, bulk, gemv))
+        print(f"{k}x{n}: probe best {best[0]:.1f} us {best[1]}, bulk copies {bulk[0]:.1f} us {bulk[1]}, "
+              f"fp16 gemv {gemv:.1f} us", flush=True)
         del words, mats
         torch.cuda.empty_cache()
-    print("\n| K x N | q4mma bytes | probe: best us (splits, unroll) | probe TB/s | fp16 cuBLAS m=1 TB/s |")
-    print("|---|---|---|---|---|")
-    for k, n, nbytes, (us, cfg), gemv in rows:
-        print(f"| {k}x{n} | {nbytes / 2**20:.0f} MiB | {us:.1f} {cfg} | {nbytes / us / 1e6:.2f} | "
-              f"{k * n * 2 / gemv / 1e6:.2f} |")
+    print("\n| K x N | q4mma bytes | loads: best us (splits, unroll) | TB/s | bulk copies: best us (splits, piece) "
+          "| TB/s | fp16 cuBLAS m=1 TB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for k, n, nbytes, (us, cfg), (bus, bcfg), gemv in rows:
+        print(f"| {k}x{n} | {nbytes / 2**20:.0f} MiB | {us:.1f} {cfg} | {nbytes / us / 1e6:.2f} | {bus:.1f} {bcfg} | "
+              f"{nbytes / bus / 1e6:.2f} | {k * n * 2 / gemv / 1e6:.2f} |")
 
 
 if __name__ == "__main__":
