@@ -15,13 +15,14 @@
 // 64c + 16((k % 8) / 2) + 4j + k % 2 + 2(k / 8); and it stores x tile by tile, swizzled as the descriptors read
 // it, so that a stage's x tile is one bulk copy.
 //
-// A block is kWgGroups warpgroups side by side (64 columns each) over NT rows; the loop walks the 64-slot
-// chunks of its split. Everything a chunk needs comes through a ring of kWgStages stages in shared memory,
-// kWgAhead chunks ahead: the x tile (one bulk copy, an mbarrier says it landed), and each lane's own weight words
-// and scales (cp.async). Each warpgroup's A fragments are double-buffered in registers: while chunk c's four
-// wgmmas run, chunk c + 1 is dequantized. Split-K where a grid would leave SMs idle (a small grid, or a partly
-// filled last wave): each split writes float32 partials, which sum_split_tiles adds in a fixed order (another
-// launch: deterministic).
+// A block is kWgGroups math warpgroups side by side (64 columns each) over NT rows, and a producer warpgroup;
+// the loop walks the 64-slot chunks of its split. Everything a chunk needs comes through a ring of kWgStages
+// stages in shared memory, copied by the producer up to kWgStages chunks ahead: the x tile (one bulk copy), each
+// math lane's weight words and the (scale, zero) rows of the chunk's groups (cp.async); an mbarrier per stage
+// says it is full, another that every math warp is done with it. Each warpgroup's A fragments are
+// double-buffered in registers: while chunk c's four wgmmas run, chunk c + 1 is dequantized. Split-K where a
+// grid would leave SMs idle (a small grid, or a partly filled last wave): each split writes float32 partials,
+// which sum_split_tiles adds in a fixed order (another launch: deterministic).
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GB_WGMMA 1  // this pass compiles for sm_90a: wgmma exists
@@ -33,8 +34,8 @@ namespace {
 
 constexpr int kWgGroups = 2;  // warpgroups of math a block, 64 columns (4 tiles) each
 constexpr int kWgMathThreads = 128 * kWgGroups;
-constexpr int kWgThreads = kWgMathThreads + 128;  // + a producer warpgroup, whose first warp issues every copy
-// (a warpgroup, not a warp: registers are given out by warpgroup; setmaxnreg moves the producer's to the math)
+constexpr int kWgThreads = kWgMathThreads + 128;  // + a producer warpgroup, whose four warps issue every copy
+// (registers are given out by warpgroup; setmaxnreg moves most of the producer's to the math)
 constexpr int kWgCols = 64 * kWgGroups;
 constexpr int kWgStages = 5;  // ring of stages: a chunk each, filled up to kWgStages chunks ahead
 constexpr int kWgScaleRow = kWgCols * 4 + 32;  // a stage's (scale, zero) row of the block's columns; + 32: no bank
