@@ -38,30 +38,24 @@ def main():
         copies = max(2, -(-3 * L2_BYTES // nbytes))
         words = [torch.randint(-2**31, 2**31 - 1, (tiles * chunks * 128,), dtype=torch.int32, device=DEV)
                  for _ in range(copies)]
-        best = (float("inf"), None)
-        for splits in (1, 2, 4, 8, 16, 32, 64):
-            per = -(-chunks // splits)
-            splits_eff = -(-chunks // per)
-            for unroll in (2, 4, 8):
-                def call(w, s=splits_eff, p=per, u=unroll):
-                    code = lib.probe_q4mma_launch(w.data_ptr(), sink.data_ptr(), tiles, chunks, s, p, u,
-                                                  torch.cuda.current_stream().cuda_stream)
-                    assert code == 0, code
-                us = time_graph([lambda w=w: call(w) for w in words], 10)
-                best = min(best, (us, (splits_eff, unroll)))
-        bulk = (float("inf"), None)
-        for splits in (8, 16, 32, 64):
-            per = -(-chunks // splits)
-            if per > 16:
-                continue
-            splits_eff = -(-chunks // per)
-            for piece in (2048, 8192):
-                def call(w, s=splits_eff, p=per, b=piece):
-                    code = lib.probe_bulk_launch(w.data_ptr(), sink.data_ptr(), tiles, chunks, s, p, b,
-                                                 torch.cuda.current_stream().cuda_stream)
-                    assert code == 0, code
-                us = time_graph([lambda w=w: call(w) for w in words], 10)
-                bulk = min(bulk, (us, (splits_eff, piece)))
+        def fastest(launch, split_counts, variants, max_per=None):
+            """(us, (splits, variant)) of the fastest launch(words, splits, chunks per split, variant)."""
+            found = (float("inf"), None)
+            for splits in split_counts:
+                per = -(-chunks // splits)
+                if max_per is not None and per > max_per:
+                    continue
+                s = -(-chunks // per)
+                for v in variants:
+                    def call(w, s=s, p=per, v=v):
+                        code = launch(w.data_ptr(), sink.data_ptr(), tiles, chunks, s, p, v,
+                                      torch.cuda.current_stream().cuda_stream)
+                        assert code == 0, code
+                    found = min(found, (time_graph([lambda w=w: call(w) for w in words], 10), (s, v)))
+            return found
+
+        best = fastest(lib.probe_q4mma_launch, (1, 2, 4, 8, 16, 32, 64), (2, 4, 8))  # variant: unroll
+        bulk = fastest(lib.probe_bulk_launch, (8, 16, 32, 64), (2048, 8192), max_per=16)  # variant: piece bytes
         x = torch.randn(1, k, dtype=torch.float16, device=DEV)
         mats = [torch.randn(k, n, dtype=torch.float16, device=DEV) for _ in range(max(2, -(-3 * L2_BYTES // (k * n * 2))))]
         gemv = time_graph([lambda w=w: x @ w for w in mats], 10)

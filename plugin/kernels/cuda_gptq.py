@@ -225,8 +225,9 @@ class CudaQuantLinear(GPTQLinear):
             out = x2.new_empty(0, self.out_features)
         elif m <= FEW_ROWS_MAX_M:
             out = self.forward_few_rows(x2)
-        elif self.cu_xidx_wgmma is not None and self._many_rows_wins(m, x2.device):
-            out = self.forward_many_rows(x2)
+        elif self.cu_xidx_wgmma is not None and self._many_rows_wins(
+                plan := self._many_rows_plan(m, x2.device), m):  # one plan lookup a call, passed on
+            out = self.forward_many_rows(x2, plan)
         else:
             out = x2 @ self.dequantize()
             if self.bias is not None:
@@ -258,13 +259,14 @@ class CudaQuantLinear(GPTQLinear):
             device, _raw_stream(device)), "q4_few_rows")
         return out
 
-    def forward_many_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_many_rows(self, x: torch.Tensor, plan: ManyRowsPlan | None = None) -> torch.Tensor:
         """Hopper, any rows: one call into the library, which gathers x into wgmma's k order (into the device's
-        shared scratch), then launches q4_many_rows (and, when some tiles are split, the sum of their parts)."""
+        shared scratch), then launches q4_many_rows (and, when some tiles are split, the sum of their parts).
+        plan: _many_rows_plan's for these rows, when the caller has it already."""
         M, N, device = x.shape[0], self.out_features, x.get_device()
         if x.stride(1) != 1:
             x = x.contiguous()
-        plan = self._many_rows_plan(M, x.device)
+        plan = plan or self._many_rows_plan(M, x.device)
         xs = scratch(x.device, -(-M // plan.rows) * plan.rows * self.chunks * 64, torch.float16)
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
         ws = split_k_workspace(x.device, plan.ws_numel) if plan.ws_numel else out
@@ -275,7 +277,7 @@ class CudaQuantLinear(GPTQLinear):
             plan.whole, plan.splits, plan.per_split, device, _raw_stream(device)), "q4_many_rows")
         return out
 
-    def _many_rows_wins(self, M: int, device: torch.device) -> bool:
+    def _many_rows_wins(self, plan: ManyRowsPlan, M: int) -> bool:
         """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100, 2026-11-28
         01:59 UTC, docs/PERFORMANCE.md): everywhere except for a 4-bit narrow layer split 4 ways or more
         throughout with M > 256 (8192x1024 at m = 256 / 512: 24.6 / 33.0 us against 25.1 / 31.5 us), where the
@@ -283,7 +285,6 @@ class CudaQuantLinear(GPTQLinear):
         31.2 / 36.4 us.) Layers it cannot serve at all have no cu_xidx_wgmma: prepare decides that."""
         if self.many_rows_config is not None:  # a benchmark or test asks for this path
             return True
-        plan = self._many_rows_plan(M, device)
         return not (self.bits == 4 and plan.whole == 0 and plan.splits >= 4 and M > 256)
 
     def _many_rows_plan(self, M: int, device: torch.device) -> ManyRowsPlan:

@@ -333,6 +333,24 @@ static bool hopper_or_newer(int device) {
   return major[device] >= 9;
 }
 
+// A launch configuration; with `after_gather`, programmatic dependent launch: the kernel may start while the
+// launch before it (a gather that calls let_dependents_launch) still runs, and waits in wait_for_inputs.
+struct LaunchConfig {
+  cudaLaunchAttribute pdl;
+  cudaLaunchConfig_t cfg;
+  LaunchConfig(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool after_gather) : cfg{} {
+    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl.val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &pdl;
+    cfg.numAttrs = after_gather ? 1 : 0;
+  }
+  LaunchConfig(const LaunchConfig&) = delete;  // cfg points into this object
+};
+
 extern "C" {
 
 // 0 on success, else a cudaError_t (gb_error_string names it); -1: more rows than the kernel takes.
@@ -354,20 +372,12 @@ int gb_q4_few_rows(const void* qw, const void* sz, const void* x, int ldx, const
     ldx = slots;
     after_gather = GB_PDL && M <= 16 && hopper_or_newer(device);  // 17-32 rows: 10-14% slower on two shapes
   }
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((N / 16 + kWarps - 1) / kWarps, splits);
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = s;
-  cfg.attrs = &pdl;
-  cfg.numAttrs = after_gather ? 1 : 0;
+  const LaunchConfig launch(dim3((N / 16 + kWarps - 1) / kWarps, splits), dim3(kThreads), 0, s, after_gather);
   auto kernel = bits == 4 ? (M <= 8 ? q4_few_rows<1, 4> : M <= 16 ? q4_few_rows<2, 4> : q4_few_rows<4, 4>)
                           : (M <= 8 ? q4_few_rows<1, 3> : M <= 16 ? q4_few_rows<2, 3> : q4_few_rows<4, 3>);
   return static_cast<int>(cudaLaunchKernelEx(
-      &cfg, kernel, static_cast<const uint4*>(qw), static_cast<const __half2*>(sz), static_cast<const __half*>(x),
-      static_cast<const __half*>(bias), static_cast<__half*>(out), static_cast<float*>(ws),
+      &launch.cfg, kernel, static_cast<const uint4*>(qw), static_cast<const __half2*>(sz),
+      static_cast<const __half*>(x), static_cast<const __half*>(bias), static_cast<__half*>(out), static_cast<float*>(ws),
       static_cast<int*>(counters), M, N, chunks, P, ldx, ldo, per_split));
 }
 
@@ -396,7 +406,8 @@ int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, 
 int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int K, const void* xidx, void* xs,
                     const void* bias, void* out, void* ws, int bits, int M, int N, int chunks, int P, int ldo,
                     int nt, int whole, int splits, int per_split, int device, void* stream) {
-  if (M < 1 || (bits != 4 && bits != 3) || (bits == 3 && chunks % 4) || (nt != 64 && nt != 128 && nt != 256)) {
+  if (M < 1 || (bits != 4 && bits != 3) || (bits == 3 && chunks % 4) || (nt != 64 && nt != 128 && nt != 256) ||
+      device < 0 || device >= 64) {
     return -1;
   }
   if (cudaError_t e = use_device(device)) return static_cast<int>(e);
@@ -410,7 +421,6 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int 
   }
   GB_PICK(64, 0) GB_PICK(128, 1) GB_PICK(256, 2)
 #undef GB_PICK
-  if (device < 0 || device >= 64) return -1;
   // Whether this device runs the sm_90a build, and the kernel's shared-memory limit raised: once per device.
   static signed char ready[64][6] = {};  // 0: not looked at yet, 1: ready, -1: this device has no wgmma build
   if (!ready[device][which]) {
@@ -453,17 +463,8 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int 
   void* args[] = {&qw4, &sz2, &xh, &b, &o, &wsf, &M, &N, &chunks, &P, &m_pad, &ldo, &whole, &splits, &per_split};
   // Launched while the gather still runs (programmatic dependent launch): the blocks request their first weights,
   // then wait for the gather's writes (wait_for_inputs) before the first bulk copy of x.
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kWgThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cfg.attrs = &pdl;
-  cfg.numAttrs = GB_PDL ? 1 : 0;
-  if (cudaError_t e = cudaLaunchKernelExC(&cfg, kernel, args)) return static_cast<int>(e);
+  const LaunchConfig launch(dim3(grid), dim3(kWgThreads), smem, s, GB_PDL);
+  if (cudaError_t e = cudaLaunchKernelExC(&launch.cfg, kernel, args)) return static_cast<int>(e);
   if (whole < tiles) {
     const dim3 sum_grid((nt * kWgCols / 4 + 255) / 256, tiles - whole);
     sum_split_tiles<<<sum_grid, 256, 0, s>>>(wsf, whole, splits, nt, row_blocks, M, N, b, o, ldo);
