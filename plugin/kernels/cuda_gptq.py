@@ -37,7 +37,7 @@ FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
 MANY_ROWS_COLS = 128  # q4_many_rows' block: 128 columns of 64, 128 or 256 rows (many_rows_tile)
 WGMMA_MAX_IN_FEATURES = 96 * 1024  # its gather holds a row of x in shared memory (q4_wgmma.cuh, kGatherRowsMaxK)
 BITS = (3, 4)
-_LOAD_UNIT_CHUNKS = {4: 1, 3: 4}  # chunks (64 slots each) a lane loads together: 3-bit ones come in quads
+BATCH_CHUNKS = 4  # chunks (64 slots each) q4_few_rows loads together; chunks and splits are whole batches
 # The current stream's handle as an int: torch's own fast path (what Triton's launcher uses), ~7 us less per call
 # than torch.cuda.current_stream(device).cuda_stream on the H100 machine (bench/host_overhead.py).
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
@@ -179,8 +179,7 @@ class CudaQuantLinear(GPTQLinear):
         dev = self.qweight.device
         K, N = self.in_features, self.out_features
         layout = sort_rows_by_group(self)
-        unit = _LOAD_UNIT_CHUNKS[bits]  # 3-bit chunks come in quads
-        chunks = -(-layout.slots // (64 * unit)) * unit
+        chunks = -(-layout.slots // (64 * BATCH_CHUNKS)) * BATCH_CHUNKS  # pad chunks: weight 0, x 0
         words = torch.empty(N // 16, chunks * 32 * bits, dtype=torch.int32, device=dev)  # bits words a lane and chunk
         for n0 in range(0, N, _SHUFFLE_COLUMNS):  # a slice at a time: shuffle's int64 temporaries stay small
             n1 = min(N, n0 + _SHUFFLE_COLUMNS)
@@ -324,8 +323,7 @@ class CudaQuantLinear(GPTQLinear):
             else:
                 splits = max(4, -(-2 * sms // col_blocks))
         splits = max(1, min(splits, self.chunks))
-        unit = _LOAD_UNIT_CHUNKS[self.bits]  # a split is whole load units
-        per_split = -(-self.chunks // (splits * unit)) * unit
+        per_split = -(-self.chunks // (splits * BATCH_CHUNKS)) * BATCH_CHUNKS  # a split is whole batches
         splits = -(-self.chunks // per_split)
         return splits, per_split, splits * M * self.out_features
 

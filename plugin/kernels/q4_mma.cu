@@ -69,6 +69,23 @@ __device__ __forceinline__ uint32_t raw_pair(const uint32_t (&w)[4], int j, int 
   return ((w[0] >> 15) & 0x00010001) | ((w[1] >> 14) & 0x00020002) | ((w[2] >> 13) & 0x00040004) | 0x64006400;
 }
 
+// floor(n / d) for a runtime d (slots per group) without a division: umulhi(n, magic) >> shift, exact for
+// every n < 2^31. With s = floor(log2 d): a power of two is (2^31, s - 1); otherwise magic = ceil(2^(32+s) / d),
+// which fits 32 bits, and writing n = qd + r, n * magic / 2^(32+s) < q + (d - 1) / d + n (d - 1) / (d 2^(32+s)),
+// below q + 1 while n (d - 1) < 2^(32+s), true for n < 2^31 since d - 1 < 2^(s+1). (The division it replaces
+// cost ~30 instructions a chunk, a quarter of the few-rows kernel's.)
+struct GroupDivider {
+  uint32_t magic;
+  uint32_t shift;
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return __umulhi(n, magic) >> shift; }
+  static GroupDivider of(uint32_t d) {  // d >= 2
+    uint32_t s = 31;
+    while (!(d >> s)) --s;
+    if ((d & (d - 1)) == 0) return {1u << 31, s - 1};
+    return {static_cast<uint32_t>(((uint64_t{1} << (32 + s)) + d - 1) / d), s};
+  }
+};
+
 // (q - z) * s for a raw pair: an exact subtract, then one rounding: the reference kernel's float16 weight.
 __device__ __forceinline__ uint32_t dequant_raw(uint32_t raw, __half2 z, __half2 s) {
   __half2 v = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&raw), z), s);
@@ -116,9 +133,9 @@ template <int MT, int BITS>
 __device__ __forceinline__ void chunk_mma(float (&acc)[MT][4], const uint32_t (&words)[4], int chunk, int g, int t,
                                           int col,
                                           const __half2* __restrict__ sz, const __half* __restrict__ x, int M,
-                                          int N, int P, int ldx) {
+                                          int N, GroupDivider group_of, int ldx) {
   const int slot = chunk * 64 + 16 * t;  // this lane's 16 slots lie in one group (16 divides P)
-  const size_t grp = slot / P;
+  const size_t grp = group_of(slot);
   const __half2 sz0 = sz[grp * N + col], sz8 = sz[grp * N + col + 8];
   const __half2 s0 = __low2half2(sz0), z0 = __high2half2(sz0);
   const __half2 s8 = __low2half2(sz8), z8 = __high2half2(sz8);
@@ -147,15 +164,16 @@ __device__ __forceinline__ void chunk_mma(float (&acc)[MT][4], const uint32_t (&
   }
 }
 
-// One lane's words of the kUnroll (= 4) chunks c, c + 1, ... (word j of chunk u in w[u][j]). 4-bit: one 16-byte
-// load a chunk (its four k-tile words). 3-bit: chunks come in whole quads (c a multiple of 4), three 16-byte
-// loads a quad; load i brings word i of each of the four chunks.
-template <int BITS>
-__device__ __forceinline__ void load_batch(uint32_t (&w)[kUnroll][4], const uint4* wp, int c, int c_end) {
+// One lane's words of the kLoad chunks c, c + 1, ... (word j of chunk u in w[u][j]; kLoad <= kUnroll). 4-bit: one
+// 16-byte load a chunk (its four k-tile words). 3-bit: chunks come in whole quads (c a multiple of 4, kLoad 4),
+// three 16-byte loads a quad; load i brings word i of each of the four chunks.
+template <int BITS, int kLoad = kUnroll>
+__device__ __forceinline__ void load_batch(uint32_t (&w)[kUnroll][4], const uint4* wp, int c) {
+  static_assert(BITS == 4 || kLoad == 4, "3-bit chunks are loaded a quad at a time");
   if (BITS == 4) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const uint4 q = c + u < c_end ? load_once(wp + (size_t)(c + u) * 32) : make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < kLoad; ++u) {
+      const uint4 q = load_once(wp + (size_t)(c + u) * 32);
       w[u][0] = q.x; w[u][1] = q.y; w[u][2] = q.z; w[u][3] = q.w;
     }
   } else {
@@ -168,12 +186,20 @@ __device__ __forceinline__ void load_batch(uint32_t (&w)[kUnroll][4], const uint
   }
 }
 
+// Blocks per SM each few-rows kernel is built for, i.e. a register cap (65,536 / (128 threads x blocks)): up to
+// 8 rows 48 registers (4-bit) or 64 (3-bit), 64 for 16 rows, 128 for 32. Measured on the H100 (docs/
+// PERFORMANCE.md, session 8): uncapped, ptxas hoists more of the four chunks' loads and math than fits (up to 184
+// registers) and the kernel was up to 11% slower; 3-bit at 8 rows was 3-7% faster with 64 registers than 48.
+constexpr int few_rows_min_blocks(int mt, int bits) { return mt == 1 ? (bits == 4 ? 10 : 8) : mt == 2 ? 8 : 4; }
+
 // MT tiles of 8 rows (m <= 8 * MT). Each lane loads its words of kUnroll consecutive chunks, then does their
-// math. (Measured on the H100 and not kept, docs/PERFORMANCE.md: issuing the next step's loads before this
-// step's math, also with the scales and activations; a cp.async ring in shared memory 4 or 8 chunks deep. Each
-// was 3-20% slower: the math between loads, not the loads in flight, is what this kernel waits on.)
+// math; a split is whole batches (the host pads chunks and splits to multiples of 4), so there is no bound to
+// check per chunk and the compiler may interleave the four chunks. (Measured on the H100 and not kept,
+// docs/PERFORMANCE.md: issuing the next step's loads before this step's math, also with the scales and
+// activations; a cp.async ring in shared memory 4 or 8 chunks deep. Each was 3-20% slower: the math between
+// loads, not the loads in flight, is what this kernel waits on.)
 template <int MT, int BITS>
-__global__ void __launch_bounds__(kThreads) q4_few_rows(
+__global__ void __launch_bounds__(kThreads, few_rows_min_blocks(MT, BITS)) q4_few_rows(
     const uint4* __restrict__ qw,     // 4-bit: [tiles][chunks][32 lanes] x 4 words; 3-bit: [tiles][quads][3][32] x 4
     const __half2* __restrict__ sz,   // [groups][N]: (scale, 1024 + zero)
     const __half* __restrict__ x,     // [M][ldx], columns in slot order, chunks * 64 of them
@@ -181,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) q4_few_rows(
     __half* __restrict__ out,         // [M][ldo]
     float* __restrict__ ws,           // [splits][M][N] partials (unused with one split)
     int* __restrict__ counters,       // [column blocks], zero between calls
-    int M, int N, int chunks, int P, int ldx, int ldo, int per_split) {
+    int M, int N, int chunks, GroupDivider group_of, int ldx, int ldo, int per_split) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x * kWarps + warp;
@@ -197,10 +223,9 @@ __global__ void __launch_bounds__(kThreads) q4_few_rows(
     wait_for_inputs();  // x may come from the gather launched just before this kernel
     for (int c = c_begin; c < c_end; c += kUnroll) {
       uint32_t w[kUnroll][4];
-      load_batch<BITS>(w, wp, c, c_end);
+      load_batch<BITS>(w, wp, c);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (c + u < c_end) chunk_mma<MT, BITS>(acc, w[u], c + u, g, t, col, sz, x, M, N, P, ldx);
+      for (int u = 0; u < kUnroll; ++u) chunk_mma<MT, BITS>(acc, w[u], c + u, g, t, col, sz, x, M, N, group_of, ldx);
     }
   }
 
@@ -264,7 +289,7 @@ __global__ void gather_columns(const __half* __restrict__ x, int ldx, const int*
 template <int BITS>
 __global__ void __launch_bounds__(kThreads) q4_dequantize(
     const uint4* __restrict__ qw, const __half2* __restrict__ sz, const int* __restrict__ perm,
-    __half* __restrict__ w, int N, int chunks, int P, int slots) {
+    __half* __restrict__ w, int N, int chunks, GroupDivider group_of, int slots) {
   constexpr int kChunks = BITS == 4 ? 1 : 4;
   __shared__ __align__(16) __half tile_w[64][kCols + 8];  // +8: rows start on different banks
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -276,12 +301,12 @@ __global__ void __launch_bounds__(kThreads) q4_dequantize(
   const int chunk0 = blockIdx.y * kChunks;
   const bool has_tile = tile < (N >> 4);
   uint32_t words[kUnroll][4] = {};
-  if (has_tile) load_batch<BITS>(words, qw + (size_t)tile * chunks * 8 * BITS + lane, chunk0, chunk0 + kChunks);
+  if (has_tile) load_batch<BITS, kChunks>(words, qw + (size_t)tile * chunks * 8 * BITS + lane, chunk0);
 #pragma unroll
   for (int u = 0; u < kChunks; ++u) {
     const int chunk = chunk0 + u;
     if (has_tile) {
-      const size_t grp = (chunk * 64 + 16 * t) / P;
+      const size_t grp = group_of(chunk * 64 + 16 * t);
       const __half2 sz0 = sz[grp * N + col], sz8 = sz[grp * N + col + 8];
       const __half2 s0 = __low2half2(sz0), z0 = __high2half2(sz0), s8 = __low2half2(sz8), z8 = __high2half2(sz8);
 #pragma unroll
@@ -356,11 +381,11 @@ extern "C" {
 // 0 on success, else a cudaError_t (gb_error_string names it); -1: more rows than the kernel takes.
 // x [M][ldx] is read as it is when xidx is null; otherwise its columns are first gathered into slot order
 // (gather_columns) into xs [M][chunks * 64], which the kernel then reads: one call, two launches.
-// bits: 4, or 3 (then chunks and per_split are multiples of 4).
+// bits: 4 or 3; chunks and per_split are multiples of 4 (kUnroll).
 int gb_q4_few_rows(const void* qw, const void* sz, const void* x, int ldx, const void* xidx, void* xs,
                    const void* bias, void* out, void* ws, void* counters, int bits, int M, int N, int chunks, int P,
                    int ldo, int splits, int per_split, int device, void* stream) {
-  if (M > 32 || (bits != 4 && bits != 3) || (bits == 3 && (chunks % 4 || per_split % 4))) return -1;
+  if (M > 32 || P < 2 || (bits != 4 && bits != 3) || chunks % kUnroll || per_split % kUnroll) return -1;
   if (cudaError_t e = use_device(device)) return static_cast<int>(e);
   auto s = static_cast<cudaStream_t>(stream);
   bool after_gather = false;
@@ -378,18 +403,18 @@ int gb_q4_few_rows(const void* qw, const void* sz, const void* x, int ldx, const
   return static_cast<int>(cudaLaunchKernelEx(
       &launch.cfg, kernel, static_cast<const uint4*>(qw), static_cast<const __half2*>(sz),
       static_cast<const __half*>(x), static_cast<const __half*>(bias), static_cast<__half*>(out), static_cast<float*>(ws),
-      static_cast<int*>(counters), M, N, chunks, P, ldx, ldo, per_split));
+      static_cast<int*>(counters), M, N, chunks, GroupDivider::of(P), ldx, ldo, per_split));
 }
 
 int gb_q4_dequantize(const void* qw, const void* sz, const void* perm, void* w, int bits, int N, int chunks,
                      int P, int slots, int device, void* stream) {
-  if ((bits != 4 && bits != 3) || (bits == 3 && chunks % 4)) return -1;
+  if (P < 2 || (bits != 4 && bits != 3) || (bits == 3 && chunks % 4)) return -1;
   if (cudaError_t e = use_device(device)) return static_cast<int>(e);
   const dim3 grid((N / 16 + kWarps - 1) / kWarps, bits == 4 ? chunks : chunks / 4);
   auto s = static_cast<cudaStream_t>(stream);
 #define GB_ARGS                                                                                              \
   static_cast<const uint4*>(qw), static_cast<const __half2*>(sz), static_cast<const int*>(perm),             \
-      static_cast<__half*>(w), N, chunks, P, slots
+      static_cast<__half*>(w), N, chunks, GroupDivider::of(P), slots
   if (bits == 4) q4_dequantize<4><<<grid, kThreads, 0, s>>>(GB_ARGS);
   else q4_dequantize<3><<<grid, kThreads, 0, s>>>(GB_ARGS);
 #undef GB_ARGS
