@@ -259,13 +259,30 @@ __global__ void __launch_bounds__(kThreads, few_rows_min_blocks(MT, BITS)) q4_fe
   if (!last) return;
   __threadfence();
   const int n0 = blockIdx.x * kCols;
-  for (int i = threadIdx.x; i < M * kCols; i += kThreads) {
-    const int m = i / kCols, n = n0 + i % kCols;
-    if (n >= N) continue;
-    float s = 0.f;
-    for (int sp = 0; sp < (int)gridDim.y; ++sp) s += __ldcg(ws + ((size_t)sp * M + m) * N + n);
-    if (bias) s += __half2float(bias[n]);
-    out[(size_t)m * ldo + n] = __float2half(s);
+  if (MT > 1 || M == 8) {  // four columns a thread, 16-byte reads of the partials: 8 rows take one pass
+    for (int i = threadIdx.x; i < M * (kCols / 4); i += kThreads) {
+      const int m = i / (kCols / 4), n = n0 + i % (kCols / 4) * 4;
+      if (n >= N) continue;  // N is a multiple of 16: the four columns are all in or all out
+      float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int sp = 0; sp < (int)gridDim.y; ++sp) {
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(ws + ((size_t)sp * M + m) * N + n));
+        s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+      }
+      const float sum[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        out[(size_t)m * ldo + n + j] = __float2half(sum[j] + (bias ? __half2float(bias[n + j]) : 0.f));
+      }
+    }
+  } else {  // a column a thread
+    for (int i = threadIdx.x; i < M * kCols; i += kThreads) {
+      const int m = i / kCols, n = n0 + i % kCols;
+      if (n >= N) continue;
+      float s = 0.f;
+      for (int sp = 0; sp < (int)gridDim.y; ++sp) s += __ldcg(ws + ((size_t)sp * M + m) * N + n);
+      if (bias) s += __half2float(bias[n]);
+      out[(size_t)m * ldo + n] = __float2half(s);
+    }
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
