@@ -6,9 +6,10 @@
 // N side (B = x), so a single row wastes no weight traffic.
 //
 // Weight layout "q4mma", made once by cuda_gptq.shuffle(): rows ("slots") sorted by group as in slot_layout,
-// padded to a multiple of 64, then cut into 16-column tiles and 64-slot chunks. A chunk of a tile is 32 lanes
-// x 4 words: lane (g = lane / 4, t = lane % 4), word j holds exactly the eight 4-bit values lane's A fragment
-// needs for k-tile j, so a warp reads 512 contiguous bytes per chunk, one 16-byte load per lane:
+// padded to a multiple of 256 (q4_few_rows takes whole batches of 4 chunks), then cut into 16-column tiles and
+// 64-slot chunks. A chunk of a tile is 32 lanes x 4 words: lane (g = lane / 4, t = lane % 4), word j holds
+// exactly the eight 4-bit values lane's A fragment needs for k-tile j, so a warp reads 512 contiguous bytes per
+// chunk, one 16-byte load per lane:
 //   bits  0-3 : slot 16t+4j+0, column g      bits 16-19: slot 16t+4j+1, column g
 //   bits  4-7 : slot 16t+4j+0, column g+8    bits 20-23: slot 16t+4j+1, column g+8
 //   bits  8-11: slot 16t+4j+2, column g      bits 24-27: slot 16t+4j+3, column g
@@ -21,7 +22,7 @@
 // (h as the four rows of the table above: (slot +0, +1) of column g, of g + 8, (+2, +3) of g, of g + 8) packed
 // into 3 words: word i holds pairs 5i..5i+4, pair 5i+f at bits 3f..3f+2 (first slot) and 16+3f..18+3f (second);
 // pair 15's two values are spread over the spare bits 15 and 31 of the three words (bit i in word i). Slots are
-// padded to a multiple of 256 and chunks go in quads: a tile's quad is 3 x 32 lanes x 16 bytes, lane's 16-byte
+// padded to a multiple of 256 too, and chunks go in quads: a tile's quad is 3 x 32 lanes x 16 bytes, lane's 16-byte
 // word i holding word i of the quad's four chunks, so a warp reads 1,536 contiguous bytes per quad.
 //
 // Dequantization, two values per instruction: lop3 puts a pair's fields (bits 0-3 / 0-2 and 16-19 / 16-18,
