@@ -199,6 +199,24 @@ def test_the_library_builds_and_exports_its_functions(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
+def test_the_group_of_a_slot_is_exact_without_a_division(tmp_path, monkeypatch):
+    """The kernels find a slot's group as umulhi(n, magic) >> shift (GroupDivider in q4_mma.cu); the library's
+    host copy of that arithmetic, with the same magic numbers, equals n // d for group sizes of every kind (powers
+    of two, odd, whole-K groups of the 70B shapes) at the edges of each group and up to 2^31 - 1."""
+    monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path))
+    group_of = ctypes.CDLL(str(cuda_build.build(archs=[(8, 0)]))).gb_group_of
+    group_of.argtypes, group_of.restype = [ctypes.c_uint, ctypes.c_uint], ctypes.c_uint
+    gen = torch.Generator().manual_seed(5)
+    top = 2**31 - 1
+    for d in (2, 3, 7, 16, 32, 48, 64, 96, 128, 160, 4096, 8192, 11008, 28672, 65536, 98304, 2**20 + 1, top):
+        edges = {0, 1, d - 1, d, d + 1, top, top - 1, top // d * d, top // d * d - 1}
+        edges |= {q * d + r for q in (2, 3, 1000, top // d - 1) for r in (-1, 0, 1) if 0 <= q * d + r <= top}
+        samples = sorted(edges | set(torch.randint(0, top, (300,), generator=gen).tolist()))
+        got = [group_of(n, d) for n in samples]
+        assert got == [n // d for n in samples], d
+
+
+@pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
 def test_the_hopper_build_has_the_wgmma_kernel(tmp_path, monkeypatch):
     """For compute capability 9.0 the library is built as sm_90a, where q4_wgmma.cuh's wgmma code exists; its
     source is part of the cache key."""

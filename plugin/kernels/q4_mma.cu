@@ -78,7 +78,13 @@ __device__ __forceinline__ uint32_t raw_pair(const uint32_t (&w)[4], int j, int 
 struct GroupDivider {
   uint32_t magic;
   uint32_t shift;
-  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return __umulhi(n, magic) >> shift; }
+  __host__ __device__ __forceinline__ uint32_t operator()(uint32_t n) const {
+#ifdef __CUDA_ARCH__
+    return __umulhi(n, magic) >> shift;
+#else
+    return static_cast<uint32_t>((uint64_t{n} * magic) >> 32) >> shift;  // the same product, for gb_group_of
+#endif
+  }
   static GroupDivider of(uint32_t d) {  // d >= 2
     uint32_t s = 31;
     while (!(d >> s)) --s;
@@ -514,6 +520,9 @@ int gb_q4_many_rows(const void* qw, const void* sz, const void* x, int ldx, int 
   }
   return static_cast<int>(cudaGetLastError());
 }
+
+// floor(n / d) computed as the kernels compute a slot's group (GroupDivider), on the host: for the CPU tests.
+unsigned gb_group_of(unsigned n, unsigned d) { return d < 2 ? 0u : GroupDivider::of(d)(n); }
 
 const char* gb_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
