@@ -5,7 +5,7 @@ Microseconds per call of one Llama-2-70B decoder layer's seven Linears (q and o 
 (bits, m) with m the rows per call: CUDA-graph replays (launch overhead removed), weights rotated past L2.
 triton, exllama and cuda: `TESTS=none bash bench/gpu_session.sh --bits 4,3 --ms 1,8,32,512 --exllama --cuda
 --no-triton-paths --no-sweep --no-cuda-sweep` (bench/kernels.py, which prints this table last; every kernel at
-its default launch configuration) on one NVIDIA H100 80GB HBM3, 2026-11-28 04:31 UTC, with session 8's few-rows
+its default launch configuration) on one NVIDIA H100 80GB HBM3, 2026-11-28 04:28 UTC, with session 8's few-rows
 kernel (no division a chunk, whole batches, register caps, 16-byte split sums); raw numbers in
 bench/results/kernels-full-session8-h100-2026-11-28.{log,json}. torch: the
 same bench with --torch-ref, 2026-11-27 17:00 UTC (bench/results/kernels-h100-2026-11-27.json; its code has not
