@@ -15,8 +15,11 @@ if "TRITON_INTERPRET" not in os.environ:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The embedded default model is prepared once per test session into a private cache (a few minutes on a
-# small CPU). Developers may point GPTQ_BRIDGE_TEST_CACHE at a folder to keep the prepared model between runs.
+# small CPU). Developers may point GPTQ_BRIDGE_TEST_CACHE at a folder to keep the prepared model between runs:
+# it is used only while its manifest's fingerprint (settings, quantizer source, calibration data, GGUF, library
+# versions) is today's, and prepared again otherwise.
 _TEST_CACHE = os.environ.get("GPTQ_BRIDGE_TEST_CACHE")
+_QUALITY_REPORT: list[str] = []
 
 
 @pytest.fixture
@@ -45,3 +48,16 @@ def default_model(tmp_path_factory) -> Path:
     cache = Path(_TEST_CACHE) if _TEST_CACHE else tmp_path_factory.mktemp("gptq-bridge-cache")
     os.environ[CACHE_ENV] = str(cache)
     return Path(default_source())
+
+
+@pytest.fixture(scope="session")
+def quality_report() -> list[str]:
+    """Lines that tests append to; printed in the terminal summary, so CI logs show the rates measured."""
+    return _QUALITY_REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _QUALITY_REPORT:
+        terminalreporter.section("default model quality")
+        for line in _QUALITY_REPORT:
+            terminalreporter.write_line(line)
