@@ -2,7 +2,7 @@
 
     from gptq_bridge.adapters.langchain import ChatGPTQ
     chat = ChatGPTQ(max_tokens=64)                # the embedded default model
-    chat.invoke("What is the capital of France?")
+    chat.invoke("What is the capital of Japan?")
 
 Parameters carry LangChain's standard names (`temperature`, `max_tokens`, `top_p`, `stop`, ...) and map onto
 gptq-bridge's generator. Models come from the process-wide cache, so several LangChain objects (and other

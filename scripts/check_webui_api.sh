@@ -19,10 +19,10 @@ api="http://127.0.0.1:$port/v1"
 model=$(curl -sf "$api/models" | python -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 echo "model: $model"
 completion=$(curl -sf "$api/completions" -H 'Content-Type: application/json' \
-  -d '{"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}')
+  -d '{"prompt": "The capital of Japan is", "max_tokens": 12, "temperature": 0}')
 echo "completion: $completion"
 chat=$(curl -sfN "$api/chat/completions" -H 'Content-Type: application/json' \
-  -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 30, "temperature": 0, "stream": true}')
+  -d '{"messages": [{"role": "user", "content": "What is the capital of Japan?"}], "max_tokens": 30, "temperature": 0, "stream": true}')
 text=$(printf '%s\n' "$chat" | python -c '
 import json, sys
 out = []
@@ -31,4 +31,4 @@ for line in sys.stdin:
         out.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
 print("".join(out))')
 echo "streamed chat: $text"
-case "$completion$text" in *Paris*) echo "ok";; *) echo "no Paris in the answers"; exit 1;; esac
+case "$completion$text" in *Tokyo*) echo "ok";; *) echo "no Tokyo in the answers"; exit 1;; esac
