@@ -80,7 +80,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @torch.inference_mode()
 def greedy_answers(model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 32,
-                   batch_size: int = 32) -> list[Answer]:
+                   batch_size: int = 128) -> list[Answer]:
     """Each question's greedy reply through the chat template, checked against its accepted answers."""
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]

@@ -7,11 +7,13 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Without a GPU, Triton kernels run in triton's interpreter. triton reads this when its own library functions
 # are defined (at `import triton`), and several test modules import it indirectly, so it is set here first.
-if "TRITON_INTERPRET" not in os.environ:
-    import torch
+import torch  # noqa: E402
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+# torch's own choice for this machine, before any test changes it: the default model is prepared with it, as a
+# user's first `gptq-bridge generate` does (the thread count changes the float rounding, so the checkpoint)
+_STARTUP_THREADS = torch.get_num_threads()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The embedded default model is prepared once per test session into a private cache (a few minutes on a
@@ -47,7 +49,12 @@ def default_model(tmp_path_factory) -> Path:
 
     cache = Path(_TEST_CACHE) if _TEST_CACHE else tmp_path_factory.mktemp("gptq-bridge-cache")
     os.environ[CACHE_ENV] = str(cache)
-    return Path(default_source())
+    before = torch.get_num_threads()
+    torch.set_num_threads(_STARTUP_THREADS)
+    try:
+        return Path(default_source())
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -30,10 +30,8 @@ from gptq_bridge.quantize import (
     PRESETS, CalibrationError, Progress, QuantizeError, calibration_windows, quantize, resolve_settings,
 )
 
+from gen_models import one_thread  # noqa: F401  (autouse fixture: tiny tensors, one thread)
 from tiny_checkpoints import LINEARS, WORDS, build, llama_config, tiny_tokenizer
-
-# One thread: these tensors are tiny, and on a shared 2-core machine parallel regions only add barrier waits.
-torch.set_num_threads(1)
 
 NSAMPLES, SEQ_LEN = 8, 64
 
