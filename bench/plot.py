@@ -16,10 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -28,8 +25,8 @@ IMG = ROOT / "docs" / "img"
 # bench/kernels.py's JSON keys -> legend labels; "auto" is the path the triton kernel's forward() picks.
 KERNELS = [("cuda", "gptq-bridge cuda"), ("exllama", "exllamav2 0.3.2"), ("auto", "gptq-bridge triton"),
            ("cublas", "fp16 cuBLAS (dense)")]
-STYLE = {"cuda": dict(color="C0", marker="o"), "exllama": dict(color="C1", marker="s"),
-         "auto": dict(color="C2", marker="^"), "cublas": dict(color="0.3", marker="x", linestyle="--")}
+STYLE = {"cuda": {"color": "C0", "marker": "o"}, "exllama": {"color": "C1", "marker": "s"},
+         "auto": {"color": "C2", "marker": "^"}, "cublas": {"color": "0.3", "marker": "x", "linestyle": "--"}}
 SHAPE_NAMES = {(8192, 8192): "q, o", (8192, 1024): "k, v", (8192, 28672): "gate, up", (28672, 8192): "down"}
 
 
@@ -163,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=Path, help="default: the newest decode-*.json")
     ap.add_argument("--quality", type=Path, help="default: the newest quality-*.json")
     args = ap.parse_args(argv)
+    plt.switch_backend("Agg")  # files only, no display needed
     IMG.mkdir(parents=True, exist_ok=True)
     kernels = args.kernels or newest("kernels-full-*.json")
     for out in (plot_bandwidth(kernels, 4), plot_bandwidth(kernels, 3),
