@@ -1,4 +1,4 @@
-"""What the activation gather costs an act-order layer on the cuda kernel (docs/PERFORMANCE.md, issue 5).
+"""What the activation gather costs an act-order layer on the mma kernel (docs/PERFORMANCE.md).
 
 An act-order checkpoint's rows are sorted by group at load, so each call first gathers x into that order (a
 second launch, from the same library call); a layer without act-order reads x as it is. The kernel's own work

@@ -30,7 +30,7 @@ if [ ! -f .device-carry/exllamav2_ext.so ] && [ -f /tmp/tx/exllamav2_ext/exllama
   mkdir -p "$OUT/exl" && split -b 15M -d /tmp/tx/exllamav2_ext/exllamav2_ext.so "$OUT/exl/exllamav2_ext.so.part"
 fi
 start=$(date +%s)
-python3 -c "from gptq_bridge.kernels import cuda_build as b; print('cuda kernel library:', b.library()._name)" 2>&1 | tail -5
+python3 -c "from gptq_bridge.kernels.cuda import build as cuda_build as b; print('cuda kernel library:', b.library()._name)" 2>&1 | tail -5
 echo "cuda kernel build: $(( $(date +%s) - start )) s"
 start=$(date +%s)
 # TESTS: a pytest -k expression to run part of tests/gpu (the whole of it takes ~6 minutes), or "none"

@@ -28,7 +28,7 @@ def per_call_us(fn, calls=2000):
 
 
 def main():
-    from gptq_bridge.kernels.cuda_gptq import kernel_spec
+    from gptq_bridge.kernels.cuda.mma import kernel_spec
 
     others = ("cuda",) if kernel_spec().check_available() is None else ()
     tris, extra, _, _ = build_layers(1024, 1024, 4, 128, 1, seed=1, others=others)
@@ -63,7 +63,7 @@ def main():
 
 def cuda_parts(mod, x):
     """The host steps of one cuda-kernel call at m = 8, each timed on its own (rows of the printed table)."""
-    from gptq_bridge.kernels import cuda_build
+    from gptq_bridge.kernels.cuda import build as cuda_build
     from gptq_bridge.kernels.base import split_k_workspace
 
     lib = cuda_build.library()

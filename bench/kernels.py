@@ -52,7 +52,7 @@ def build_layers(k, n, bits, group_size, copies, seed, others=(), act_order=True
     shape = LayerShape(name="bench", in_features=k, out_features=n)
     maxq = 2**bits - 1
     groups = -(-k // group_size)
-    from gptq_bridge.kernels.cuda_gptq import CudaQuantLinear
+    from gptq_bridge.kernels.cuda.mma import CudaQuantLinear
     from gptq_bridge.kernels.exllama import ExllamaQuantLinear
 
     classes = {"exllama": ExllamaQuantLinear, "cuda": CudaQuantLinear}
@@ -286,7 +286,7 @@ def main():
     # The selection table (gptq_bridge/kernels/measured.py): CUDA-graph microseconds of one Llama-2-70B decoder
     # layer's seven Linears (q, o: 8192x8192; k, v: 8192x1024; gate, up: 8192x28672; down: 28672x8192)
     table = {}
-    for kernel, key in (("triton", "auto_graph_us"), ("exllama", "exllama_graph_us"), ("cuda", "cuda_graph_us"),
+    for kernel, key in (("triton", "auto_graph_us"), ("exllama", "exllama_graph_us"), ("mma", "cuda_graph_us"),
                         ("torch", "torch_graph_us")):
         for bits in sorted({r["bits"] for r in rows}, reverse=True):
             for m in sorted({r["m"] for r in rows}):

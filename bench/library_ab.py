@@ -1,6 +1,6 @@
 """Time two builds of the cuda kernel's library on the same layers and check that they compute the same bits:
-a baseline (q4_mma.cu as it is, or --baseline FILE, e.g. an earlier commit's q4_mma.cu with the same C
-interface) and q4_mma.cu with preprocessor definitions prepended (a variant the source selects by macro).
+a baseline (gptq_mma.cu as it is, or --baseline FILE, e.g. an earlier commit's gptq_mma.cu with the same C
+interface) and gptq_mma.cu with preprocessor definitions prepended (a variant the source selects by macro).
 
     python bench/library_ab.py GB_PDL=0 [--bits 4,3] [--ms 1,8,32]
     python bench/library_ab.py --baseline /tmp/q4_mma_HEAD.cu
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.kernels import L2_BYTES, SHAPES, build_layers, disk_bytes, time_graph  # noqa: E402
-from gptq_bridge.kernels import cuda_build  # noqa: E402
+from gptq_bridge.kernels.cuda import build as cuda_build  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -38,7 +38,7 @@ def load(source: Path) -> ctypes.CDLL:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("defines", nargs="*", help="NAME=VALUE, prepended to q4_mma.cu as #define NAME VALUE")
+    ap.add_argument("defines", nargs="*", help="NAME=VALUE, prepended to gptq_mma.cu as #define NAME VALUE")
     ap.add_argument("--baseline", type=Path, default=cuda_build.SOURCE, help="source of the baseline build")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--ms", default="1,8,32")
@@ -47,7 +47,7 @@ def main():
     variant_src = Path(tempfile.mkdtemp()) / "q4_mma_variant.cu"
     variant_src.write_text(header + cuda_build.SOURCE.read_text())
     libs = {"baseline" if args.baseline != cuda_build.SOURCE else "as it is": load(args.baseline),
-            " ".join(args.defines) or "q4_mma.cu": load(variant_src)}
+            " ".join(args.defines) or "gptq_mma.cu": load(variant_src)}
     print(f"# {torch.cuda.get_device_name()}; variant: {header.strip()}")
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):

@@ -1,5 +1,5 @@
-"""The cuda kernel's many-rows path on Hopper (q4_wgmma.cuh) against what it replaces and what it is held to
-(docs/PERFORMANCE.md, issue 5's m = 512 target): for the Llama-2-70B shapes (group 128, act-order) and m = 33 ..
+"""The cuda kernel's many-rows path on Hopper (gptq_wgmma.cuh) against what it replaces and what it is held to
+(docs/PERFORMANCE.md, the m = 512 target): for the Llama-2-70B shapes (group 128, act-order) and m = 33 ..
 512, checks `forward_many_rows` against the float32 reference and times, in CUDA graphs with the weights rotated
 past L2:
 

@@ -1,6 +1,6 @@
 // The ceiling of mma.sync m16n8k16 (float16 in, float32 accumulate) on this card: each warp runs a long chain
 // of tensor-core instructions on registers only (8 independent accumulators, no memory traffic). Driven by
-// bench/mma_probe.py; the q4_mma.cu kernels are built on this instruction.
+// bench/mma_probe.py; the gptq_mma.cu kernels are built on this instruction.
 #include <cuda_runtime.h>
 #include <stdint.h>
 

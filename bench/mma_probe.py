@@ -1,4 +1,4 @@
-"""The tensor-core ceiling a fused m = 512 kernel built on mma.sync would face (docs/PERFORMANCE.md, issue 5):
+"""The tensor-core ceiling a fused m = 512 kernel built on mma.sync would face (docs/PERFORMANCE.md):
 
 - mma.sync m16n8k16 (float16 in, float32 accumulate) throughput with registers only (bench/mma_probe.cu), over
   blocks per SM and threads per block;
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.kernels import L2_BYTES, SHAPES, build_layers, time_graph  # noqa: E402
-from gptq_bridge.kernels import cuda_build  # noqa: E402
+from gptq_bridge.kernels.cuda import build as cuda_build  # noqa: E402
 
 DEV = torch.device("cuda")
 M = 512

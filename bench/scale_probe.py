@@ -1,4 +1,4 @@
-"""What the scale reads cost the cuda kernel at m = 1 (docs/PERFORMANCE.md, issue 5's m = 1 target).
+"""What the scale reads cost the mma kernel at m = 1 (docs/PERFORMANCE.md, the m = 1 target).
 
 Times q4_few_rows on the large Llama-2-70B shapes twice with the same grid: as it runs, and with the group size
 passed as 2**30, so that every chunk reads group 0's scales (256 bytes a block, always in L1/L2) instead of

@@ -1,4 +1,4 @@
-"""How fast can the cuda kernel's weights be read at all? (docs/PERFORMANCE.md, issue 5's m = 1 target)
+"""How fast can the mma kernel's weights be read at all? (docs/PERFORMANCE.md, the m = 1 target)
 
 Reads the q4mma words of each Llama-2-70B shape with q4_few_rows' grid and load pattern but no arithmetic
 (bench/stream_probe.cu), over split counts and unrolls, and the same bytes by bulk copies into shared memory (the
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.kernels import L2_BYTES, SHAPES, time_graph  # noqa: E402
-from gptq_bridge.kernels import cuda_build  # noqa: E402
+from gptq_bridge.kernels.cuda import build as cuda_build  # noqa: E402
 
 DEV = torch.device("cuda")
 

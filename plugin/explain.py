@@ -60,7 +60,8 @@ def describe_settings(config: QuantizeConfig) -> str:
 
 
 def format_explanation(e: Explanation) -> str:
-    width = max(len(v.name) for v in e.kernels) + 2
+    names = {v.name: v.name + "".join(f" (or {a})" for a in v.aliases) for v in e.kernels}
+    width = max(len(n) for n in names.values()) + 2
     lines = [
         f"source:   {e.source}" + (f"  ({e.path})" if e.path != e.source else ""),
         f"settings: {describe_settings(e.settings)}  (from {e.config_file})",
@@ -71,7 +72,7 @@ def format_explanation(e: Explanation) -> str:
     for v in e.kernels:
         mark = "*" if v.name == e.chosen else " "
         cost = f"{v.workload_us / 1000:.1f} ms" if v.workload_us is not None else "-"
-        lines.append(f"{mark} {v.name.ljust(width)}{('yes' if v.eligible else 'no'):10}{cost:12}{v.reason}")
+        lines.append(f"{mark} {names[v.name].ljust(width)}{('yes' if v.eligible else 'no'):10}{cost:12}{v.reason}")
     lines += ["", "measured: " + WORKLOAD_TEXT, f"chosen: {e.chosen}"]
     return "\n".join(lines)
 

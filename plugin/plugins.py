@@ -16,7 +16,7 @@ DEFAULT_PLUGINS = (
     "gptq_bridge.kernels.torch_ref",
     "gptq_bridge.kernels.triton_gptq",
     "gptq_bridge.kernels.exllama",
-    "gptq_bridge.kernels.cuda_gptq",
+    "gptq_bridge.kernels.cuda.mma",
     "gptq_bridge.loader",
     "gptq_bridge.explain",
     "gptq_bridge.quantize",

@@ -102,17 +102,17 @@ def select_kernel(
     verdicts = []
     for spec in ranked:
         reason = why_not(spec, config, layers, device, dtype)
-        verdicts.append(KernelVerdict(name=spec.name, eligible=reason is None, reason=reason or "eligible",
-                                      workload_us=workload_us(spec, config.bits, device)))
+        verdicts.append(KernelVerdict(name=spec.name, aliases=sorted(spec.aliases), eligible=reason is None,
+                                      reason=reason or "eligible", workload_us=workload_us(spec, config.bits, device)))
     verdicts = _rank(verdicts)
     if override != "auto":
-        match = [v for v in verdicts if v.name == override]
+        match = [v for v in verdicts if override == v.name or override in v.aliases]
         if not match:
             names = ", ".join(k.name for k in ranked) or "none"
             raise KernelError(f"kernel {override!r} is not registered (registered: {names})")
         if not match[0].eligible:
             raise KernelError(f"kernel {override!r} cannot serve this checkpoint on {device}: {match[0].reason}")
-        return KernelChoice(chosen=override, verdicts=verdicts)
+        return KernelChoice(chosen=match[0].name, verdicts=verdicts)
     eligible = [v for v in verdicts if v.eligible]
     if not eligible:
         details = "; ".join(f"{v.name}: {v.reason}" for v in verdicts) or "no kernels are registered"

@@ -82,6 +82,8 @@ class KernelSpec(BaseModel):
 
     name: str
     description: str
+    # other names `kernel=` accepts for this kernel (a renamed kernel keeps its old name working); explain shows them
+    aliases: frozenset[str] = frozenset()
     bits: frozenset[int]
     group_sizes: frozenset[int] | None = None  # None: any group size (-1 included)
     act_order: bool = True
@@ -113,6 +115,7 @@ class KernelSpec(BaseModel):
 
 class KernelVerdict(BaseModel):
     name: str
+    aliases: list[str] = Field(default_factory=list)  # other names the kernel answers to
     eligible: bool
     reason: str
     # measured cost of selection.WORKLOAD for this checkpoint's bits on this device type (None: not measured)

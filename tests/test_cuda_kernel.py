@@ -7,8 +7,8 @@ import ctypes
 import pytest
 import torch
 
-from gptq_bridge.kernels import cuda_build
-from gptq_bridge.kernels.cuda_gptq import (kernel_spec, many_rows_splits, shuffle, shuffle3, unshuffle, unshuffle3,
+from gptq_bridge.kernels.cuda import build as cuda_build
+from gptq_bridge.kernels.cuda.mma import (kernel_spec, many_rows_splits, shuffle, shuffle3, unshuffle, unshuffle3,
                                            wgmma_x_index)
 
 
@@ -23,8 +23,8 @@ def test_shuffle_round_trips():
     assert torch.equal(unshuffle(words), q)
 
 
-def test_shuffle_follows_the_table_in_q4_mma_cu():
-    """Every nibble of every word sits where q4_mma.cu's comment says: lane (g, t), word j, bits 4b..4b+3 hold
+def test_shuffle_follows_the_table_in_gptq_mma_cu():
+    """Every nibble of every word sits where gptq_mma.cu's comment says: lane (g, t), word j, bits 4b..4b+3 hold
     slot 16t + 4j + (0, 0, 2, 2, 1, 1, 3, 3)[b] of column g + (0, 8)[b % 2] of the tile."""
     q = random_q(128, 32, seed=1)
     words = shuffle(q).to(torch.int64) & 0xFFFFFFFF
@@ -135,7 +135,7 @@ def test_shuffle3_round_trips():
 
 
 def raw_pair(w, bits, j, h):
-    """q4_mma.cu's raw_pair<BITS>(w, j, h), operation for operation, on Python ints: (q_lo, q_hi)."""
+    """gptq_mma.cu's raw_pair<BITS>(w, j, h), operation for operation, on Python ints: (q_lo, q_hi)."""
     if bits == 4:
         r = (w[j] >> (4 * h)) & 0x000F000F
     elif 4 * j + h < 15:
@@ -175,7 +175,7 @@ def test_kernel_is_registered_with_honest_capabilities():
     from gptq_bridge.types import DeviceInfo
 
     spec = kernel_spec()
-    assert spec.name == "cuda" and spec.bits == {3, 4} and spec.devices == {"cuda"}
+    assert spec.name == "mma" and spec.aliases == {"cuda"} and spec.bits == {3, 4} and spec.devices == {"cuda"}
     assert spec.dtypes == {torch.float16} and spec.min_capability == (8, 0)
     second = DeviceInfo(type="cuda", index=1, capability=(9, 0))  # each call makes its tensors' device current
     assert spec.check_model([], QuantizeConfig(bits=4), second, torch.float16) is None
@@ -185,7 +185,7 @@ def test_kernel_is_registered_with_honest_capabilities():
 
 @pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
 def test_the_library_builds_and_exports_its_functions(tmp_path, monkeypatch):
-    """nvcc compiles q4_mma.cu (for sm_80: no GPU needed to build or to load the library); a second build is a
+    """nvcc compiles gptq_mma.cu (for sm_80: no GPU needed to build or to load the library); a second build is a
     cache hit."""
     monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path))
     path = cuda_build.build(archs=[(8, 0)])
@@ -200,7 +200,7 @@ def test_the_library_builds_and_exports_its_functions(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
 def test_the_group_of_a_slot_is_exact_without_a_division(tmp_path, monkeypatch):
-    """The kernels find a slot's group as umulhi(n, magic) >> shift (GroupDivider in q4_mma.cu); the library's
+    """The kernels find a slot's group as umulhi(n, magic) >> shift (GroupDivider in gptq_mma.cu); the library's
     host copy of that arithmetic, with the same magic numbers, equals n // d for group sizes of every kind (powers
     of two, odd, whole-K groups of the 70B shapes) at the edges of each group and up to 2^31 - 1."""
     monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path))
@@ -218,7 +218,7 @@ def test_the_group_of_a_slot_is_exact_without_a_division(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
 def test_the_hopper_build_has_the_wgmma_kernel(tmp_path, monkeypatch):
-    """For compute capability 9.0 the library is built as sm_90a, where q4_wgmma.cuh's wgmma code exists; its
+    """For compute capability 9.0 the library is built as sm_90a, where gptq_wgmma.cuh's wgmma code exists; its
     source is part of the cache key."""
     monkeypatch.setenv("GPTQ_BRIDGE_KERNEL_CACHE", str(tmp_path))
     cmd = cuda_build._nvcc_command("nvcc", [(8, 0), (9, 0)], tmp_path / "x.so", cuda_build.SOURCE)

@@ -31,7 +31,8 @@ def test_json_object(checkpoint, capsys):
     assert data["source"] == str(checkpoint) and data["chosen"] == "torch-dense"
     assert data["config_file"].endswith("config.json[quantization_config]")
     names = [k["name"] for k in data["kernels"]]
-    assert {"torch", "torch-dense"} <= set(names) and all(set(k) == {"name", "eligible", "reason", "workload_us"} for k in data["kernels"])
+    assert {"torch", "torch-dense"} <= set(names) and all(set(k) == {"name", "aliases", "eligible", "reason", "workload_us"}
+                                                                 for k in data["kernels"])
     assert data["settings"]["bits"] == 3 and data["device"] == "cpu" and data["dtype"] == "float32"
 
 

@@ -181,24 +181,36 @@ def test_builtin_measured_table_is_what_the_registered_kernels_carry(monkeypatch
     for name, table in MEASURED_US.items():
         assert specs[name].measured_us == table and specs[name].measured_on == "cuda"
         assert all(bits in specs[name].bits and m >= 1 and us > 0 for (bits, m), us in table.items())
-    for bits in (3, 4):  # the card's variants are costed for triton, cuda and the reference, 4-bit for exllama
+    for bits in (3, 4):  # the card's variants are costed for triton, mma and the reference, 4-bit for exllama
         assert workload_us(specs["triton"], bits, H100) is not None
         assert workload_us(specs["torch"], bits, H100) is not None
     assert workload_us(specs["exllama"], 4, H100) is not None
-    assert workload_us(specs["cuda"], 4, H100) is not None and workload_us(specs["cuda"], 3, H100) is not None
+    assert workload_us(specs["mma"], 4, H100) is not None and workload_us(specs["mma"], 3, H100) is not None
 
 
-def test_builtin_kernels_on_an_h100_pick_cuda_for_4_and_3_bit(monkeypatch):
-    """The measured table decides on a (simulated) H100 where every built-in kernel is available: the cuda
+def test_builtin_kernels_on_an_h100_pick_mma_for_4_and_3_bit(monkeypatch):
+    """The measured table decides on a (simulated) H100 where every built-in kernel is available: the mma
     kernel's 4-bit chat turn (26.9 ms a layer) beats exllama's (33.1) and triton's (42.9); its 3-bit turn (24.5)
     beats triton's (43.9)."""
     from gptq_bridge.plugins import registered_kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     specs = [k.model_copy(update={"check_available": lambda: None}) for k in registered_kernels()]
-    for bits, want in ((4, "cuda"), (3, "cuda")):
+    for bits, want in ((4, "mma"), (3, "mma")):
         choice = select_kernel(QuantizeConfig(bits=bits, group_size=128, desc_act=True), LAYERS, H100,
                                torch.float16, specs)
         assert choice.chosen == want
         costs = [v.workload_us for v in choice.verdicts if v.eligible and v.workload_us is not None]
         assert costs == sorted(costs)
+
+
+def test_the_old_name_cuda_still_chooses_the_mma_kernel(monkeypatch):
+    """`kernel="cuda"` (the mma kernel's name before exllama, also CUDA, made it ambiguous) keeps working."""
+    from gptq_bridge.plugins import registered_kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    specs = [k.model_copy(update={"check_available": lambda: None}) for k in registered_kernels()]
+    choice = select_kernel(QuantizeConfig(bits=4, group_size=128, desc_act=True), LAYERS, H100, torch.float16,
+                           specs, "cuda")
+    assert choice.chosen == "mma"
+    assert next(v for v in choice.verdicts if v.name == "mma").aliases == ["cuda"]

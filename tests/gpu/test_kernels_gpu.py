@@ -1,4 +1,4 @@
-"""Every GPU kernel against the reference on the device (run on the lent H100: pytest -m gpu tests/gpu).
+"""Every GPU kernel against the reference on the device: `python -m pytest -m gpu tests/gpu` on a CUDA machine.
 
 Inputs are drawn fresh each run (seeded from the clock, printed on failure), never zeros. The reference is
 float32: x @ the dequantized weight computed by the torch kernel's own unpacking.
@@ -158,10 +158,10 @@ def test_whole_model_logits_agree(tmp_path, bits):
     hf_config = llama_config(hidden=4096, intermediate=11008, layers=2, vocab=512)  # 7B's Linear shapes
     ck = build(tmp_path / "ck", bits=bits, group_size=128, desc_act=True, sym=False, hf_config=hf_config,
                seed=SEED % 1000)
-    from gptq_bridge.kernels import cuda_gptq
+    from gptq_bridge.kernels.cuda import mma as cuda_gptq
 
     kernels = ["triton", "torch"] + (["exllama"] if HAVE_EXLLAMA and bits == 4 else []) + (
-        ["cuda"] if cuda_gptq.kernel_spec().check_available() is None else [])
+        ["mma"] if cuda_gptq.kernel_spec().check_available() is None else [])
     models = {k: gptq_bridge.load_model(str(ck.path), kernel=k, device="cuda", dtype=torch.float16) for k in kernels}
     assert all(m.kernel == k for k, m in models.items())
     reference = ck.reference.to(DEV)
@@ -241,9 +241,9 @@ def test_exllama_prepare_is_idempotent_and_takes_zero_rows():
     assert relative_error(ex(x), x.float() @ weight) < 5e-3  # and no CUDA error was left behind
 
 
-# --- cuda (gptq-bridge's q4_mma.cu; built with nvcc on first use) ---------------------------------------------
+# --- mma (gptq-bridge's gptq_mma.cu; built with nvcc on first use) ---------------------------------------------
 
-from gptq_bridge.kernels import cuda_gptq  # noqa: E402
+from gptq_bridge.kernels.cuda import mma as cuda_gptq  # noqa: E402
 
 CUDA_REASON = cuda_gptq.kernel_spec().check_available()
 needs_cuda_kernel = pytest.mark.skipif(CUDA_REASON is not None, reason=f"cuda kernel: {CUDA_REASON}")

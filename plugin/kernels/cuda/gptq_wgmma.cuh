@@ -1,5 +1,5 @@
 #pragma once
-// gptq-bridge's Hopper kernel for many rows (sm_90a; included by q4_mma.cu, whose helpers and weight layouts it
+// gptq-bridge's Hopper kernel for many rows (sm_90a; included by gptq_mma.cu, whose helpers and weight layouts it
 // uses): out[m, n] = sum_k x[m, k] w[k, n] with warpgroup MMA (wgmma), computed transposed as q4_few_rows does:
 // wgmma m64nNk16's A side (64 output columns, from registers) is the dequantized weight, its N side (NT rows of
 // x) comes from shared memory.
@@ -10,7 +10,7 @@
 // memory by bulk copy, in the 128-byte-swizzled K-major layout wgmma's descriptors read.
 //
 // x must be in wgmma's k order: the layout's k-tile j of a chunk holds slots 16t + 4j + (0, 1 | 2, 3) at the
-// mma's k (2t, 2t + 1 | 2t + 8, 2t + 9) (q4_mma.cu's header). gather_rows puts x's columns in that order with
+// mma's k (2t, 2t + 1 | 2t + 8, 2t + 9) (gptq_mma.cu's header). gather_rows puts x's columns in that order with
 // an index made once per layer (cuda_gptq.wgmma_x_index): column 64c + 16j + k of the gathered x is slot
 // 64c + 16((k % 8) / 2) + 4j + k % 2 + 2(k / 8); and it stores x tile by tile, swizzled as the descriptors read
 // it, so that a stage's x tile is one bulk copy.

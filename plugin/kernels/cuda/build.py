@@ -1,4 +1,4 @@
-"""Build q4_mma.cu (with the headers beside it) once per machine with nvcc and load it with ctypes.
+"""Build gptq_mma.cu (with the headers beside it) once per machine with nvcc and load it with ctypes.
 
 The library is plain CUDA C with a C interface (raw pointers, sizes, a stream), linked against the static
 CUDA runtime: it does not depend on torch's C++ ABI, so one build serves every torch version, and it builds in
@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("q4_mma.cu")
+SOURCE = Path(__file__).with_name("gptq_mma.cu")
 MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with float16 inputs
 
 _VOID, _INT = ctypes.c_void_p, ctypes.c_int
@@ -58,7 +58,7 @@ def _architectures() -> list[tuple[int, int]]:
 def _nvcc_command(nvcc: str, archs: list[tuple[int, int]], out: Path, source: Path) -> list[str]:
     cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "-I", str(SOURCE.parent)]
     for major, minor in archs:
-        arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")  # 9.0a: Hopper's wgmma (q4_wgmma.cuh)
+        arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")  # 9.0a: Hopper's wgmma (gptq_wgmma.cuh)
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     return cmd + ["-o", str(out), str(source)]
 
@@ -74,7 +74,7 @@ def build(nvcc: str | None = None, archs: list[tuple[int, int]] | None = None, s
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise BuildError(f"{nvcc} --version failed: {exc}") from exc
-    headers = b"".join(h.read_bytes() for h in sorted(SOURCE.parent.glob("*.cuh")))  # what q4_mma.cu includes
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCE.parent.glob("*.cuh")))  # what gptq_mma.cu includes
     key = hashlib.sha256(source.read_bytes() + headers + version.encode() + repr(archs).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}_{key}.so"
     if target.is_file():

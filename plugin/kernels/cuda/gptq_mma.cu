@@ -194,9 +194,9 @@ __device__ __forceinline__ void load_batch(uint32_t (&w)[kUnroll][4], const uint
 }
 
 // Blocks per SM each few-rows kernel is built for, i.e. a register cap (65,536 / (128 threads x blocks)): up to
-// 8 rows 48 registers (4-bit) or 64 (3-bit), 64 for 16 rows, 128 for 32. Measured on the H100 (docs/
-// PERFORMANCE.md, session 8): uncapped, ptxas hoists more of the four chunks' loads and math than fits (up to 184
-// registers) and the kernel was up to 11% slower; 3-bit at 8 rows was 3-7% faster with 64 registers than 48.
+// 8 rows 48 registers (4-bit) or 64 (3-bit), 64 for 16 rows, 128 for 32. Uncapped, ptxas hoists more of the four
+// chunks' loads and math than fits (up to 184 registers), and the kernel measured up to 11% slower on an H100
+// 80GB HBM3 (2026-11-28, bench/kernels.py); 3-bit at 8 rows was 3-7% faster with 64 registers than 48.
 constexpr int few_rows_min_blocks(int mt, int bits) { return mt == 1 ? (bits == 4 ? 10 : 8) : mt == 2 ? 8 : 4; }
 
 // MT tiles of 8 rows (m <= 8 * MT). Each lane loads its words of kUnroll consecutive chunks, then does their
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(kThreads) q4_dequantize(
 
 }  // namespace
 
-#include "q4_wgmma.cuh"  // Hopper: many rows with wgmma
+#include "gptq_wgmma.cuh"  // Hopper: many rows with wgmma
 
 // The library links its own (static) CUDA runtime, whose current device belongs to the calling host thread and
 // starts at 0, whatever torch's is: each entry point first makes `device` (that of the tensors and the stream it

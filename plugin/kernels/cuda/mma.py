@@ -1,7 +1,7 @@
-"""The project's CUDA kernel for 3- and 4-bit checkpoints (q4_mma.cu, q4_wgmma.cuh): tensor-core decode for few
+"""The project's CUDA kernel for 3- and 4-bit checkpoints (gptq_mma.cu, gptq_wgmma.cuh): tensor-core decode for few
 rows, and on Hopper a wgmma kernel for many.
 
-`prepare()` sorts the rows by group (slot_layout) and shuffles the values into the layout q4_mma.cu describes:
+`prepare()` sorts the rows by group (slot_layout) and shuffles the values into the layout gptq_mma.cu describes:
 each lane of a warp loads exactly the values its mma fragments need, 4-bit ("q4mma") in one 16-byte read a
 64-slot chunk, 3-bit ("q3mma") in three 16-byte reads a quad of chunks. Scales and zero points become one
 (scale, 1024 + zero) half2 per group and column.
@@ -11,7 +11,7 @@ forward() by rows m:
   one gather of x into slot order when the rows were sorted (act-order) or x is not 16-byte aligned, both from
   one call into the library;
 - m > 32 on Hopper (compute capability 9.0): one call, which gathers x into wgmma's k order, then launches
-  `q4_many_rows` (q4_wgmma.cuh: warpgroup MMA with the weight dequantized in registers, x through shared memory;
+  `q4_many_rows` (gptq_wgmma.cuh: warpgroup MMA with the weight dequantized in registers, x through shared memory;
   split-K for small grids), except where dequantize + cuBLAS measured faster (`_many_rows_wins`);
 - m > 32 elsewhere: the weight is dequantized into float16 once per call, then cuBLAS.
 Float16 activations only (the spec says so; selection keeps other dtypes away).
@@ -23,19 +23,19 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import QuantizeConfig
-from ..errors import KernelError
-from ..hookspecs import hookimpl
-from ..packing import unpack
-from ..types import KernelSpec, LayerShape
-from . import cuda_build
-from .base import GPTQLinear, scratch, split_k_workspace
-from .measured import MEASURED_US
-from .slot_layout import sort_rows_by_group, zero_points
+from ...config import QuantizeConfig
+from ...errors import KernelError
+from ...hookspecs import hookimpl
+from ...packing import unpack
+from ...types import KernelSpec, LayerShape
+from . import build as cuda_build
+from ..base import GPTQLinear, scratch, split_k_workspace
+from ..measured import MEASURED_US
+from ..slot_layout import sort_rows_by_group, zero_points
 
 FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
 MANY_ROWS_COLS = 128  # q4_many_rows' block: 128 columns of 64, 128 or 256 rows (many_rows_tile)
-WGMMA_MAX_IN_FEATURES = 96 * 1024  # its gather holds a row of x in shared memory (q4_wgmma.cuh, kGatherRowsMaxK)
+WGMMA_MAX_IN_FEATURES = 96 * 1024  # its gather holds a row of x in shared memory (gptq_wgmma.cuh, kGatherRowsMaxK)
 BITS = (3, 4)
 BATCH_CHUNKS = 4  # chunks (64 slots each) q4_few_rows loads together; chunks and splits are whole batches
 # The current stream's handle as an int: torch's own fast path (what Triton's launcher uses), ~7 us less per call
@@ -100,7 +100,7 @@ def many_rows_splits(tiles: int, sms: int) -> tuple[int, int]:
 
 
 def wgmma_x_index(xidx: torch.Tensor) -> torch.Tensor:
-    """Slot order -> wgmma's k order (q4_wgmma.cuh): entry 64c + 16j + k is xidx[64c + 16((k % 8) // 2) + 4j +
+    """Slot order -> wgmma's k order (gptq_wgmma.cuh): entry 64c + 16j + k is xidx[64c + 16((k % 8) // 2) + 4j +
     k % 2 + 2(k // 8)], the slot q4mma's k-tile j puts at the mma's k, so that x's 16 columns of a k-step lie
     together in shared memory. xidx: [chunks * 64] (slot -> input row, -1 for pad slots)."""
     k = torch.arange(16, device=xidx.device)
@@ -115,7 +115,7 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def _pairs(q: torch.Tensor) -> torch.Tensor:
-    """Values [slots, N] -> [tile, chunk, g, t, 16 pairs, (lo, hi)] int64 in q4_mma.cu's fragment order: pair
+    """Values [slots, N] -> [tile, chunk, g, t, 16 pairs, (lo, hi)] int64 in gptq_mma.cu's fragment order: pair
     4j + h of lane (g, t) is slots s + 2 * (h // 2) + (0, 1) of column g + 8 * (h % 2), s = 16t + 4j."""
     S, N = q.shape
     v = q.to(torch.int64).view(S // 64, 4, 4, 2, 2, N // 16, 2, 8)  # chunk, t, j, slot pair, lo/hi, tile, half, g
@@ -125,7 +125,7 @@ def _pairs(q: torch.Tensor) -> torch.Tensor:
 def shuffle3(q: torch.Tensor) -> torch.Tensor:
     """3-bit values [slots, N] (slots a multiple of 256, N of 16) -> q3mma words, int32 [N/16, slots/256, 3, 32,
     4]: word i of lane (g, t) for chunk u of a quad holds pairs 5i .. 5i + 4 at bits 3f / 16 + 3f, and bit i of
-    pair 15's two values at bits 15 / 31 (q4_mma.cu, raw_pair)."""
+    pair 15's two values at bits 15 / 31 (gptq_mma.cu, raw_pair)."""
     S, N = q.shape
     if S % 256 or N % 16:
         raise ValueError(f"q3mma needs slots % 256 == 0 and N % 16 == 0, got {S} x {N}")
@@ -161,7 +161,7 @@ def unshuffle3(words: torch.Tensor) -> torch.Tensor:
 
 
 class CudaQuantLinear(GPTQLinear):
-    """GPTQ Linear served by q4_mma.cu (3- and 4-bit, float16)."""
+    """GPTQ Linear served by gptq_mma.cu (3- and 4-bit, float16)."""
 
     def __init__(self, layer: LayerShape, config: QuantizeConfig, dtype: torch.dtype):
         super().__init__(layer, config, dtype)
@@ -360,14 +360,15 @@ def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
 
 def kernel_spec() -> KernelSpec:
     return KernelSpec(
-        name="cuda",
-        description="gptq-bridge's CUDA kernel (q4_mma.cu): 3- and 4-bit, tensor-core decode up to 32 rows, "
+        name="mma",
+        aliases=frozenset({"cuda"}),  # its name until it was told apart from exllama (CUDA too)
+        description="gptq-bridge's CUDA kernel (gptq_mma.cu): 3- and 4-bit, tensor-core (mma) decode up to 32 rows, "
                     "above that wgmma on Hopper, else dequantize + cuBLAS; built with nvcc on first use",
         bits=frozenset(BITS),
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16}),
         min_capability=cuda_build.MIN_CAPABILITY,
-        measured_us=MEASURED_US.get("cuda", {}),
+        measured_us=MEASURED_US.get("mma", {}),
         priority=8,  # where no measurement applies: below triton (10), above exllama (5)
         factory=CudaQuantLinear,
         check_available=_check_available,
