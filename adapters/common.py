@@ -20,7 +20,7 @@ def shared_model(source: str | None, *, kernel: str = "auto", device: str | None
     return get_model(source_or_default(source), kernel=kernel, device=device)
 
 
-def model_display_name(source: str | None, loaded: LoadedModel) -> str:
+def model_display_name(loaded: LoadedModel) -> str:
     """A short, stable name for frontends: the hub id (with branch) or the directory name."""
     if loaded.source.repo_id:
         rev = loaded.source.revision

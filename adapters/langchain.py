@@ -181,7 +181,7 @@ class ChatGPTQ(GPTQParams, BaseChatModel):
                     run_manager.on_llm_new_token(piece.text, chunk=chunk)
                 yield chunk
             result = stream.result
-        metadata = {"model_name": model_display_name(self.model, loaded), "finish_reason": result.finish_reason,
+        metadata = {"model_name": model_display_name(loaded), "finish_reason": result.finish_reason,
                     "stop_string": result.stop_string, "kernel": loaded.kernel}
         yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=_usage(result),
                                                          response_metadata=metadata, chunk_position="last"))

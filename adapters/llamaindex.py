@@ -77,7 +77,7 @@ class GPTQLLM(LLM):
         loaded = self._loaded()
         window = self.context_window or model_context_length(loaded.model) or 2048
         return LLMMetadata(context_window=window, num_output=self.max_new_tokens, is_chat_model=True,
-                           model_name=model_display_name(self.model, loaded))
+                           model_name=model_display_name(loaded))
 
     def _kwargs(self, kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
         params = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,

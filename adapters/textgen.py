@@ -57,7 +57,7 @@ def setup() -> None:
         raise GPTQBridgeError(f"{loaded.source.path}: ships no tokenizer; the webui needs one to serve prompts")
     shared.model = loaded.model
     shared.tokenizer = loaded.tokenizer
-    shared.model_name = model_display_name(params["model"] or None, loaded)
+    shared.model_name = model_display_name(loaded)
 
 
 def parse_stop_strings(value: Any) -> list[str]:

@@ -42,7 +42,7 @@ def disk_bytes(k, n, bits, group_size):
 def build_layers(k, n, bits, group_size, copies, seed, others=(), act_order=True):
     """(triton modules, {other kernel: modules}, float32 reference weight, torch module); the copies differ."""
     from gptq_bridge.config import QuantizeConfig
-    from gptq_bridge.gptq_layer import IntLayer, group_index, pack_layer
+    from gptq_bridge.quantize.gptq_layer import IntLayer, group_index, pack_layer
     from gptq_bridge.kernels.torch_ref import TorchQuantLinear
     from gptq_bridge.kernels.triton_gptq import TritonQuantLinear
     from gptq_bridge.types import LayerShape

@@ -94,7 +94,7 @@ def rtn_model(src: Path, bits: int, group_size: int):
     """The fp32 model with every decoder Linear replaced by its round-to-nearest weights (sym, stored order)."""
     from transformers import AutoModelForCausalLM
 
-    from gptq_bridge.gptq_layer import rtn_quantize
+    from gptq_bridge.quantize.gptq_layer import rtn_quantize
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     with torch.no_grad():

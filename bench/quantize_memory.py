@@ -1,4 +1,4 @@
-"""Peak host memory of `gptq-bridge quantize` against the size of the float16 model (issue 3: "well under 2x").
+"""Peak host memory of `gptq-bridge quantize` against the size of the float16 model (the goal: well under 2x).
 
 Builds a random-weight float16 Llama directory of the size asked for (with the tests' word-level tokenizer),
 then runs, each in a fresh process so each peak is its own:
@@ -95,11 +95,11 @@ def main() -> None:
         else:
             import contextlib
 
-            import gptq_bridge.quantize as q
+            import gptq_bridge.quantize.pipeline as pipeline
             from gptq_bridge.cli import main as cli_main
 
             if kind == "quantize-no-heap-reuse":  # glibc's default allocation behaviour, for comparison
-                q._heap_policy = lambda *a, **k: contextlib.nullcontext()
+                pipeline.heap_policy = lambda *a, **k: contextlib.nullcontext()
             rc = cli_main(["quantize", *rest])
         print(f"PEAK_RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
         raise SystemExit(rc)

@@ -16,7 +16,7 @@ from .hookspecs import hookimpl
 
 
 def check(source: str, **load_kwargs) -> dict:
-    from . import load_model
+    from .api import load_model
 
     start = time.perf_counter()
     lm = load_model(source, **load_kwargs)

@@ -30,7 +30,7 @@ def model_source(args) -> str:
 
 
 def open_model(args):
-    from . import load_model
+    from .api import load_model
 
     source = model_source(args)
     progress(args, f"loading {source} ...")
@@ -113,7 +113,7 @@ def write_stream(stream, out) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from .generation import make_params
+    from .stream import make_params
 
     if args.prompt is not None:
         text = args.prompt
@@ -178,7 +178,8 @@ def _read_line(interactive: bool) -> str | None:
 def fit_history(lm, history: list[dict], params: dict) -> tuple[list[dict], int]:
     """Drop the oldest exchanges (never the system message or the newest question) until the conversation fits
     the context whole: cutting tokens off the front would cut into the prompt format's markup."""
-    from .generation import make_request, prepare
+    from .generation import prepare
+    from .stream import make_request
 
     dropped = 0
     while True:
@@ -193,7 +194,7 @@ def fit_history(lm, history: list[dict], params: dict) -> tuple[list[dict], int]
 
 
 def _cmd_chat(args) -> int:
-    from .generation import make_params
+    from .stream import make_params
 
     params = sampling_params(args)
     make_params(**{k: v for k, v in params.items() if k not in ("truncate", "context_length")})
@@ -284,18 +285,16 @@ def model_info(source: str, *, device=None, kernel: str = "auto", revision=None,
     """What `info` shows, without reading any weights: settings, kernel, prompt format, size, memory."""
     import torch
 
-    from . import default_dtype
+    from .api import load_options, resolve
     from .loader import load_tokenizer, plan_load
     from .plugins import registered_kernels
     from .prompts import choose_prompt_format
-    from .sources import resolve_source
-    from .types import DeviceInfo, LoadOptions
 
-    resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
-    dev = DeviceInfo.parse(device)
-    dtype = default_dtype(dev)
-    plan = plan_load(resolved, LoadOptions(kernel=kernel, device=dev, dtype=dtype,
-                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
+    resolved = resolve(source, revision=revision, allow_pickle=allow_pickle)
+    options = load_options(kernel=kernel, device=device, trust_remote_code=trust_remote_code,
+                           allow_pickle=allow_pickle)
+    dev, dtype = options.device, options.dtype
+    plan = plan_load(resolved, options)
     tokenizer = load_tokenizer(resolved.path, trust_remote_code)
     choice = choose_prompt_format(tokenizer, resolved, prompt_format)
 

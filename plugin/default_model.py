@@ -47,8 +47,11 @@ SEQ_LEN = 512
 DATA = Path(__file__).parent / "data"
 CALIBRATION_FILES = ("calibration_chats.json", "calibration_prose.txt")
 # the package's files that decide what the preparation writes (the fingerprint hashes them)
-QUANTIZER_FILES = ("default_model.py", "quantize.py", "gptq.py", "gptq_layer.py", "packing.py", "writer.py",
-                   "config.py", "safetensors_io.py")
+# (paths relative to the package; every module of quantize/ is listed, which tests/test_default_model.py checks)
+QUANTIZER_FILES = ("default_model.py", "quantize/__init__.py", "quantize/block.py", "quantize/calibration.py",
+                   "quantize/command.py", "quantize/forward.py", "quantize/gptq.py", "quantize/gptq_layer.py",
+                   "quantize/heap.py", "quantize/pipeline.py", "quantize/settings.py", "quantize/source.py",
+                   "packing.py", "writer.py", "config.py", "safetensors_io.py", "skeleton.py")
 VERSIONED = ("torch", "transformers", "gguf")  # the libraries that read the GGUF and run the quantizer
 
 
@@ -101,10 +104,11 @@ def calibration_texts(tokenizer) -> list[str]:
     return texts
 
 
-def _digest(paths) -> str:
+def _digest(root: Path, names) -> str:
+    """sha256 over each file's path relative to `root` and its bytes."""
     h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in names:
+        h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -113,8 +117,8 @@ def recipe() -> dict[str, Any]:
     here = Path(__file__).parent
     return {
         "settings": SETTINGS, "nsamples": NSAMPLES, "seq_len": SEQ_LEN,
-        "quantizer_sha256": _digest(here / name for name in QUANTIZER_FILES),
-        "calibration_sha256": _digest(DATA / name for name in CALIBRATION_FILES),
+        "quantizer_sha256": _digest(here, QUANTIZER_FILES),
+        "calibration_sha256": _digest(DATA, CALIBRATION_FILES),
         "versions": {name: _version(name) for name in VERSIONED},
     }
 
@@ -164,7 +168,7 @@ def _lock(root: Path):
 
 def prepare(gguf: Path, target: Path) -> Path:
     """Quantize the GGUF into `target` (atomically); returns `target`."""
-    from . import __version__
+    from .version import __version__
     from .quantize import load_source, quantize
 
     start = time.perf_counter()

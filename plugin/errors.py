@@ -22,3 +22,11 @@ class CheckpointError(GPTQBridgeError):
 
 class KernelError(GPTQBridgeError):
     """No kernel can serve the checkpoint, or the one asked for cannot."""
+
+
+class QuantizeError(GPTQBridgeError):
+    """Quantization cannot start or go on: bad options, source or calibration data."""
+
+
+class CalibrationError(QuantizeError):
+    """The calibration data is missing, unreadable or too short."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
+from .api import load_options, resolve
 from .config import QuantizeConfig
 from .hookspecs import hookimpl
 from .loader import plan_load
-from .types import DeviceInfo, KernelVerdict, LoadOptions
 from .selection import WORKLOAD_TEXT
-from .sources import resolve_source
+from .types import KernelVerdict
 
 
 class Explanation(BaseModel):
@@ -36,13 +36,10 @@ def explain(
     allow_pickle: bool = False,
 ) -> Explanation:
     """Plan a load without reading any weights; raises the same errors `load_model` would."""
-    from . import default_dtype
-
-    resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
-    dev = device if isinstance(device, DeviceInfo) else DeviceInfo.parse(device)
-    dtype = dtype or default_dtype(dev)
-    options = LoadOptions(kernel=kernel, device=dev, dtype=dtype, trust_remote_code=trust_remote_code,
-                          allow_pickle=allow_pickle)
+    resolved = resolve(source, revision=revision, allow_pickle=allow_pickle)
+    options = load_options(kernel=kernel, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           allow_pickle=allow_pickle)
+    dev, dtype = options.device, options.dtype
     plan = plan_load(resolved, options)
     return Explanation(
         source=source, path=str(resolved.path), config_file=plan.config_file.label, settings=plan.config,

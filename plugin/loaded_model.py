@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .config import ConfigFile, QuantizeConfig
+from .stream import GenerationStream, make_request
 from .types import DeviceInfo, GenerationResult, KernelChoice, ResolvedSource
-
-if TYPE_CHECKING:
-    from .generation import GenerationStream
 
 
 @dataclass
@@ -39,7 +37,7 @@ class LoadedModel:
         """Name of the kernel serving the quantized layers."""
         return self.choice.chosen
 
-    def stream(self, prompt=None, *, cancel: threading.Event | None = None, **kwargs: Any) -> "GenerationStream":
+    def stream(self, prompt=None, *, cancel: threading.Event | None = None, **kwargs: Any) -> GenerationStream:
         """Generate, streaming: `for chunk in lm.stream("Hi", max_new_tokens=20): print(chunk.text, end="")`.
 
         `prompt` is a string (sent as it is), a list of chat messages (`{"role": ..., "content": ...}` or
@@ -47,8 +45,6 @@ class LoadedModel:
         `GenerationParams` fields and the request's `prompt_format`, `input`, `truncate`, `context_length`.
         The returned stream has `.result` once iterated to the end and `.cancel()` for any thread.
         """
-        from .generation import GenerationStream, make_request
-
         return GenerationStream(self, make_request(prompt, **kwargs), cancel)
 
     def generate(self, prompt=None, *, cancel: threading.Event | None = None, **kwargs: Any) -> GenerationResult:

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,69 +18,19 @@ from torch import nn
 
 from .checkpoint import WeightFiles, find_weight_files, iter_tensors, read_metadata, tensor_names
 from .config import ConfigFile, QuantizeConfig, read_quantize_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .hookspecs import hookimpl
 from .kernels.base import GPTQLinear
 from .loaded_model import LoadedModel
 from .plugins import registered_kernels
 from .selection import select_kernel
+from .skeleton import IGNORED_SUFFIXES, build_skeleton, load_hf_config, materialize_buffers
 from .types import KernelChoice, KernelSpec, LayerShape, LoadOptions, ResolvedSource
-
-log = logging.getLogger(__name__)
-
-QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
-# Tensors older writers saved that current models recompute; safe to skip.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @hookimpl(trylast=True)
 def gptq_load_model(source: ResolvedSource, options: LoadOptions) -> LoadedModel:
     return load_checkpoint(source, options)
-
-
-def load_hf_config(model_dir: Path, trust_remote_code: bool):
-    """The architecture from config.json, without its quantization block (we do the quantization)."""
-    from transformers import AutoConfig
-
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{model_dir}: config.json is missing (the model architecture is read from it)")
-    try:
-        hf_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        hint = " (pass trust_remote_code=True if you trust this model's code)" if "trust_remote_code" in str(exc) else ""
-        raise ConfigError(f"{path}: transformers cannot read this architecture: {str(exc).splitlines()[0]}{hint}") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc}") from None
-    if hasattr(hf_config, "quantization_config"):
-        del hf_config.quantization_config
-    return hf_config
-
-
-def build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """The model with every parameter and buffer on the meta device: nothing full-size is allocated."""
-    from transformers import AutoModelForCausalLM
-    from transformers import initialization
-
-    # transformers builds its own models this way: meta tensors, with creation ops that __init__ code calls
-    # for Python numbers (linspace, ...) kept on the CPU.
-    safe_ops = getattr(initialization, "meta_device_safe_creation_ops", contextlib.nullcontext)
-    with torch.device("meta"), safe_ops():
-        try:
-            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
-        except ValueError as exc:
-            raise ConfigError(f"config.json: transformers has no causal LM for this architecture: {str(exc).splitlines()[0]}") from None
-
-
-def materialize_buffers(model: nn.Module, device: torch.device) -> None:
-    """Compute the buffers no checkpoint holds (rotary frequencies), as transformers' own loader does."""
-    for module in model.modules():
-        names = [n for n, b in module._buffers.items()
-                 if b is not None and b.is_meta and n in module._non_persistent_buffers_set]
-        for name in names:
-            module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
-        if names:
-            model._init_weights(module)
 
 
 def quantized_layers(model: nn.Module, names: dict[str, Path]) -> list[LayerShape]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .api import load_model, load_options, resolve
 from .loaded_model import LoadedModel
 
 
@@ -28,20 +29,16 @@ class ModelCache:
     def key(self, source: str, *, kernel: str = "auto", device: str | torch.device | None = None,
             dtype: torch.dtype | None = None, revision: str | None = None, trust_remote_code: bool = False,
             allow_pickle: bool = False) -> tuple:
-        from . import default_dtype
-        from .sources import resolve_source
-        from .types import DeviceInfo
-
         spelled = (source, revision, allow_pickle)
         if spelled not in self._paths:
-            self._paths[spelled] = str(resolve_source(source, revision=revision, allow_pickle=allow_pickle).path)
-        dev = DeviceInfo.parse(device)
-        return (self._paths[spelled], kernel, str(dev), str(dtype or default_dtype(dev)), trust_remote_code, allow_pickle)
+            self._paths[spelled] = str(resolve(source, revision=revision, allow_pickle=allow_pickle).path)
+        options = load_options(kernel=kernel, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                               allow_pickle=allow_pickle)
+        return (self._paths[spelled], options.kernel, str(options.device), str(options.dtype), trust_remote_code,
+                allow_pickle)
 
     def get(self, source: str, **options: Any) -> LoadedModel:
         """The loaded model for `source` with these `load_model` options, loading it on first use."""
-        from . import load_model
-
         key = self.key(source, **options)
         with self._lock:
             if key in self._models:

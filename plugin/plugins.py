@@ -13,13 +13,14 @@ from .types import KernelSpec
 
 # Built-in plugins, registered through the same hooks as any third-party plugin.
 DEFAULT_PLUGINS = (
+    "gptq_bridge.sources",
     "gptq_bridge.kernels.torch_ref",
     "gptq_bridge.kernels.triton_gptq",
     "gptq_bridge.kernels.exllama",
     "gptq_bridge.kernels.cuda.mma",
     "gptq_bridge.loader",
     "gptq_bridge.explain",
-    "gptq_bridge.quantize",
+    "gptq_bridge.quantize.command",
     "gptq_bridge.generation",
     "gptq_bridge.prompts",
     "gptq_bridge.commands",

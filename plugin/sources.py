@@ -1,7 +1,8 @@
 """Model sources: a local directory, or a hub id `org/name[:branch]` resolved through huggingface_hub.
 
 `org/name:branch` is how text-generation-webui writes a branch; `revision=` says the same in Python.
-With HF_HUB_OFFLINE=1 the hub cache is read without any network access.
+With HF_HUB_OFFLINE=1 the hub cache is read without any network access. This is the built-in
+`gptq_resolve_source` plugin; it goes last, so a plugin can resolve other spellings first.
 """
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ import re
 from pathlib import Path
 
 from .errors import SourceError
+from .hookspecs import hookimpl
 from .types import ResolvedSource
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Files a GPTQ checkpoint needs; pickle weights are fetched only when the caller opted in to them.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "tokenizer*"]
 PICKLE_PATTERNS = ["*.bin", "*.pt"]
+
+
+@hookimpl(trylast=True)
+def gptq_resolve_source(source: str, revision: str | None, allow_pickle: bool) -> ResolvedSource:
+    return resolve_source(source, revision=revision, allow_pickle=allow_pickle)
 
 
 def resolve_source(text: str, revision: str | None = None, allow_pickle: bool = False) -> ResolvedSource:

@@ -11,7 +11,8 @@ import torch
 
 import gptq_bridge
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.generation import IncrementalDecoder, make_request, prepare
+from gptq_bridge.generation import IncrementalDecoder, prepare
+from gptq_bridge.stream import make_request
 from gen_models import one_thread  # noqa: F401  (autouse fixture)
 from gen_models import BYTE_VOCAB, ScriptedHead, byte_checkpoint, byte_level_tokenizer, set_head, word_checkpoint
 

@@ -23,8 +23,8 @@ from transformers import LlamaForCausalLM
 import gptq_bridge
 from gptq_bridge.cli import main as cli_main
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.gptq import CrossMoment, Hessian, gptq_quantize, inverse_hessian_factor, prepare_hessian
-from gptq_bridge.gptq_layer import group_index, rtn_quantize
+from gptq_bridge.quantize.gptq import CrossMoment, Hessian, gptq_quantize, inverse_hessian_factor, prepare_hessian
+from gptq_bridge.quantize.gptq_layer import group_index, rtn_quantize
 from gptq_bridge.packing import packed_size, unpack
 from gptq_bridge.quantize import (
     PRESETS, CalibrationError, Progress, QuantizeError, calibration_windows, quantize, resolve_settings,
@@ -255,8 +255,8 @@ def test_prepared_hessian_is_shared_and_checked(layer_case):
 
 
 def test_presets_are_the_cards_branches():
-    assert resolve_settings("main") | {} == {**resolve_settings("main"), "bits": 4, "group_size": -1,
-                                            "desc_act": True, "damp_percent": 0.1, "sym": True}
+    main = resolve_settings("main")
+    assert (main.bits, main.group_size, main.desc_act, main.damp_percent, main.sym) == (4, -1, True, 0.1, True)
     assert set(PRESETS) == {"main", "gptq-4bit-32g-actorder_True", "gptq-4bit-64g-actorder_True",
                             "gptq-4bit-128g-actorder_True", "gptq-3bit--1g-actorder_True",
                             "gptq-3bit-128g-actorder_True"}
@@ -265,14 +265,14 @@ def test_presets_are_the_cards_branches():
             bits, group = name.split("-")[1], name.split("-")[-2] if "--1g" in name else name.split("-")[2]
             assert f"{p['bits']}bit" == bits and f"{p['group_size']}g" == (group if "--1g" not in name else "-1g")
         assert p["desc_act"] and p["damp_percent"] == 0.1
-    assert resolve_settings("gptq-3bit-128g-actorder_True", group_size=64)["group_size"] == 64  # explicit wins
+    assert resolve_settings("gptq-3bit-128g-actorder_True", group_size=64).group_size == 64  # explicit wins
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(bits=5), "bits 5 is not supported; choose one of 2, 3, 4, 8"),
-    (dict(group_size=0), "group_size 0 is not valid"),
-    (dict(damp_percent=1.5), "damp_percent 1.5 is not valid"),
-    (dict(checkpoint_format="marlin"), "format 'marlin' is not valid"),
+    (dict(bits=5), "bits 5 is not valid; allowed: 2, 3, 4, 8"),
+    (dict(group_size=0), "group_size 0 is not valid; allowed: -1"),
+    (dict(damp_percent=1.5), "damp_percent 1.5 is not valid; allowed: a fraction between 0 and 1"),
+    (dict(checkpoint_format="marlin"), "checkpoint_format 'marlin' is not valid; allowed: \"gptq\""),
     (dict(preset="gptq-5bit"), "preset 'gptq-5bit' is unknown; choose one of: main,"),
 ])
 def test_bad_settings_name_the_option_and_value(kw, match):
@@ -671,13 +671,13 @@ class _HalfUsedBlock(torch.nn.Module):
 @pytest.mark.parametrize("batches", [1, 2])
 def test_a_linear_the_forward_never_calls_is_quantized_without_data(fp_targets, batches):
     from gptq_bridge.packing import dequantize
-    from gptq_bridge.quantize import _BlockJob, quantize_block
+    from gptq_bridge.quantize import BlockJob, quantize_block
 
     torch.manual_seed(5)
     block = _HalfUsedBlock()
     spare = block.spare.weight.detach().clone()
     settings = resolve_settings(bits=4, group_size=32, desc_act=True, sym=True)
-    job = _BlockJob(settings=settings, clip=True, refit=True, prefix="model.layers.0", tensors={}, reports=[])
+    job = BlockJob(settings=settings, clip=True, refit=True, prefix="model.layers.0", tensors={}, reports=[])
     states = [torch.randn(2, 16, 64) for _ in range(batches)]
     fp_states = [s.clone() for s in states] if fp_targets else None
     quantize_block(block, states, [{} for _ in states], job, True, fp_states=fp_states)

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from gptq_bridge.config import QuantizeConfig
-from gptq_bridge.gptq import CrossMoment, Hessian, prepare_hessian
+from gptq_bridge.quantize.gptq import CrossMoment, Hessian, prepare_hessian
 from gptq_bridge.quantize import (
-    Source, _BlockJob, load_model_by_blocks, quantize, quantize_block, resolve_settings,
+    BlockJob as _BlockJob, Source, load_model_by_blocks, quantize, quantize_block, resolve_settings,
 )
 from gptq_bridge.safetensors_io import SafetensorsFile
 from gptq_bridge.writer import CheckpointWriter
@@ -235,7 +235,8 @@ def test_states_are_kept_in_their_own_dtype_and_computed_in_the_blocks(fp_target
 
 def test_the_heap_is_kept_for_reuse_only_where_layers_are_narrow():
     """SmolLM2's widths (576 / 1536) keep freed memory for reuse; Llama-2-7B's (4096 / 11008) do not."""
-    from gptq_bridge.quantize import _heap_reuse_pays, find_blocks
+    from gptq_bridge.quantize.heap import heap_reuse_pays as _heap_reuse_pays
+    from gptq_bridge.quantize.source import find_blocks
 
     for hidden, intermediate, pays in ((576, 1536, True), (4096, 11008, False), (2048, 5504, False)):
         config = llama_config(hidden=hidden, intermediate=intermediate, layers=1)
@@ -331,7 +332,7 @@ def test_preparing_a_hessian_needs_about_two_more_float64_copies():
     this change, which mirrored and factored out of place, needed 4.6)."""
     script = textwrap.dedent("""
         import threading, time, torch
-        from gptq_bridge.gptq import Hessian, prepare_hessian
+        from gptq_bridge.quantize.gptq import Hessian, prepare_hessian
         torch.set_num_threads(1)
         def rss():
             with open("/proc/self/statm") as f:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.generation import make_params
+from gptq_bridge.stream import make_params
 from gptq_bridge.sampling import Sampler, apply_penalties, min_p_filter, top_k_filter, top_p_filter, typical_filter
 from gptq_bridge.types import GenerationParams
 

@@ -17,7 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 import gptq_bridge  # noqa: E402
 from gptq_bridge.config import QuantizeConfig  # noqa: E402
-from gptq_bridge.gptq_layer import IntLayer, pack_layer, rtn_quantize  # noqa: E402
+from gptq_bridge.quantize.gptq_layer import IntLayer, pack_layer, rtn_quantize  # noqa: E402
 from gptq_bridge.kernels import triton_gptq  # noqa: E402
 from gptq_bridge.kernels.torch_ref import TorchQuantLinear  # noqa: E402
 from gptq_bridge.kernels.triton_gptq import TritonQuantLinear  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gptq_bridge.config import QuantizeConfig
-from gptq_bridge.gptq_layer import pack_layer, rtn_quantize
+from gptq_bridge.quantize.gptq_layer import pack_layer, rtn_quantize
 from gptq_bridge.writer import write_checkpoint
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -110,7 +110,6 @@ class _Plan:
 
 
 _MAGIC = 0x4B000000  # float32 bit pattern of 2**23; OR-ing an integer below 2**23 into it adds that integer
-_TWO23 = 8388608.0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 import gptq_bridge  # noqa: E402
 from gptq_bridge.config import QuantizeConfig  # noqa: E402
-from gptq_bridge.gptq_layer import IntLayer, group_index, pack_layer  # noqa: E402
+from gptq_bridge.quantize.gptq_layer import IntLayer, group_index, pack_layer  # noqa: E402
 from gptq_bridge.kernels.torch_ref import TorchQuantLinear  # noqa: E402
 from gptq_bridge.kernels.triton_gptq import TritonQuantLinear  # noqa: E402
 from gptq_bridge.errors import KernelError  # noqa: E402

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import GPTQBridgeError
+from ..errors import GPTQBridgeError
 from .gptq_layer import IntLayer, group_index
 
 # Shrink factors tried for each group's range: a coarse pass, then a finer one around the best coarse value.

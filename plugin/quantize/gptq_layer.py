@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import pack
+from ..packing import pack
 
 
 @dataclass
