@@ -4,7 +4,6 @@ controlled logits (gen_models.ScriptedHead); the rest of the model runs as loade
 
 import shutil
 import threading
-import time
 
 import pytest
 import torch
@@ -305,22 +304,63 @@ def test_abandoning_a_stream_frees_the_model(lm):
     assert done, "the abandoned stream still holds the model"
 
 
-def test_concurrent_calls_are_serialised(lm):
-    expected = {p: lm.generate(p, max_new_tokens=6, ban_eos=True).token_ids for p in ("the", "of a", "to to")}
-    stream = lm.stream("the a of", max_new_tokens=50, ban_eos=True)
-    iterator = iter(stream)
-    next(iterator)  # the first generation is under way and holds the model
+class WatchedLock:
+    """A model's generation lock that tells when a thread finds it taken, then waits for it as usual."""
+
+    def __init__(self, lock, on_taken):
+        self.lock, self.on_taken = lock, on_taken
+
+    def acquire(self, blocking=True, timeout=-1):
+        if self.lock.acquire(blocking=False):
+            return True
+        self.on_taken()
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self):
+        self.lock.release()
+
+
+def test_concurrent_calls_are_serialised(fresh):
+    """Every forward of the model is logged with its thread. One generation is paused mid-stream while three
+    more start in their own threads; each generation's forwards must be one unbroken run of the log. Rather
+    than sleep, the paused one goes on once every other thread has run a forward or found the model taken."""
+    prompts = ("the", "of a", "to to")
+    expected = {p: fresh.generate(p, max_new_tokens=6, ban_eos=True).token_ids for p in prompts}
+    events = []  # (thread name, "forward" | "done" | "waits")
+    changed = threading.Condition()
+
+    def record(event):
+        with changed:
+            events.append((threading.current_thread().name, event))
+            changed.notify_all()
+
+    hooks = [fresh.model.register_forward_pre_hook(lambda *_: record("forward")),
+             fresh.model.register_forward_hook(lambda *_: record("done"))]
+    fresh.generation_lock = WatchedLock(fresh.generation_lock, lambda: record("waits"))
     results = {}
-    workers = [threading.Thread(target=lambda p=p: results.__setitem__(p, lm.generate(p, max_new_tokens=6, ban_eos=True)))
-               for p in expected]
-    for w in workers:
-        w.start()
-    time.sleep(0.5)
-    assert not results  # they wait for the model
-    for _ in iterator:
-        pass
-    for w in workers:
-        w.join(timeout=60)
+    stream = fresh.stream("the a of", max_new_tokens=50, ban_eos=True)
+    try:
+        iterator = iter(stream)
+        next(iterator)  # the first generation is under way and holds the model
+        workers = [threading.Thread(target=lambda p=p: results.__setitem__(p, fresh.generate(p, max_new_tokens=6,
+                                    ban_eos=True)), name=p, daemon=True) for p in prompts]
+        for w in workers:
+            w.start()
+        with changed:
+            assert changed.wait_for(lambda: {name for name, _ in events} >= set(prompts), timeout=30), \
+                "the other calls neither ran the model nor waited for its generation_lock"
+        for _ in iterator:
+            pass
+        for w in workers:
+            w.join(timeout=60)
+    finally:
+        stream.close()
+        for h in hooks:
+            h.remove()
+    forwards = [name for name, event in events if event != "waits"]
+    turns = [name for i, name in enumerate(forwards) if i == 0 or forwards[i - 1] != name]
+    assert len(turns) == len(set(turns)), f"generations on one model overlapped; the model ran in turns {turns}"
+    assert set(turns) == {threading.current_thread().name, *prompts}
     assert {p: r.token_ids for p, r in results.items()} == expected
 
 
