@@ -6,12 +6,13 @@ import time
 import zlib
 
 import pytest
-from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core import Document, PromptTemplate, Settings, VectorStoreIndex
+from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.embeddings import BaseEmbedding, MockEmbedding
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMChatStartEvent
-from llama_index.core.llms import LLM, ChatMessage
+from llama_index.core.llms import ChatMessage
 
 from gptq_bridge.adapters.llamaindex import GPTQLLM
 from gptq_bridge.errors import GPTQBridgeError
@@ -29,12 +30,24 @@ def llm():
 MESSAGES = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="the cat")]
 
 
-def test_is_a_real_llamaindex_llm_with_real_metadata(llm):
-    assert isinstance(llm, LLM)
+def test_real_metadata(llm):
     meta = llm.metadata
     assert meta.context_window == 8192  # SmolLM2's max_position_embeddings
     assert meta.num_output == 8 and meta.is_chat_model and meta.model_name == NAME
     assert GPTQLLM(model=adapter_source(), context_window=128).metadata.context_window == 128
+
+
+def test_llamaindex_drives_it_as_a_chat_model(llm):
+    """LlamaIndex's own machinery, not the adapter, decides what is sent: a chat engine keeps the conversation
+    in its memory and sends it whole each turn, and `predict` goes through chat because the metadata says so."""
+    engine = SimpleChatEngine.from_defaults(llm=llm, system_prompt="be brief")
+    first = engine.chat("the cat").response
+    assert first and first == llm.chat(MESSAGES).message.content
+    second = engine.chat("and the dog").response
+    history = [*MESSAGES, ChatMessage(role="assistant", content=first), ChatMessage(role="user", content="and the dog")]
+    assert second == llm.chat(history).message.content
+    assert [m.content for m in engine.chat_history] == ["the cat", first, "and the dog", second]
+    assert llm.predict(PromptTemplate("the {animal}"), animal="cat") == llm.chat(MESSAGES[1:]).message.content
 
 
 def test_complete_and_stream_complete(llm):
