@@ -199,18 +199,11 @@ def gptq_register_prompt_formats(register):
 
 def registered_prompt_formats(pm=None) -> dict[str, PromptFormat]:
     """Every prompt format the registered plugins provide, by name; names must be unique."""
-    from .plugins import get_plugin_manager
+    from .plugins import collect_registry, get_plugin_manager
 
-    found: list[PromptFormat] = []
-    (pm or get_plugin_manager()).hook.gptq_register_prompt_formats(register=found.append)
-    formats: dict[str, PromptFormat] = {}
-    for fmt in found:
-        if not isinstance(fmt, PromptFormat):
-            raise GPTQBridgeError(f"a plugin registered {fmt!r} as a prompt format; expected a PromptFormat")
-        if fmt.name in formats:
-            raise GPTQBridgeError(f"two plugins register a prompt format named {fmt.name!r}; names must be unique")
-        formats[fmt.name] = fmt
-    return formats
+    found = collect_registry((pm or get_plugin_manager()).hook.gptq_register_prompt_formats, "prompt format",
+                             PromptFormat)
+    return {fmt.name: fmt for fmt in found}
 
 
 # --- which format a model gets ----------------------------------------------------------------------
