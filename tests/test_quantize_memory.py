@@ -268,9 +268,9 @@ def test_memory_after_each_block_does_not_grow_with_the_blocks_done(tmp_path, ca
     (tmp_path / "calib.txt").write_text(" ".join([calib_text] * 4))
     script = textwrap.dedent(f"""
         import ctypes, json, resource, sys, torch
-        import gptq_bridge.quantize as q
+        import gptq_bridge.quantize as q, gptq_bridge.quantize.heap as heap
         torch.set_num_threads(1)
-        q.HEAP_REUSE_MAX_WIDTH = 0  # the policy for wide layers (Llama-2-7B's), on this small model
+        heap.HEAP_REUSE_MAX_WIDTH = 0  # the policy for wide layers (Llama-2-7B's), on this small model
         libc = ctypes.CDLL("libc.so.6")
         class Mallinfo2(ctypes.Structure):
             _fields_ = [(f, ctypes.c_size_t) for f in ("arena ordblks smblks hblks hblkhd usmblks fsmblks "
