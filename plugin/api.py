@@ -33,8 +33,9 @@ def load_options(
 ) -> LoadOptions:
     """`load_model`'s keywords as `LoadOptions`: the device parsed (None = CUDA if present), the dtype defaulted."""
     dev = device if isinstance(device, DeviceInfo) else DeviceInfo.parse(device)
-    return LoadOptions(kernel=kernel, device=dev, dtype=dtype or default_dtype(dev), trust_remote_code=trust_remote_code,
-                       allow_pickle=allow_pickle, load_tokenizer=load_tokenizer, progress=progress)
+    return LoadOptions(kernel=kernel, device=dev, dtype=dtype or default_dtype(dev),
+                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, load_tokenizer=load_tokenizer,
+                       progress=progress)
 
 
 def resolve(source: str, *, revision: str | None = None, allow_pickle: bool = False) -> ResolvedSource:

@@ -7,6 +7,8 @@ that want another layout (rows sorted by group, shuffled bits) build it in `prep
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -51,12 +53,26 @@ class GPTQLinear(nn.Module):
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_SCRATCH_LOCKS: dict[torch.device, threading.Lock] = {}
+_NEW_LOCK = threading.Lock()
+
+
+def scratch_lock(device: torch.device) -> threading.Lock:
+    """The lock of a device's scratch buffers. Models on one GPU share them while each model's generations are
+    serialised by its own lock, so every layer call holds this one from taking a buffer until its last launch
+    that reads the buffer is queued: one layer's launches then never interleave with another's. The launches
+    go to the device's current stream, which runs them in the order they were queued."""
+    lock = _SCRATCH_LOCKS.get(device)
+    if lock is None:
+        with _NEW_LOCK:
+            lock = _SCRATCH_LOCKS.setdefault(device, threading.Lock())
+    return lock
 
 
 def scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A flat scratch tensor of at least `numel` elements, shared by every layer and kernel on a device (split-K
-    partial sums, float32; activations gathered into a kernel's order, float16). Safe because the launches that
-    use it run on one stream, one after another; it grows to the largest request and stays."""
+    partial sums, float32; activations gathered into a kernel's order, float16); call it while holding
+    `scratch_lock(device)`. It grows to the largest request and stays."""
     buf = _SCRATCH.get((device, dtype))
     if buf is None or buf.numel() < numel:
         buf = _SCRATCH[(device, dtype)] = torch.empty(max(numel, 1), dtype=dtype, device=device)
@@ -64,5 +80,5 @@ def scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32
 
 
 def split_k_workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """float32 scratch for split-K partial sums (see `scratch`)."""
+    """float32 scratch for split-K partial sums (see `scratch`; hold `scratch_lock(device)`)."""
     return scratch(device, numel, torch.float32)

@@ -120,7 +120,8 @@ class ExllamaQuantLinear(GPTQLinear):
             x2 = x2.contiguous()
         out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float16, device=x.device)
         if x2.shape[0]:  # exllamav2 would launch an empty grid
-            _extension().gemm_half_q_half(x2, self._handle, out, False)
+            with scratch_lock(x.device):  # many rows dequantize into the device's shared temp_dq
+                _extension().gemm_half_q_half(x2, self._handle, out, False)
         if self.bias is not None:
             out += self.bias
         return out.reshape(*shape[:-1], self.out_features)

@@ -28,7 +28,7 @@ import torch
 from ..config import QuantizeConfig
 from ..hookspecs import hookimpl
 from ..types import KernelSpec, LayerShape
-from .base import GPTQLinear, split_k_workspace
+from .base import GPTQLinear, scratch_lock, split_k_workspace
 from .measured import MEASURED_US
 from .slot_layout import sort_rows_by_group, zero_points
 
@@ -503,10 +503,11 @@ class TritonQuantLinear(GPTQLinear):
         plan = self._plan(("decode", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16),
                           self._decode_plan, x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        ws = split_k_workspace(x.device, plan.ws) if plan.ws else out
         perm, bias = self.tq_perm, self.bias
-        plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
-                     bias if bias is not None else x, out, ws, self.tq_counters))
+        with scratch_lock(x.device):
+            ws = split_k_workspace(x.device, plan.ws) if plan.ws else out
+            plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
+                         bias if bias is not None else x, out, ws, self.tq_counters))
         return out
 
     def _decode_plan(self, x: torch.Tensor) -> _Plan:
@@ -541,10 +542,11 @@ class TritonQuantLinear(GPTQLinear):
         plan = self._plan(("gemm", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16),
                           self._gemm_plan, x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        ws = split_k_workspace(x.device, plan.ws) if plan.ws else out
         bias = self.bias
-        plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, bias if bias is not None else x, out, ws,
-                     self.tq_counters))
+        with scratch_lock(x.device):
+            ws = split_k_workspace(x.device, plan.ws) if plan.ws else out
+            plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, bias if bias is not None else x, out,
+                         ws, self.tq_counters))
         return out
 
     def _slot_x(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ...hookspecs import hookimpl
 from ...packing import unpack
 from ...types import KernelSpec, LayerShape
 from . import build as cuda_build
-from ..base import GPTQLinear, scratch, split_k_workspace
+from ..base import GPTQLinear, scratch, scratch_lock, split_k_workspace
 from ..measured import MEASURED_US
 from ..slot_layout import sort_rows_by_group, zero_points
 
@@ -241,7 +241,6 @@ class CudaQuantLinear(GPTQLinear):
         if x.stride(1) != 1:
             x = x.contiguous()
         direct = self._identity and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
-        xs = None if direct else scratch(x.device, M * self.chunks * 64, torch.float16)
         cfg = self.few_rows_config
         key = M if cfg is None else (M, tuple(sorted(cfg.items())))  # a module lives on one device
         fixed = self._plans.get(key)
@@ -249,13 +248,15 @@ class CudaQuantLinear(GPTQLinear):
             fixed = self._plans[key] = self._few_rows_plan(M, x.device)
         splits, per_split, ws_numel = fixed
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
-        ws = split_k_workspace(x.device, ws_numel) if splits > 1 else out
-        cuda_build.check(cuda_build.library().gb_q4_few_rows(
-            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0),
-            None if direct else self.cu_xidx.data_ptr(), None if direct else xs.data_ptr(),
-            None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
-            self.cu_counters.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, splits, per_split,
-            device, _raw_stream(device)), "q4_few_rows")
+        with scratch_lock(x.device):
+            xs = None if direct else scratch(x.device, M * self.chunks * 64, torch.float16)
+            ws = split_k_workspace(x.device, ws_numel) if splits > 1 else out
+            cuda_build.check(cuda_build.library().gb_q4_few_rows(
+                self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0),
+                None if direct else self.cu_xidx.data_ptr(), None if direct else xs.data_ptr(),
+                None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
+                self.cu_counters.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, splits, per_split,
+                device, _raw_stream(device)), "q4_few_rows")
         return out
 
     def forward_many_rows(self, x: torch.Tensor, plan: ManyRowsPlan | None = None) -> torch.Tensor:
@@ -266,14 +267,15 @@ class CudaQuantLinear(GPTQLinear):
         if x.stride(1) != 1:
             x = x.contiguous()
         plan = plan or self._many_rows_plan(M, x.device)
-        xs = scratch(x.device, -(-M // plan.rows) * plan.rows * self.chunks * 64, torch.float16)
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
-        ws = split_k_workspace(x.device, plan.ws_numel) if plan.ws_numel else out
-        cuda_build.check(cuda_build.library().gb_q4_many_rows(
-            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), self.in_features,
-            self.cu_xidx_wgmma.data_ptr(), xs.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
-            out.data_ptr(), ws.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, plan.rows,
-            plan.whole, plan.splits, plan.per_split, device, _raw_stream(device)), "q4_many_rows")
+        with scratch_lock(x.device):
+            xs = scratch(x.device, -(-M // plan.rows) * plan.rows * self.chunks * 64, torch.float16)
+            ws = split_k_workspace(x.device, plan.ws_numel) if plan.ws_numel else out
+            cuda_build.check(cuda_build.library().gb_q4_many_rows(
+                self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), self.in_features,
+                self.cu_xidx_wgmma.data_ptr(), xs.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+                out.data_ptr(), ws.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, plan.rows,
+                plan.whole, plan.splits, plan.per_split, device, _raw_stream(device)), "q4_many_rows")
         return out
 
     def _many_rows_wins(self, plan: ManyRowsPlan, M: int) -> bool:
