@@ -1,7 +1,7 @@
 """The public entry points: `load_model`, and the `LoadOptions` and source resolution everything else shares.
 
 `explain`, `info`, `check` and the model cache turn the same keywords into the same options here, so a load
-and its explanation cannot disagree about a device or a dtype.
+and its explanation cannot disagree about a device or a dtype. Sources are resolved by `plugins.resolve`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from .errors import GPTQBridgeError
 from .loaded_model import LoadedModel
-from .plugins import get_plugin_manager
-from .types import DeviceInfo, LoadOptions, ResolvedSource
+from .plugins import get_plugin_manager, resolve
+from .types import DeviceInfo, LoadOptions
 
 
 def default_dtype(device: DeviceInfo) -> torch.dtype:
@@ -36,15 +36,6 @@ def load_options(
     return LoadOptions(kernel=kernel, device=dev, dtype=dtype or default_dtype(dev),
                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, load_tokenizer=load_tokenizer,
                        progress=progress)
-
-
-def resolve(source: str, *, revision: str | None = None, allow_pickle: bool = False) -> ResolvedSource:
-    """A source string to a local checkpoint directory, by the first `gptq_resolve_source` plugin that knows it."""
-    resolved = get_plugin_manager().hook.gptq_resolve_source(source=source, revision=revision,
-                                                              allow_pickle=allow_pickle)
-    if resolved is None:
-        raise GPTQBridgeError(f"{source}: no source plugin resolved this source")
-    return resolved
 
 
 def load_model(

@@ -285,9 +285,9 @@ def model_info(source: str, *, device=None, kernel: str = "auto", revision=None,
     """What `info` shows, without reading any weights: settings, kernel, prompt format, size, memory."""
     import torch
 
-    from .api import load_options, resolve
+    from .api import load_options
     from .loader import load_tokenizer, plan_load
-    from .plugins import registered_kernels
+    from .plugins import registered_kernels, resolve
     from .prompts import choose_prompt_format
 
     resolved = resolve(source, revision=revision, allow_pickle=allow_pickle)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
-from .api import load_options, resolve
+from .api import load_options
 from .config import QuantizeConfig
 from .hookspecs import hookimpl
 from .loader import plan_load
+from .plugins import resolve
 from .selection import WORKLOAD_TEXT
 from .types import KernelVerdict
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .api import load_model, load_options, resolve
+from .api import load_model, load_options
+from .plugins import resolve
 from .loaded_model import LoadedModel
 
 

