@@ -279,11 +279,10 @@ class CudaQuantLinear(GPTQLinear):
         return out
 
     def _many_rows_wins(self, plan: ManyRowsPlan, M: int) -> bool:
-        """Whether q4_many_rows beats dequantize + cuBLAS for M rows (bench/many_rows.py on the H100, 2026-11-28
-        01:59 UTC, docs/PERFORMANCE.md): everywhere except for a 4-bit narrow layer split 4 ways or more
-        throughout with M > 256 (8192x1024 at m = 256 / 512: 24.6 / 33.0 us against 25.1 / 31.5 us), where the
-        dequantized weight is small and cuBLAS makes better use of it. (3-bit there: 25.7 / 33.7 against
-        31.2 / 36.4 us.) Layers it cannot serve at all have no cu_xidx_wgmma: prepare decides that."""
+        """Whether q4_many_rows beats dequantize + cuBLAS for M rows: everywhere except for a 4-bit narrow layer
+        split 4 ways or more throughout with M > 256, whose dequantized weight is small enough for cuBLAS to use
+        better (bench/many_rows.py measures it; docs/PERFORMANCE.md). Layers it cannot serve at all have no
+        cu_xidx_wgmma: prepare decides that."""
         if self.many_rows_config is not None:  # a benchmark or test asks for this path
             return True
         return not (self.bits == 4 and plan.whole == 0 and plan.splits >= 4 and M > 256)
