@@ -30,7 +30,7 @@ from ..errors import KernelError
 from ..hookspecs import hookimpl
 from ..packing import pack, unpack
 from ..types import KernelSpec, LayerShape
-from .base import GPTQLinear
+from .base import GPTQLinear, scratch_lock
 from .measured import MEASURED_US
 
 # Dequantize scratch, float16 values (exllamav2's own default, 1 GiB at most). For more than 32 rows exllamav2
@@ -81,8 +81,10 @@ class ExllamaQuantLinear(GPTQLinear):
         if self.zero_offset == 0:  # v2 zeros -> v1 (stored zero = zero - 1)
             zeros = unpack(qzeros, self.bits, 1, self.out_features)
             if bool((zeros == 0).any()):
-                raise KernelError("the exllama kernel reads v1 zero points and this gptq_v2 checkpoint stores a "
-                                  "zero point of 0, which v1 cannot represent; use kernel 'triton' or 'torch'")
+                raise KernelError(
+                    "the exllama kernel reads v1 zero points and this gptq_v2 checkpoint stores a "
+                    "zero point of 0, which v1 cannot represent; use kernel 'triton' or 'torch'"
+                )
             qzeros = pack(zeros - 1, self.bits, 1)
         qzeros = qzeros[:, : self.out_features // 8].contiguous()  # packed_size pads columns to a multiple of 32
         scales = self.scales.to(torch.float16).contiguous()
@@ -92,8 +94,10 @@ class ExllamaQuantLinear(GPTQLinear):
         if act_order:
             counts = torch.bincount(self.g_idx.long(), minlength=self.in_features // self.group_size)
             if bool((counts != self.group_size).any()):
-                raise KernelError("the exllama kernel needs every act-order group to hold exactly group_size "
-                                  f"({self.group_size}) rows; this layer's g_idx does not")
+                raise KernelError(
+                    "the exllama kernel needs every act-order group to hold exactly group_size "
+                    f"({self.group_size}) rows; this layer's g_idx does not"
+                )
             q_perm = torch.empty(self.in_features, dtype=torch.int16, device=device)
             q_invperm = torch.empty_like(q_perm)
             g_idx = self.g_idx.to(device="cpu", dtype=torch.int32).contiguous()
@@ -102,8 +106,9 @@ class ExllamaQuantLinear(GPTQLinear):
         max_dq_rows = max(1, min(self.in_features, _SCRATCH_ELEMENTS // self.out_features))
         scratch = _scratch_for(device, max_dq_rows * self.out_features)
         with torch.cuda.device(device):
-            self._handle = ext.make_q_matrix(qweight, q_perm, q_invperm, none, none, none, none, qzeros, scales,
-                                             g_idx, none, scratch, max_dq_rows)
+            self._handle = ext.make_q_matrix(
+                qweight, q_perm, q_invperm, none, none, none, none, qzeros, scales, g_idx, none, scratch, max_dq_rows
+            )
         weakref.finalize(self, ext.free_q_matrix, self._handle)  # the handle is a host-side C++ object
         # exllamav2 keeps raw pointers into all of these (qweight now holds its own row order)
         self._keep = (qweight, q_perm, q_invperm, qzeros, scales, scratch)
