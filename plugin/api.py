@@ -6,7 +6,7 @@ and its explanation cannot disagree about a device or a dtype. Sources are resol
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,12 +30,28 @@ def load_options(
     allow_pickle: bool = False,
     load_tokenizer: bool = True,
     progress: Callable[[str], None] | None = None,
+    engine: str = "auto",
+    kv_cache: int | str | None = None,
 ) -> LoadOptions:
     """`load_model`'s keywords as `LoadOptions`: the device parsed (None = CUDA if present), the dtype defaulted."""
     dev = device if isinstance(device, DeviceInfo) else DeviceInfo.parse(device)
-    return LoadOptions(kernel=kernel, device=dev, dtype=dtype or default_dtype(dev),
-                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, load_tokenizer=load_tokenizer,
-                       progress=progress)
+    if engine not in ("auto", "off"):
+        raise GPTQBridgeError(f"engine: {engine!r} is not one of 'auto', 'off'")
+    if kv_cache is not None:
+        from .engine.kv_cache import parse_budget
+
+        parse_budget(kv_cache)
+    return LoadOptions(
+        kernel=kernel,
+        device=dev,
+        dtype=dtype or default_dtype(dev),
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        load_tokenizer=load_tokenizer,
+        progress=progress,
+        engine=engine,
+        kv_cache=kv_cache,
+    )
 
 
 def load_model(
@@ -49,20 +65,35 @@ def load_model(
     allow_pickle: bool = False,
     load_tokenizer: bool = True,
     progress: Callable[[str], None] | None = None,
+    engine: str = "auto",
+    kv_cache: int | str | None = None,
 ) -> LoadedModel:
     """Load a GPTQ checkpoint (a directory, or a hub id `org/name[:branch]`) ready to run.
 
     With no source, the embedded default model (prepared on first use, see default_model.py).
     The first loader plugin that accepts the source loads it; the built-in loader goes last.
     `progress`, if given, is called with a line of text as loading reaches each weight file.
+    `engine`: "auto" generates Llama-family models in the decode engine (batched requests, a paged KV cache,
+    CUDA graphs on a GPU); "off" uses transformers' forward, one generation at a time. `kv_cache` sets the
+    engine's cache budget: tokens (8192) or a size ("4GiB"); by default half the free GPU memory, or four
+    contexts on the CPU.
     """
     if source is None:
         from .default_model import default_source
 
         source = default_source()
     resolved = resolve(source, revision=revision, allow_pickle=allow_pickle)
-    options = load_options(kernel=kernel, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                           allow_pickle=allow_pickle, load_tokenizer=load_tokenizer, progress=progress)
+    options = load_options(
+        kernel=kernel,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        load_tokenizer=load_tokenizer,
+        progress=progress,
+        engine=engine,
+        kv_cache=kv_cache,
+    )
     loaded = get_plugin_manager().hook.gptq_load_model(source=resolved, options=options)
     if loaded is None:
         raise GPTQBridgeError(f"{source}: no loader plugin accepted this source")

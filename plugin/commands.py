@@ -35,9 +35,17 @@ def open_model(args):
     source = model_source(args)
     progress(args, f"loading {source} ...")
     start = time.perf_counter()
-    lm = load_model(source, kernel=args.kernel, device=args.device, revision=args.revision,
-                    trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                    progress=lambda line: progress(args, line))
+    lm = load_model(
+        source,
+        kernel=args.kernel,
+        device=args.device,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+        progress=lambda line: progress(args, line),
+        engine=args.engine,
+        kv_cache=int(args.kv_cache) if args.kv_cache and args.kv_cache.isdigit() else args.kv_cache,
+    )
     from .prompts import choose_prompt_format
 
     explicit = getattr(args, "prompt_format", None)
@@ -48,10 +56,31 @@ def open_model(args):
     return lm
 
 
+def add_engine_arguments(p) -> None:
+    g = p.add_argument_group("decode engine")
+    g.add_argument(
+        "--engine",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: Llama-family models run in the decode engine; off: transformers' forward",
+    )
+    g.add_argument(
+        "--kv-cache",
+        default=None,
+        metavar="BUDGET",
+        help="the engine's KV cache: tokens (8192) or a size (4GiB); default: half the free GPU "
+        "memory, or four contexts on the CPU",
+    )
+
+
 def add_sampling_arguments(p) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="at most this many new tokens (default 256, or half the context if that is shorter)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="at most this many new tokens (default 256, or half the context if that is shorter)",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -68,11 +97,19 @@ def add_sampling_arguments(p) -> None:
     g.add_argument("--add-bos", dest="add_bos", action="store_true", default=None, help="always start with BOS")
     g.add_argument("--no-add-bos", dest="add_bos", action="store_false", help="never add a BOS token")
     g.add_argument("--keep-special-tokens", action="store_true", help="show special tokens in the text")
-    g.add_argument("--prompt-format", default=None, metavar="NAME",
-                   help="how chat messages become text (see `gptq-bridge info`); default: chosen from the model")
+    g.add_argument(
+        "--prompt-format",
+        default=None,
+        metavar="NAME",
+        help="how chat messages become text (see `gptq-bridge info`); default: chosen from the model",
+    )
     g.add_argument("--system", default=None, help="a system message")
-    g.add_argument("--truncate", choices=("left", "error"), default="left",
-                   help="a prompt longer than the context: cut its start (default) or refuse")
+    g.add_argument(
+        "--truncate",
+        choices=("left", "error"),
+        default="left",
+        help="a prompt longer than the context: cut its start (default) or refuse",
+    )
     g.add_argument("--context-length", type=int, default=None, help="use at most this many tokens of context")
 
 
@@ -80,12 +117,24 @@ def sampling_params(args) -> dict:
     """The generation keywords the command line gave (max_new_tokens only when given: its default adapts)."""
     given = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}
     return dict(
-        **given, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-        repetition_penalty_range=args.repetition_penalty_range, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, banned_token_ids=args.ban_token,
-        ban_eos=args.ban_eos, add_bos=args.add_bos, skip_special_tokens=not args.keep_special_tokens,
-        truncate=args.truncate, context_length=args.context_length,
+        **given,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        typical_p=args.typical_p,
+        repetition_penalty=args.repetition_penalty,
+        repetition_penalty_range=args.repetition_penalty_range,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        banned_token_ids=args.ban_token,
+        ban_eos=args.ban_eos,
+        add_bos=args.add_bos,
+        skip_special_tokens=not args.keep_special_tokens,
+        truncate=args.truncate,
+        context_length=args.context_length,
     )
 
 
@@ -125,14 +174,17 @@ def _cmd_generate(args) -> int:
     request_keys = ("truncate", "context_length")
     make_params(**{k: v for k, v in params.items() if k not in request_keys})  # bad values fail before loading
     if args.raw and (args.system or args.input or args.prompt_format):
-        raise GPTQBridgeError("--raw sends the prompt as it is; it cannot be combined with --system, --input or "
-                              "--prompt-format")
+        raise GPTQBridgeError(
+            "--raw sends the prompt as it is; it cannot be combined with --system, --input or --prompt-format"
+        )
     lm = open_model(args)
     if args.raw:
         prompt = text
         extra = {}
     else:
-        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": text}
+        ]
         extra = {"input": args.input} if args.input else {}
     start = time.perf_counter()
     cancel = threading.Event()
@@ -151,8 +203,10 @@ def _cmd_generate(args) -> int:
         out["seconds"] = round(elapsed, 3)
         print(json.dumps(out, ensure_ascii=False))
     if result.truncated_prompt_tokens:
-        progress(args, f"the prompt was longer than the context: its first {result.truncated_prompt_tokens} "
-                       "tokens were dropped")
+        progress(
+            args,
+            f"the prompt was longer than the context: its first {result.truncated_prompt_tokens} tokens were dropped",
+        )
     progress(args, f"{result.usage.completion_tokens} tokens in {elapsed:.1f} s, finish: {result.finish_reason}")
     return 130 if result.finish_reason == "cancelled" else 0
 
@@ -189,7 +243,7 @@ def fit_history(lm, history: list[dict], params: dict) -> tuple[list[dict], int]
             return history, dropped
         first = turns[0]
         cut = 2 if len(turns) > 2 and history[first + 1]["role"] == "assistant" else 1
-        history = history[:first] + history[first + cut:]
+        history = history[:first] + history[first + cut :]
         dropped += cut
 
 
@@ -236,8 +290,11 @@ def _cmd_chat(args) -> int:
             with ctrl_c_cancels(cancel):
                 asked, dropped = fit_history(lm, history + [{"role": "user", "content": line}], params)
                 if dropped:
-                    print(f"(the conversation outgrew the context: its {dropped} oldest messages are left out)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"(the conversation outgrew the context: its {dropped} oldest messages are left out)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 with lm.stream(asked, cancel=cancel, **params) as stream:
                     write_stream(stream, sys.stdout)
         except KeyboardInterrupt:  # Ctrl-C in the instant before the handler was in place: drop the question
@@ -250,8 +307,12 @@ def _cmd_chat(args) -> int:
         if result.finish_reason == "cancelled":
             print("(answer stopped)", file=sys.stderr, flush=True)
         if result.truncated_prompt_tokens:
-            print(f"(the conversation outgrew the context: its first {result.truncated_prompt_tokens} tokens "
-                  "were left out; /reset starts afresh)", file=sys.stderr, flush=True)
+            print(
+                f"(the conversation outgrew the context: its first {result.truncated_prompt_tokens} tokens "
+                "were left out; /reset starts afresh)",
+                file=sys.stderr,
+                flush=True,
+            )
         history.append({"role": "assistant", "content": result.text})
 
 
@@ -280,8 +341,16 @@ def kernel_layer_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def model_info(source: str, *, device=None, kernel: str = "auto", revision=None, trust_remote_code=False,
-               allow_pickle=False, prompt_format: str | None = None) -> dict:
+def model_info(
+    source: str,
+    *,
+    device=None,
+    kernel: str = "auto",
+    revision=None,
+    trust_remote_code=False,
+    allow_pickle=False,
+    prompt_format: str | None = None,
+) -> dict:
     """What `info` shows, without reading any weights: settings, kernel, prompt format, size, memory."""
     import torch
 
@@ -291,8 +360,7 @@ def model_info(source: str, *, device=None, kernel: str = "auto", revision=None,
     from .prompts import choose_prompt_format
 
     resolved = resolve(source, revision=revision, allow_pickle=allow_pickle)
-    options = load_options(kernel=kernel, device=device, trust_remote_code=trust_remote_code,
-                           allow_pickle=allow_pickle)
+    options = load_options(kernel=kernel, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     dev, dtype = options.device, options.dtype
     plan = plan_load(resolved, options)
     tokenizer = load_tokenizer(resolved.path, trust_remote_code)
@@ -335,6 +403,7 @@ def model_info(source: str, *, device=None, kernel: str = "auto", revision=None,
         "device": str(dev),
         "dtype": str(dtype).removeprefix("torch."),
         "kernel": plan.choice.chosen,
+        "generation": generation_path(plan.model),
         "prompt_format": choice.name,
         "prompt_format_reason": choice.reason,
         "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
@@ -343,6 +412,16 @@ def model_info(source: str, *, device=None, kernel: str = "auto", revision=None,
         "kv_cache_bytes_per_token": kv_per_token,
         "kv_cache_bytes_full_context": kv_per_token * (ctx or 0),
     }
+
+
+def generation_path(hf_model) -> str:
+    """Which generator a model takes: the decode engine, or transformers' forward and why."""
+    from .engine.forward import unsupported_reason
+
+    reason = unsupported_reason(hf_model)
+    if reason is None:
+        return "decode engine (requests batched, paged KV cache; CUDA graphs on a GPU)"
+    return f"transformers' forward, one request at a time ({reason})"
 
 
 def format_info(i: dict) -> str:
@@ -355,6 +434,7 @@ def format_info(i: dict) -> str:
         f"vocabulary {i['vocab_size']}, context {i['context_length']}",
         f"quantization:  {i['quantization']}  (from {i['config_file']}; {i['quantized_linears']} quantized Linears)",
         f"kernel:        {i['kernel']} on {i['device']}, {i['dtype']}  (`gptq-bridge explain` says why)",
+        f"generation:    {i['generation']}",
         f"prompt format: {i['prompt_format']}  ({i['prompt_format_reason']})",
         f"tokenizer:     {i['tokenizer'] or 'none (this checkpoint cannot generate text)'}",
         f"parameters:    {count}",
@@ -365,9 +445,15 @@ def format_info(i: dict) -> str:
 
 
 def _cmd_info(args) -> int:
-    info = model_info(args.source, device=args.device, kernel=args.kernel, revision=args.revision,
-                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                      prompt_format=args.prompt_format)
+    info = model_info(
+        args.source,
+        device=args.device,
+        kernel=args.kernel,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+        prompt_format=args.prompt_format,
+    )
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
@@ -378,6 +464,7 @@ def gptq_register_commands(subparsers):
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read from stdin)")
     p.add_argument("--model", "-m", default=None, metavar="SOURCE", help="model directory or hub id org/name[:branch]")
     add_source_arguments(p)
+    add_engine_arguments(p)
     add_sampling_arguments(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, without the prompt format")
     p.add_argument("--input", default=None, help="extra input for formats with an input block (alpaca)")
@@ -388,6 +475,7 @@ def gptq_register_commands(subparsers):
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (or over piped lines)")
     p.add_argument("--model", "-m", default=None, metavar="SOURCE", help="model directory or hub id org/name[:branch]")
     add_source_arguments(p)
+    add_engine_arguments(p)
     add_sampling_arguments(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_cmd_chat)

@@ -25,9 +25,9 @@ import torch
 
 from .errors import GPTQBridgeError
 from .hookspecs import hookimpl
+from .reply import Reply
 from .sampling import Sampler
-from .stopping import StopMatcher
-from .types import GenerationChunk, GenerationRequest, GenerationResult, Usage
+from .types import GenerationChunk, GenerationRequest, GenerationResult
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a whole UTF-8 character
 
@@ -55,9 +55,9 @@ class IncrementalDecoder:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
     def _delta(self) -> str:
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        return after[len(before):] if len(after) > len(before) else ""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        return after[len(before) :] if len(after) > len(before) else ""
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -93,9 +93,11 @@ class Prepared:
 def eos_token_ids(model) -> set[int]:
     """EOS ids from the tokenizer, the model config and the generation config (chat models often add one)."""
     found: set[int] = set()
-    sources = [getattr(model.tokenizer, "eos_token_id", None),
-               getattr(getattr(model.model, "config", None), "eos_token_id", None),
-               getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)]
+    sources = [
+        getattr(model.tokenizer, "eos_token_id", None),
+        getattr(getattr(model.model, "config", None), "eos_token_id", None),
+        getattr(getattr(model.model, "generation_config", None), "eos_token_id", None),
+    ]
     for value in sources:
         if isinstance(value, int):
             found.add(value)
@@ -175,11 +177,13 @@ def prepare(model, request: GenerationRequest) -> Prepared:
         budget = ctx - max_new
         if len(ids) > budget:
             if request.truncate == "error":
-                raise GPTQBridgeError(f"prompt: {len(ids)} tokens, but only {budget} fit ({ctx}-token context minus "
-                                      f"max_new_tokens={max_new}); pass truncate='left' to cut it")
+                raise GPTQBridgeError(
+                    f"prompt: {len(ids)} tokens, but only {budget} fit ({ctx}-token context minus "
+                    f"max_new_tokens={max_new}); pass truncate='left' to cut it"
+                )
             truncated = len(ids) - budget
             keep_bos = ids[0] == getattr(tok, "bos_token_id", None) and budget > 1
-            ids = ([ids[0]] + ids[truncated + 1:]) if keep_bos else ids[truncated:]
+            ids = ([ids[0]] + ids[truncated + 1 :]) if keep_bos else ids[truncated:]
 
     # stop strings that are special tokens are matched as tokens: skip_special_tokens hides them from the text
     added = {}
@@ -189,15 +193,23 @@ def prepare(model, request: GenerationRequest) -> Prepared:
         pass
     stop_token_ids = {added[s]: s for s in stops if s in added}
     vocab = getattr(getattr(model.model, "config", None), "vocab_size", None) or len(tok)
-    return Prepared(ids=ids, truncated=truncated, stops=stops, stop_token_ids=stop_token_ids,
-                    eos_ids=eos_token_ids(model), prompt_format=fmt_name, context_length=ctx, vocab_size=vocab,
-                    max_new_tokens=max_new)
+    return Prepared(
+        ids=ids,
+        truncated=truncated,
+        stops=stops,
+        stop_token_ids=stop_token_ids,
+        eos_ids=eos_token_ids(model),
+        prompt_format=fmt_name,
+        context_length=ctx,
+        vocab_size=vocab,
+        max_new_tokens=max_new,
+    )
 
 
 # --- the forward pass ----------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_argument(model_type: type) -> str:
     """transformers 5 renamed `past_key_values` to `cache`; use whichever this model's forward takes."""
     params = inspect.signature(model_type.forward).parameters
@@ -246,7 +258,7 @@ class Decoder:
         for start in range(0, len(ids), PREFILL_CHUNK):
             if start and cancelled():
                 return None
-            logits = self._forward(ids[start:start + PREFILL_CHUNK])
+            logits = self._forward(ids[start : start + PREFILL_CHUNK])
         return logits
 
     def step(self, token: int) -> torch.Tensor:
@@ -268,33 +280,50 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-def run(model, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[GenerationChunk | GenerationResult]:
-    """Validate and prepare now (errors surface at the call), generate lazily as the iterator is consumed."""
+@dataclass
+class Generation:
+    """One request ready to generate: what `prepare` found, its sampler, and the reply its tokens go to."""
+
+    prep: Prepared
+    sampler: Sampler
+    reply: Reply
+    fields: dict  # the result's fields that generation does not change
+
+    def result(self) -> GenerationResult:
+        return self.reply.result(len(self.prep.ids), **self.fields)
+
+
+def begin(model, request: GenerationRequest) -> Generation:
+    """Validate and prepare a request (errors surface here, at the call); shared by every built-in generator."""
     prep = prepare(model, request)
     params = request.params
     seed = params.seed if params.seed is not None else random_seed()
-    sampler = Sampler(params, prep.vocab_size, prep.eos_ids, seed)
-    matcher = StopMatcher(prep.stops)
-    return _generate(model, request, prep, sampler, matcher, seed, cancel)
+    reply = Reply(
+        IncrementalDecoder(model.tokenizer, params.skip_special_tokens), prep.stops, prep.stop_token_ids, prep.eos_ids
+    )
+    fields = dict(prompt_format=prep.prompt_format, seed=seed, truncated_prompt_tokens=prep.truncated)
+    return Generation(prep, Sampler(params, prep.vocab_size, prep.eos_ids, seed), reply, fields)
 
 
-def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMatcher, seed: int,
-              cancel: threading.Event | None) -> Iterator[GenerationChunk | GenerationResult]:
-    params = request.params
+def run(
+    model, request: GenerationRequest, cancel: threading.Event | None = None
+) -> Iterator[GenerationChunk | GenerationResult]:
+    """Prepare now, generate lazily as the iterator is consumed."""
+    return _generate(model, begin(model, request), cancel)
+
+
+def _generate(model, gen: Generation, cancel: threading.Event | None) -> Iterator[GenerationChunk | GenerationResult]:
+    prep, reply = gen.prep, gen.reply
     cancelled = cancel.is_set if cancel is not None else (lambda: False)
-    result = dict(prompt_format=prep.prompt_format, seed=seed, truncated_prompt_tokens=prep.truncated)
     if not _acquire(model.generation_lock, cancel):
-        yield GenerationResult(text="", finish_reason="cancelled", usage=Usage(prompt_tokens=len(prep.ids),
-                               completion_tokens=0), **result)
+        reply.close("cancelled")
+        yield gen.result()
         return
     try:
-        decoder = IncrementalDecoder(model.tokenizer, params.skip_special_tokens)
         context = torch.empty(len(prep.ids) + prep.max_new_tokens, dtype=torch.long)
         context[: len(prep.ids)] = torch.tensor(prep.ids)
         n = len(prep.ids)
-        generated: list[int] = []
-        text, unreported = "", []
-        finish, stop_string = "length", None
+        finish = "length"
         if cancelled():
             finish = "cancelled"
         else:
@@ -303,42 +332,22 @@ def _generate(model, request, prep: Prepared, sampler: Sampler, matcher: StopMat
             if logits is None:
                 finish = "cancelled"
             for step in range(prep.max_new_tokens if logits is not None else 0):
-                token = sampler(logits, context[:n])
-                generated.append(token)
-                unreported.append(token)
+                token = gen.sampler(logits, context[:n])
                 context[n] = token
                 n += 1
-                if token in prep.stop_token_ids:
-                    finish, stop_string = "stop", prep.stop_token_ids[token]
-                    break
-                if token in prep.eos_ids:
-                    finish = "eos"
-                    break
-                out = matcher.feed(decoder.add(token))
-                if out:
-                    text += out
-                    yield GenerationChunk(text=out, full_text=text, token_ids=unreported)
-                    unreported = []
-                if matcher.stopped is not None:
-                    finish, stop_string = "stop", matcher.stopped
-                    break
-                if step == prep.max_new_tokens - 1:
+                chunk = reply.add(token)
+                if chunk is not None:
+                    yield chunk
+                if reply.finish is not None or step == prep.max_new_tokens - 1:
                     break
                 if cancelled():
                     finish = "cancelled"
                     break
                 logits = net.step(token)
-        if matcher.stopped is None:  # ended by length, EOS, a stop token or a cancel: release what was held
-            tail = matcher.feed(decoder.flush())
-            if matcher.stopped is not None:  # the last piece completed a stop string (it came before any stop token)
-                finish, stop_string = "stop", matcher.stopped
-            tail += matcher.flush()
-            if tail:
-                text += tail
-                yield GenerationChunk(text=tail, full_text=text, token_ids=unreported)
-        final = GenerationResult(text=text, finish_reason=finish, stop_string=stop_string,
-                                 usage=Usage(prompt_tokens=len(prep.ids), completion_tokens=len(generated)),
-                                 token_ids=generated, **result)
+        tail = reply.close(finish)  # ended by length, EOS, a stop or a cancel: release what was held
+        if tail is not None:
+            yield tail
+        final = gen.result()
     finally:
         model.generation_lock.release()
     yield final  # after releasing the model: a caller holding on to a finished stream blocks nobody

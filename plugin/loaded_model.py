@@ -25,7 +25,10 @@ class LoadedModel:
     weight_files: list[str] = field(default_factory=list)
     # the prompt format for chat messages when a request names none (None: chosen from the model, prompts.py)
     prompt_format: str | None = None
-    # generations on one model run one at a time (they share its weights and, on a GPU, its memory)
+    # the decode engine: "auto" (Llama-family models batch their requests in it) or "off"; its KV-cache budget
+    engine: str = "auto"
+    kv_cache: int | str | None = None
+    # generations outside the engine run one at a time (they share the weights and, on a GPU, the memory)
     generation_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property

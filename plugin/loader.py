@@ -5,7 +5,8 @@
 3. find the quantized Linears (those with a `.qweight` tensor), select a kernel (selection.py) and swap
    each Linear for the kernel's module, also on meta;
 4. stream the tensors file by file, checking each name, shape and dtype, straight to the target device;
-5. tie embeddings, check nothing was left unloaded, and let each kernel module `prepare()` its layout.
+5. tie embeddings, check nothing was left unloaded; on CUDA, fuse q/k/v and gate/up (fusion.py);
+   let each kernel module `prepare()` its layout.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from .checkpoint import WeightFiles, find_weight_files, iter_tensors, read_metadata, tensor_names
 from .config import ConfigFile, QuantizeConfig, read_quantize_config
 from .errors import CheckpointError
+from .fusion import fuse_projections
 from .hookspecs import hookimpl
 from .kernels.base import GPTQLinear
 from .loaded_model import LoadedModel
@@ -45,9 +47,17 @@ def quantized_layers(model: nn.Module, names: dict[str, Path]) -> list[LayerShap
         except AttributeError:
             module = None
         if not isinstance(module, nn.Linear):
-            raise CheckpointError(f"{path}: tensor {key!r} has no matching Linear layer in the {type(model).__name__} model")
-        layers.append(LayerShape(name=prefix, in_features=module.in_features, out_features=module.out_features,
-                                 bias=module.bias is not None))
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has no matching Linear layer in the {type(model).__name__} model"
+            )
+        layers.append(
+            LayerShape(
+                name=prefix,
+                in_features=module.in_features,
+                out_features=module.out_features,
+                bias=module.bias is not None,
+            )
+        )
     if not layers:
         files = ", ".join(sorted({p.name for p in names.values()}))
         raise CheckpointError(f"{files}: no quantized layers (no '.qweight' tensors); is this a GPTQ checkpoint?")
@@ -86,7 +96,11 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, options
         module = model.get_submodule(prefix)
     except AttributeError:
         module = None
-    current = None if module is None else (module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr))
+    current = (
+        None
+        if module is None
+        else (module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr))
+    )
     if module is None or (attr not in module._parameters and attr not in module._buffers):
         raise CheckpointError(f"{path}: tensor {key!r} does not belong to the {type(model).__name__} model")
     if current is None:
@@ -104,8 +118,10 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, options
     if attr == "g_idx" and isinstance(module, GPTQLinear) and tensor.numel():
         groups = module.scales.shape[0]
         if int(tensor.min()) < 0 or int(tensor.max()) >= groups:
-            raise CheckpointError(f"{path}: tensor {key!r} names groups {int(tensor.min())}..{int(tensor.max())}, "
-                                  f"but the layer has {groups} groups (0..{groups - 1})")
+            raise CheckpointError(
+                f"{path}: tensor {key!r} names groups {int(tensor.min())}..{int(tensor.max())}, "
+                f"but the layer has {groups} groups (0..{groups - 1})"
+            )
     value = tensor.to(device=options.device.torch_device, dtype=current.dtype)
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -167,8 +183,9 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
     for key, tensor, path in iter_tensors(plan.weights):
         if options.progress and path != current:
             current = path
-            options.progress(f"reading {path.name} ({files.index(path) + 1}/{len(files)}, "
-                             f"{path.stat().st_size / 1e9:.2f} GB)")
+            options.progress(
+                f"reading {path.name} ({files.index(path) + 1}/{len(files)}, {path.stat().st_size / 1e9:.2f} GB)"
+            )
         if not key.endswith(IGNORED_SUFFIXES):
             _place(model, key, tensor, path, options)
 
@@ -184,15 +201,26 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
         files = ", ".join(p.name for p in plan.weights.files)
         raise CheckpointError(f"{files}: missing tensors {shown}")
 
+    if options.device.type == "cuda" and options.engine != "off":
+        fuse_projections(model, plan.kernel, config, options.dtype)
     model.to(options.device.torch_device)
     for module in model.modules():
         if isinstance(module, GPTQLinear):
             module.prepare()
     model.eval()
     tokenizer = load_tokenizer(source.path, options.trust_remote_code) if options.load_tokenizer else None
-    return LoadedModel(model=model, tokenizer=tokenizer, config_file=plan.config_file, choice=plan.choice,
-                       source=source, device=options.device, dtype=options.dtype,
-                       weight_files=[str(p) for p in plan.weights.files])
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config_file=plan.config_file,
+        choice=plan.choice,
+        source=source,
+        device=options.device,
+        dtype=options.dtype,
+        weight_files=[str(p) for p in plan.weights.files],
+        engine=options.engine,
+        kv_cache=options.kv_cache,
+    )
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -207,4 +235,6 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many kinds; all mean "this tokenizer cannot be used"
-        raise CheckpointError(f"{model_dir}: the tokenizer files cannot be loaded: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{model_dir}: the tokenizer files cannot be loaded: {str(exc).splitlines()[0]}"
+        ) from None

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import metadata
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pluggy
 
@@ -43,6 +44,7 @@ DEFAULT_PLUGINS = (
     "gptq_bridge.loader",
     "gptq_bridge.explain",
     "gptq_bridge.quantize.command",
+    "gptq_bridge.engine.generator",
     "gptq_bridge.generation",
     "gptq_bridge.prompts",
     "gptq_bridge.commands",
@@ -95,16 +97,22 @@ def load_entry_point_plugins(pm: pluggy.PluginManager, wanted: str | None) -> No
                 if exc.name is None or not name.startswith(exc.name):
                     raise  # the plugin was found, but something it imports is missing
                 names = ", ".join(sorted(available)) or "none installed"
-                raise GPTQBridgeError(f"{LOAD_PLUGINS_ENV}: {name!r} is neither an entry point of the "
-                                      f"{hookspecs.PROJECT!r} group ({names}) nor an importable module") from None
+                raise GPTQBridgeError(
+                    f"{LOAD_PLUGINS_ENV}: {name!r} is neither an entry point of the "
+                    f"{hookspecs.PROJECT!r} group ({names}) nor an importable module"
+                ) from None
         pm.register(plugin, name=name)
 
 
 T = TypeVar("T")
 
 
-def collect_registry(hook: Callable[..., object], kind: str, expected: type[T],
-                     names: Callable[[T], list[str]] = lambda item: [item.name]) -> list[T]:
+def collect_registry(
+    hook: Callable[..., object],
+    kind: str,
+    expected: type[T],
+    names: Callable[[T], list[str]] = lambda item: [item.name],
+) -> list[T]:
     """Call a `gptq_register_*` hook and check what the plugins registered: each item is an `expected`, and no
     name (as `names` gives them, aliases included) is registered twice. Errors name the kind and the item."""
     items: list = []
@@ -123,8 +131,9 @@ def collect_registry(hook: Callable[..., object], kind: str, expected: type[T],
 def resolve(source: str, *, revision: str | None = None, allow_pickle: bool = False) -> ResolvedSource:
     """A source string to a local checkpoint directory, by the first `gptq_resolve_source` plugin that knows it
     (the built-in sources.py goes last)."""
-    resolved = get_plugin_manager().hook.gptq_resolve_source(source=source, revision=revision,
-                                                              allow_pickle=allow_pickle)
+    resolved = get_plugin_manager().hook.gptq_resolve_source(
+        source=source, revision=revision, allow_pickle=allow_pickle
+    )
     if resolved is None:
         raise GPTQBridgeError(f"{source}: no source plugin resolved this source")
     return resolved
@@ -133,5 +142,6 @@ def resolve(source: str, *, revision: str | None = None, allow_pickle: bool = Fa
 def registered_kernels(pm: pluggy.PluginManager | None = None) -> list[KernelSpec]:
     """Every kernel the registered plugins provide; names and aliases must be unique."""
     pm = pm or get_plugin_manager()
-    return collect_registry(pm.hook.gptq_register_kernels, "kernel", KernelSpec,
-                            lambda spec: [spec.name, *sorted(spec.aliases)])
+    return collect_registry(
+        pm.hook.gptq_register_kernels, "kernel", KernelSpec, lambda spec: [spec.name, *sorted(spec.aliases)]
+    )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,7 +41,7 @@ class DeviceInfo(BaseModel):
         return self.type if self.index is None else f"{self.type}:{self.index}"
 
     @classmethod
-    def parse(cls, spec: str | torch.device | None) -> "DeviceInfo":
+    def parse(cls, spec: str | torch.device | None) -> DeviceInfo:
         """'cpu', 'cuda', 'cuda:1' or None (first CUDA device if there is one, else the CPU)."""
         from .errors import GPTQBridgeError
 
@@ -102,8 +103,9 @@ class KernelSpec(BaseModel):
     check_available: Callable[[], str | None] = Field(default=lambda: None)
     check_layer: Callable[[LayerShape, QuantizeConfig], str | None] = Field(default=lambda layer, config: None)
     # Whole-model check, run after the layer checks: (layers, config, device, dtype) -> reason or None.
-    check_model: Callable[[Any, QuantizeConfig, "DeviceInfo", torch.dtype], str | None] = Field(
-        default=lambda layers, config, device, dtype: None)
+    check_model: Callable[[Any, QuantizeConfig, DeviceInfo, torch.dtype], str | None] = Field(
+        default=lambda layers, config, device, dtype: None
+    )
 
     @field_validator("name")
     @classmethod
@@ -149,6 +151,8 @@ class LoadOptions(BaseModel):
     allow_pickle: bool = False
     load_tokenizer: bool = True
     progress: Callable[[str], None] | None = None  # told about each weight file as loading reaches it
+    engine: Literal["auto", "off"] = "auto"  # "off": generate with transformers' forward, one call at a time
+    kv_cache: int | str | None = None  # the engine's KV-cache budget: tokens (8192) or a size ("4GiB")
 
 
 # --- generation: the contract is fixed here, the generator itself lives in the generation module ---
@@ -223,7 +227,7 @@ class GenerationRequest(BaseModel):
     context_length: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "GenerationRequest":
+    def _one_prompt(self) -> GenerationRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt (a string) and messages (a list of chat messages)")
         if self.messages is not None and not self.messages:

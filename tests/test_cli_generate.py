@@ -11,12 +11,12 @@ import sys
 import time
 
 import pytest
+from gen_models import one_thread  # noqa: F401  (autouse fixture)
+from tiny_checkpoints import build
 
 import gptq_bridge
 from gptq_bridge.cli import main
 from gptq_bridge.errors import GPTQBridgeError
-from gen_models import one_thread  # noqa: F401  (autouse fixture)
-from tiny_checkpoints import build
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +56,57 @@ def test_generate_streams_the_answer_to_stdout(capsys, model_dir, lm):
     assert "loading" in err and "8 tokens" in err  # progress goes to stderr, not into the answer
 
 
+def test_generate_with_the_engine_off_or_a_kv_cache_budget(capsys, model_dir, lm):
+    want = lm.generate(user("the a of"), max_new_tokens=8, ban_eos=True).text + "\n"
+    for flags in (["--engine", "off"], ["--kv-cache", "512"], ["--kv-cache", "64KiB"]):
+        rc, out, _ = cli(capsys, "generate", "the a of", "-m", model_dir, "--max-new-tokens", "8", "--ban-eos", *flags)
+        assert (rc, out) == (0, want), flags
+    rc, out, err = cli(capsys, "generate", "the a of", "-m", model_dir, "--max-new-tokens", "100", "--kv-cache", "64")
+    assert rc != 0 and "kv_cache: this request needs" in err and "holds 64" in err
+    rc, out, err = cli(capsys, "generate", "the a of", "-m", model_dir, "--kv-cache", "plenty")
+    assert rc != 0 and "kv_cache: 'plenty' is not a budget" in err
+
+
 def test_generate_reads_the_prompt_from_stdin(capsys, monkeypatch, model_dir, lm):
-    rc, out, _ = cli(capsys, "generate", "-m", model_dir, "--max-new-tokens", "5", "-q", "--raw",
-                     stdin="the of to\n", monkeypatch=monkeypatch)
+    rc, out, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        model_dir,
+        "--max-new-tokens",
+        "5",
+        "-q",
+        "--raw",
+        stdin="the of to\n",
+        monkeypatch=monkeypatch,
+    )
     assert rc == 0 and out == lm.generate("the of to", max_new_tokens=5).text + "\n"
 
 
 def test_generate_json_with_seed_and_sampling_flags(capsys, model_dir):
-    argv = ["generate", "the a", "-m", model_dir, "--json", "-q", "--max-new-tokens", "6", "--temperature", "1.3",
-            "--top-k", "20", "--top-p", "0.95", "--min-p", "0.01", "--seed", "42", "--ban-eos", "--stop", "zzz"]
+    argv = [
+        "generate",
+        "the a",
+        "-m",
+        model_dir,
+        "--json",
+        "-q",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.3",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.95",
+        "--min-p",
+        "0.01",
+        "--seed",
+        "42",
+        "--ban-eos",
+        "--stop",
+        "zzz",
+    ]
     rc, out, err = cli(capsys, *argv)
     assert rc == 0 and err == ""
     first = json.loads(out)
@@ -77,8 +119,21 @@ def test_generate_json_with_seed_and_sampling_flags(capsys, model_dir):
 
 
 def test_generate_with_an_explicit_prompt_format(capsys, model_dir, lm):
-    rc, out, _ = cli(capsys, "generate", "the a", "-m", model_dir, "-q", "--prompt-format", "alpaca",
-                     "--input", "of to", "--max-new-tokens", "4", "--json")
+    rc, out, _ = cli(
+        capsys,
+        "generate",
+        "the a",
+        "-m",
+        model_dir,
+        "-q",
+        "--prompt-format",
+        "alpaca",
+        "--input",
+        "of to",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     result = json.loads(out)
     expected = lm.generate(user("the a"), prompt_format="alpaca", input="of to", max_new_tokens=4)
     assert rc == 0 and result["prompt_format"] == "alpaca" and result["token_ids"] == expected.token_ids
@@ -86,26 +141,52 @@ def test_generate_with_an_explicit_prompt_format(capsys, model_dir, lm):
 
 def test_generate_truncation_is_reported(capsys, model_dir):
     prompt = " ".join(["the"] * 30)
-    rc, out, err = cli(capsys, "generate", prompt, "-m", model_dir, "--raw", "--context-length", "20",
-                       "--max-new-tokens", "4", "--json")
+    rc, out, err = cli(
+        capsys,
+        "generate",
+        prompt,
+        "-m",
+        model_dir,
+        "--raw",
+        "--context-length",
+        "20",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert rc == 0 and json.loads(out)["truncated_prompt_tokens"] == 14
     assert "first 14 tokens were dropped" in err
-    rc, out, err = cli(capsys, "generate", prompt, "-m", model_dir, "--raw", "--context-length", "20",
-                       "--max-new-tokens", "4", "--truncate", "error")
+    rc, out, err = cli(
+        capsys,
+        "generate",
+        prompt,
+        "-m",
+        model_dir,
+        "--raw",
+        "--context-length",
+        "20",
+        "--max-new-tokens",
+        "4",
+        "--truncate",
+        "error",
+    )
     assert rc == 1 and "prompt: 30 tokens, but only 16 fit" in err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["generate", "hi", "-m", "{model}", "--top-p", "2"], "top_p: Input should be less than or equal to 1"),
-    (["generate", "hi", "-m", "{model}", "--temperature", "-1"], "temperature: Input should be greater"),
-    (["generate", "hi", "-m", "{model}", "--prompt-format", "nope"], "prompt_format 'nope' is not registered"),
-    (["generate", "hi", "-m", "{model}", "--raw", "--system", "s"], "--raw sends the prompt as it is"),
-    (["generate", "hi", "-m", "{model}", "--max-new-tokens", "999"], "max_new_tokens: 999"),
-    (["generate", "hi", "-m", "{model}", "--ban-token", "4000"], "banned_token_ids: 4000"),
-    (["generate", "hi", "-m", "/no/such/dir"], "no such directory"),
-    (["chat", "-m", "{model}", "--min-p", "3"], "min_p"),
-    (["info", "/no/such/dir"], "no such directory"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "hi", "-m", "{model}", "--top-p", "2"], "top_p: Input should be less than or equal to 1"),
+        (["generate", "hi", "-m", "{model}", "--temperature", "-1"], "temperature: Input should be greater"),
+        (["generate", "hi", "-m", "{model}", "--prompt-format", "nope"], "prompt_format 'nope' is not registered"),
+        (["generate", "hi", "-m", "{model}", "--raw", "--system", "s"], "--raw sends the prompt as it is"),
+        (["generate", "hi", "-m", "{model}", "--max-new-tokens", "999"], "max_new_tokens: 999"),
+        (["generate", "hi", "-m", "{model}", "--ban-token", "4000"], "banned_token_ids: 4000"),
+        (["generate", "hi", "-m", "/no/such/dir"], "no such directory"),
+        (["chat", "-m", "{model}", "--min-p", "3"], "min_p"),
+        (["info", "/no/such/dir"], "no such directory"),
+    ],
+)
 def test_errors_are_one_line_with_a_non_zero_exit(capsys, model_dir, argv, message):
     rc, out, err = cli(capsys, *[a.replace("{model}", model_dir) for a in argv])
     assert rc == 1 and out == ""
@@ -124,8 +205,9 @@ def test_debug_shows_the_exception(model_dir):
 
 def test_chat_keeps_history_and_resets(capsys, monkeypatch, model_dir, lm):
     lines = "the a\nof to\n/reset\nthe a\n/nonsense\n/exit\nnever read\n"
-    rc, out, err = cli(capsys, "chat", "-m", model_dir, "--max-new-tokens", "6", "--ban-eos",
-                       stdin=lines, monkeypatch=monkeypatch)
+    rc, out, err = cli(
+        capsys, "chat", "-m", model_dir, "--max-new-tokens", "6", "--ban-eos", stdin=lines, monkeypatch=monkeypatch
+    )
     assert rc == 0
     kw = dict(max_new_tokens=6, ban_eos=True)
     a1 = lm.generate(user("the a"), **kw).text
@@ -137,18 +219,44 @@ def test_chat_keeps_history_and_resets(capsys, monkeypatch, model_dir, lm):
 
 def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(capsys, monkeypatch, model_dir):
     lines = "".join(f"{' '.join(['the a of'] * 3)}\n" for _ in range(6))  # 9 tokens a question
-    rc, out, err = cli(capsys, "chat", "-m", model_dir, "--max-new-tokens", "6", "--ban-eos", "-q",
-                       "--context-length", "40", stdin=lines, monkeypatch=monkeypatch)
+    rc, out, err = cli(
+        capsys,
+        "chat",
+        "-m",
+        model_dir,
+        "--max-new-tokens",
+        "6",
+        "--ban-eos",
+        "-q",
+        "--context-length",
+        "40",
+        stdin=lines,
+        monkeypatch=monkeypatch,
+    )
     assert rc == 0 and len(out.splitlines()) == 6
     assert "oldest messages are left out" in err
     assert "tokens were left out" not in err  # whole exchanges went, the prompt itself was never cut
 
 
 def test_chat_with_a_system_message_ends_at_end_of_input(capsys, monkeypatch, model_dir, lm):
-    rc, out, _ = cli(capsys, "chat", "-m", model_dir, "--max-new-tokens", "4", "--system", "of of", "-q",
-                     "--prompt-format", "chatml", stdin="the\n", monkeypatch=monkeypatch)
-    expected = lm.generate([{"role": "system", "content": "of of"}] + user("the"), max_new_tokens=4,
-                           prompt_format="chatml")
+    rc, out, _ = cli(
+        capsys,
+        "chat",
+        "-m",
+        model_dir,
+        "--max-new-tokens",
+        "4",
+        "--system",
+        "of of",
+        "-q",
+        "--prompt-format",
+        "chatml",
+        stdin="the\n",
+        monkeypatch=monkeypatch,
+    )
+    expected = lm.generate(
+        [{"role": "system", "content": "of of"}] + user("the"), max_new_tokens=4, prompt_format="chatml"
+    )
     assert rc == 0 and out == expected.text + "\n"
 
 
@@ -240,9 +348,23 @@ def test_ctrl_c_stops_generate_with_the_text_so_far(model_dir):
     import subprocess
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "gptq_bridge.cli", "generate", "the a", "-m", model_dir,
-                             "--max-new-tokens", "200", "--ban-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gptq_bridge.cli",
+            "generate",
+            "the a",
+            "-m",
+            model_dir,
+            "--max-new-tokens",
+            "200",
+            "--ban-eos",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         first = proc.stdout.read(1)  # the answer has begun
         proc.send_signal(signal.SIGINT)
@@ -289,6 +411,7 @@ def test_info(capsys, ckpt, model_dir, lm):
     assert rc == 0
     assert re.search(rf"^kernel: +{re.escape(chosen)} on cpu", out, re.M)
     assert re.search(r"^prompt format: +plain", out, re.M)
+    assert re.search(r"^generation: +decode engine", out, re.M) and info["generation"].startswith("decode engine")
     assert re.search(rf"^parameters: +{info['parameters']:,}$", out, re.M)
     assert re.search(r"^memory: +weights [\d.]+ [KMG]iB \+ KV cache [\d.]+ KiB/token", out, re.M)
 

@@ -1,19 +1,39 @@
 """The generator on real tiny GPTQ models: KV cache, finish reasons, stop strings, UTF-8, seeds, truncation,
 cancellation and concurrency. Where a test needs known tokens, the model's output head is replaced by one with
-controlled logits (gen_models.ScriptedHead); the rest of the model runs as loaded."""
+controlled logits (gen_models.ScriptedHead); the rest of the model runs as loaded.
+
+Every test runs twice: through the decode engine (engine="auto", these are Llama models) and through
+transformers' forward (engine="off"), so both generators keep the same behaviour."""
 
 import shutil
 import threading
 
 import pytest
 import torch
+from gen_models import (
+    BYTE_VOCAB,
+    ScriptedHead,
+    byte_checkpoint,
+    byte_level_tokenizer,
+    one_thread,  # noqa: F401  (autouse fixture)
+    set_head,
+    word_checkpoint,
+)
 
 import gptq_bridge
 from gptq_bridge.errors import GPTQBridgeError
 from gptq_bridge.generation import IncrementalDecoder, prepare
 from gptq_bridge.stream import make_request
-from gen_models import one_thread  # noqa: F401  (autouse fixture)
-from gen_models import BYTE_VOCAB, ScriptedHead, byte_checkpoint, byte_level_tokenizer, set_head, word_checkpoint
+
+
+@pytest.fixture(scope="module", params=["auto", "off"])
+def engine(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def load(engine):
+    return lambda path, **kw: gptq_bridge.load_model(str(path), engine=engine, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +42,15 @@ def word_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lm(word_path):
+def lm(word_path, load):
     """Shared by the tests that leave the model as it is."""
-    return gptq_bridge.load_model(str(word_path))
+    return load(word_path)
 
 
 @pytest.fixture
-def fresh(word_path):
+def fresh(word_path, load):
     """A model of its own, for tests that change its output head."""
-    return gptq_bridge.load_model(str(word_path))
+    return load(word_path)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +153,8 @@ def test_held_text_is_released_when_the_stop_does_not_complete(fresh):
     assert result.finish_reason == "length" and result.text == "the a to"
 
 
-def test_special_token_stop_strings_match_as_tokens(byte_path):
-    lm = gptq_bridge.load_model(str(byte_path))
+def test_special_token_stop_strings_match_as_tokens(byte_path, load):
+    lm = load(byte_path)
     tok = lm.tokenizer
     script = ids(lm, "the cat") + [tok.convert_tokens_to_ids("<|im_end|>")] + ids(lm, " sat")
     set_head(lm, ScriptedHead(script, BYTE_VOCAB))
@@ -148,16 +168,16 @@ def test_special_token_stop_strings_match_as_tokens(byte_path):
     assert result.finish_reason == "stop" and result.stop_string == "<|im_end|>" and result.text == "the cat"
 
 
-def test_text_held_for_a_stop_string_is_released_when_a_stop_token_ends(byte_path):
-    lm = gptq_bridge.load_model(str(byte_path))
+def test_text_held_for_a_stop_string_is_released_when_a_stop_token_ends(byte_path, load):
+    lm = load(byte_path)
     script = ids(lm, "the c") + [lm.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     set_head(lm, ScriptedHead(script, BYTE_VOCAB))
     result = lm.generate("x", max_new_tokens=20, stop=["c at", "<|im_end|>"])  # 'c' waits to see if 'c at' follows
     assert result.text == "the c" and result.stop_string == "<|im_end|>"
 
 
-def test_keep_special_tokens(byte_path):
-    lm = gptq_bridge.load_model(str(byte_path))
+def test_keep_special_tokens(byte_path, load):
+    lm = load(byte_path)
     start = lm.tokenizer.convert_tokens_to_ids("<|im_start|>")
     script = [start] + ids(lm, "cat")
     set_head(lm, ScriptedHead(script, BYTE_VOCAB))
@@ -183,8 +203,8 @@ def test_incremental_decoding_never_emits_half_a_character():
     assert "" in pieces  # some tokens were only part of a character, and waited
 
 
-def test_streamed_utf8_from_the_model(byte_path):
-    lm = gptq_bridge.load_model(str(byte_path))
+def test_streamed_utf8_from_the_model(byte_path, load):
+    lm = load(byte_path)
     script = ids(lm, TEXT)
     set_head(lm, ScriptedHead(script, BYTE_VOCAB))
     stream = lm.stream("the", max_new_tokens=len(script))
@@ -193,8 +213,8 @@ def test_streamed_utf8_from_the_model(byte_path):
     assert not any("\ufffd" in c for c in chunks)
 
 
-def test_a_stop_string_made_of_multibyte_characters(byte_path):
-    lm = gptq_bridge.load_model(str(byte_path))
+def test_a_stop_string_made_of_multibyte_characters(byte_path, load):
+    lm = load(byte_path)
     script = ids(lm, TEXT)
     set_head(lm, ScriptedHead(script, BYTE_VOCAB))
     stream = lm.stream("the", max_new_tokens=len(script), stop=["🙂 the"])
@@ -205,10 +225,10 @@ def test_a_stop_string_made_of_multibyte_characters(byte_path):
 # --- prompts, BOS, truncation ---------------------------------------------------------------------------
 
 
-def test_messages_use_the_models_format_and_its_stop_strings(word_path, tmp_path):
+def test_messages_use_the_models_format_and_its_stop_strings(word_path, tmp_path, load):
     hermes = tmp_path / "Nous-Hermes-Llama2-70B-GPTQ"
     shutil.copytree(word_path, hermes)
-    lm = gptq_bridge.load_model(str(hermes))
+    lm = load(hermes)
     prep = prepare(lm, make_request([{"role": "user", "content": "the a"}], stop=["xyz"]))
     assert prep.prompt_format == "alpaca"
     assert prep.stops == ["xyz", "### Instruction:", "### Input:"]
@@ -219,7 +239,9 @@ def test_messages_use_the_models_format_and_its_stop_strings(word_path, tmp_path
     # the model's default format can be set, and a request can override it
     lm.prompt_format = "vicuna"
     assert prepare(lm, make_request([{"role": "user", "content": "a"}])).prompt_format == "vicuna"
-    assert prepare(lm, make_request([{"role": "user", "content": "a"}], prompt_format="chatml")).prompt_format == "chatml"
+    assert (
+        prepare(lm, make_request([{"role": "user", "content": "a"}], prompt_format="chatml")).prompt_format == "chatml"
+    )
 
 
 def test_add_bos(lm):
@@ -265,8 +287,8 @@ def test_request_errors_name_the_parameter(lm):
         lm.generate()
 
 
-def test_a_model_without_tokenizer_says_so(word_path):
-    lm = gptq_bridge.load_model(str(word_path), load_tokenizer=False)
+def test_a_model_without_tokenizer_says_so(word_path, load):
+    lm = load(word_path, load_tokenizer=False)
     with pytest.raises(GPTQBridgeError, match="ships no tokenizer"):
         lm.generate("the")
 
@@ -295,7 +317,7 @@ def test_a_cancel_event_passed_in(lm):
 
 
 def test_abandoning_a_stream_frees_the_model(lm):
-    for chunk in lm.stream("the a", max_new_tokens=100, ban_eos=True):
+    for _ in lm.stream("the a", max_new_tokens=100, ban_eos=True):
         break
     done = []
     worker = threading.Thread(target=lambda: done.append(lm.generate("the", max_new_tokens=2)))
@@ -320,10 +342,11 @@ class WatchedLock:
         self.lock.release()
 
 
-def test_concurrent_calls_are_serialised(fresh):
-    """Every forward of the model is logged with its thread. One generation is paused mid-stream while three
+def test_concurrent_calls_are_serialised(word_path):
+    """Outside the decode engine, generations on one model take turns. Every forward of the model is logged with its thread. One generation is paused mid-stream while three
     more start in their own threads; each generation's forwards must be one unbroken run of the log. Rather
     than sleep, the paused one goes on once every other thread has run a forward or found the model taken."""
+    fresh = gptq_bridge.load_model(str(word_path), engine="off")
     prompts = ("the", "of a", "to to")
     expected = {p: fresh.generate(p, max_new_tokens=6, ban_eos=True).token_ids for p in prompts}
     events = []  # (thread name, "forward" | "done" | "waits")
@@ -334,21 +357,30 @@ def test_concurrent_calls_are_serialised(fresh):
             events.append((threading.current_thread().name, event))
             changed.notify_all()
 
-    hooks = [fresh.model.register_forward_pre_hook(lambda *_: record("forward")),
-             fresh.model.register_forward_hook(lambda *_: record("done"))]
+    hooks = [
+        fresh.model.register_forward_pre_hook(lambda *_: record("forward")),
+        fresh.model.register_forward_hook(lambda *_: record("done")),
+    ]
     fresh.generation_lock = WatchedLock(fresh.generation_lock, lambda: record("waits"))
     results = {}
     stream = fresh.stream("the a of", max_new_tokens=50, ban_eos=True)
     try:
         iterator = iter(stream)
         next(iterator)  # the first generation is under way and holds the model
-        workers = [threading.Thread(target=lambda p=p: results.__setitem__(p, fresh.generate(p, max_new_tokens=6,
-                                    ban_eos=True)), name=p, daemon=True) for p in prompts]
+        workers = [
+            threading.Thread(
+                target=lambda p=p: results.__setitem__(p, fresh.generate(p, max_new_tokens=6, ban_eos=True)),
+                name=p,
+                daemon=True,
+            )
+            for p in prompts
+        ]
         for w in workers:
             w.start()
         with changed:
-            assert changed.wait_for(lambda: {name for name, _ in events} >= set(prompts), timeout=30), \
+            assert changed.wait_for(lambda: {name for name, _ in events} >= set(prompts), timeout=30), (
                 "the other calls neither ran the model nor waited for its generation_lock"
+            )
         for _ in iterator:
             pass
         for w in workers:
@@ -364,7 +396,8 @@ def test_concurrent_calls_are_serialised(fresh):
     assert {p: r.token_ids for p, r in results.items()} == expected
 
 
-def test_waiting_for_the_model_can_be_cancelled(lm):
+def test_waiting_for_the_model_can_be_cancelled(word_path):
+    lm = gptq_bridge.load_model(str(word_path), engine="off")  # the engine has no waiting for the model
     stream = lm.stream("the a", max_new_tokens=50, ban_eos=True)
     iterator = iter(stream)
     next(iterator)

@@ -28,8 +28,12 @@ class GPTQLinear(nn.Module):
         self.group_size = config.group_size if config.group_size != -1 else layer.in_features
         self.zero_offset = config.zero_offset
         groups = config.groups(layer.in_features)
-        self.register_buffer("qweight", torch.empty(packed_size(self.in_features, self.bits), self.out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.empty(groups, packed_size(self.out_features, self.bits), dtype=torch.int32))
+        self.register_buffer(
+            "qweight", torch.empty(packed_size(self.in_features, self.bits), self.out_features, dtype=torch.int32)
+        )
+        self.register_buffer(
+            "qzeros", torch.empty(groups, packed_size(self.out_features, self.bits), dtype=torch.int32)
+        )
         self.register_buffer("scales", torch.empty(groups, self.out_features, dtype=dtype))
         self.register_buffer("g_idx", torch.empty(self.in_features, dtype=torch.int32))
         if layer.bias:
@@ -53,6 +57,7 @@ class GPTQLinear(nn.Module):
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown scratch buffers, kept alive for the CUDA graphs that captured them
 _SCRATCH_LOCKS: dict[torch.device, threading.Lock] = {}
 _NEW_LOCK = threading.Lock()
 
@@ -75,6 +80,8 @@ def scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32
     `scratch_lock(device)`. It grows to the largest request and stays."""
     buf = _SCRATCH.get((device, dtype))
     if buf is None or buf.numel() < numel:
+        if buf is not None:  # a captured CUDA graph may still write to the old one: it must stay allocated
+            _RETIRED.append(buf)
         buf = _SCRATCH[(device, dtype)] = torch.empty(max(numel, 1), dtype=dtype, device=device)
     return buf
 
