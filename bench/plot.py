@@ -2,7 +2,8 @@
 
 - kernel-bandwidth-4bit.png, kernel-bandwidth-3bit.png: TB/s against rows per call for each kernel on the
   Llama-2-70B layer shapes (bench/kernels.py's newest full run, kernels-full-*.json);
-- decode-vs-peers.png: end-to-end decode and prefill against exllamav2 and transformers (decode-*.json);
+- decode-vs-peers.png: end-to-end decode against exllamav2 and transformers, and tokens/s by concurrent calls
+  (bench/decode.py's newest run with every peer, decode-engine-*.json);
 - perplexity-vs-gptqmodel.png: quantizer quality against GPTQModel by setting (quality-*.json).
 
 Needs matplotlib (pip install -e ".[bench]"). Every number drawn comes from those files.
@@ -23,10 +24,18 @@ RESULTS = ROOT / "bench" / "results"
 IMG = ROOT / "docs" / "img"
 
 # bench/kernels.py's JSON keys -> legend labels; "auto" is the path the triton kernel's forward() picks.
-KERNELS = [("cuda", "gptq-bridge cuda"), ("exllama", "exllamav2 0.3.2"), ("auto", "gptq-bridge triton"),
-           ("cublas", "fp16 cuBLAS (dense)")]
-STYLE = {"cuda": {"color": "C0", "marker": "o"}, "exllama": {"color": "C1", "marker": "s"},
-         "auto": {"color": "C2", "marker": "^"}, "cublas": {"color": "0.3", "marker": "x", "linestyle": "--"}}
+KERNELS = [
+    ("cuda", "gptq-bridge cuda"),
+    ("exllama", "exllamav2 0.3.2"),
+    ("auto", "gptq-bridge triton"),
+    ("cublas", "fp16 cuBLAS (dense)"),
+]
+STYLE = {
+    "cuda": {"color": "C0", "marker": "o"},
+    "exllama": {"color": "C1", "marker": "s"},
+    "auto": {"color": "C2", "marker": "^"},
+    "cublas": {"color": "0.3", "marker": "x", "linestyle": "--"},
+}
 SHAPE_NAMES = {(8192, 8192): "q, o", (8192, 1024): "k, v", (8192, 28672): "gate, up", (28672, 8192): "down"}
 
 
@@ -74,12 +83,21 @@ def plot_bandwidth(path: Path, bits: int) -> Path:
         ax.set_ylabel("weight bytes read, TB/s")
     axes[0, 0].legend(loc="upper right", fontsize=9)
     device = rows[0]["device"]
-    fig.suptitle(f"{bits}-bit g128 act-order GEMM, Llama-2-70B layer shapes, CUDA graph\n"
-                 f"{device}, {run_stamp(path)} ({path.name})", fontsize=12)
-    fig.text(0.5, 0.005, "TB/s = bytes of the weight / time: the 4-bit or 3-bit checkpoint tensors for the "
-             "quantized kernels, the float16 weight for cuBLAS.\nAt 512 rows the kernels are "
-             "compute-bound: compare their times there (docs/PERFORMANCE.md), not TB/s.",
-             ha="center", fontsize=8.5, color="0.3")
+    fig.suptitle(
+        f"{bits}-bit g128 act-order GEMM, Llama-2-70B layer shapes, CUDA graph\n"
+        f"{device}, {run_stamp(path)} ({path.name})",
+        fontsize=12,
+    )
+    fig.text(
+        0.5,
+        0.005,
+        "TB/s = bytes of the weight / time: the 4-bit or 3-bit checkpoint tensors for the "
+        "quantized kernels, the float16 weight for cuBLAS.\nAt 512 rows the kernels are "
+        "compute-bound: compare their times there (docs/PERFORMANCE.md), not TB/s.",
+        ha="center",
+        fontsize=8.5,
+        color="0.3",
+    )
     fig.tight_layout(rect=(0, 0.035, 1, 1))
     out = IMG / f"kernel-bandwidth-{bits}bit.png"
     fig.savefig(out, dpi=110)
@@ -90,31 +108,89 @@ def plot_bandwidth(path: Path, bits: int) -> Path:
 def bars(ax, labels, values, colors, fmt):
     b = ax.bar(labels, values, color=colors)
     for rect, v in zip(b, values):
-        ax.annotate(fmt.format(v), (rect.get_x() + rect.get_width() / 2, rect.get_height()),
-                    ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(
+            fmt.format(v),
+            (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax.set_ylim(0, max(values) * 1.18)
     ax.grid(True, axis="y", alpha=0.3)
     ax.tick_params(axis="x", labelsize=9)
 
 
+def decode_results() -> Path:
+    """The newest bench/decode.py run that measured every peer (exllamav2 and transformers) beside gptq-bridge."""
+    runs = [
+        f
+        for f in sorted(RESULTS.glob("decode-engine-*.json"))
+        if all(
+            {"gptq_bridge", "exllamav2", "transformers_fp16_eager"} <= set(r)
+            for r in json.loads(f.read_text())["results"].values()
+        )
+    ]
+    if not runs:
+        sys.exit(f"plot.py: no decode-engine-*.json with every peer in {RESULTS}")
+    return runs[-1]
+
+
 def plot_decode(path: Path) -> Path:
     d = json.loads(path.read_text())
     res = d["results"]
-    colors = {"gptq-bridge": "C0", "exllamav2": "C1", "transformers-fp16-eager": "0.5"}
-    names = {"gptq-bridge": "gptq-bridge", "exllamav2": f"exllamav2 {d['peers']['exllamav2']}",
-             "transformers-fp16-eager": "transformers\nfp16 eager"}
-    panels = [("7b_decode_tok_s", "7B shape: decode, tokens/s\n(higher is better)", "{:.1f}"),
-              ("7b_prefill_512_ms", "7B shape: prefill 512 tokens, ms\n(lower is better)", "{:.1f}"),
-              ("70b_8_layer_slice_decode_ms", "70B shape, 8 of 80 layers:\ndecode step, ms (lower is better)",
-               "{:.2f}")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(12, 4.6))
-    for ax, (key, title, fmt) in zip(axes, panels):
-        who = list(res[key])
-        bars(ax, [names[w] for w in who], [res[key][w] for w in who], [colors[w] for w in who], fmt)
-        ax.set_title(title, fontsize=10)
-    c = d["conditions"]
-    fig.suptitle(f"End-to-end, batch 1, context {c['context_tokens']}, 4-bit g128 act-order (random weights)\n"
-                 f"{d['device']}, {d['date']} ({path.name})", fontsize=12)
+    shapes = list(res)
+    who = [
+        ("gptq_bridge", "gptq-bridge", "C0"),
+        ("exllamav2", "exllamav2 0.3.2", "C1"),
+        ("transformers_fp16_eager", "transformers fp16 eager", "0.5"),
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.8))
+    groups = [(shape, ctx) for shape in shapes for ctx in (512, 4096)]
+    width = 0.27
+    for i, (key, label, color) in enumerate(who):
+        vals = [res[shape][key].get(f"decode_tok_s_ctx{ctx}", 0.0) for shape, ctx in groups]
+        xs = [j + (i - 1) * width for j in range(len(groups))]
+        b = left.bar(xs, vals, width, label=label, color=color)
+        for rect, v in zip(b, vals):
+            left.annotate(
+                f"{v:.0f}",
+                (rect.get_x() + rect.get_width() / 2, v),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    left.set_xticks(range(len(groups)))
+    left.set_xticklabels([f"{shape.upper()}\ncontext {ctx}" for shape, ctx in groups], fontsize=9)
+    left.set_ylabel("tokens/s, one stream (higher is better)")
+    left.set_title("Batch-1 decode", fontsize=10)
+    left.grid(True, axis="y", alpha=0.3)
+    left.legend(fontsize=8.5)
+    for shape, marker in zip(shapes, "os^"):
+        ours = res[shape]["gptq_bridge"]
+        streams = sorted(int(k.removeprefix("streams")) for k in ours if k.startswith("streams"))
+        right.plot(
+            streams,
+            [ours[f"streams{n}"]["aggregate_tok_s"] for n in streams],
+            marker=marker,
+            label=f"gptq-bridge, {shape.upper()}",
+        )
+    right.set_xscale("log", base=2)
+    right.set_xticks(streams)
+    right.set_xticklabels([str(n) for n in streams])
+    right.set_xlabel("concurrent generate() calls (128 prompt + 128 new tokens each)")
+    right.set_ylabel("tokens/s, all streams together")
+    right.set_title("Continuous batching", fontsize=10)
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=8.5)
+    fig.suptitle(
+        f"End to end through lm.generate, 4-bit g128 act-order (random weights)\n"
+        f"{d['device']}, {d['date']} ({path.name})",
+        fontsize=11,
+    )
     fig.tight_layout()
     out = IMG / "decode-vs-peers.png"
     fig.savefig(out, dpi=110)
@@ -125,9 +201,11 @@ def plot_decode(path: Path) -> Path:
 def plot_quality(path: Path) -> Path:
     d = json.loads(path.read_text())
     settings = list(d["settings"])
-    series = [("gptqmodel_7.6.0", "GPTQModel 7.6.0", "C1"),
-              ("gptq_bridge_no_fp_targets", "gptq-bridge, plain GPTQ (--no-fp-targets)", "C9"),
-              ("gptq_bridge_default", "gptq-bridge, default (fp-targets)", "C0")]
+    series = [
+        ("gptqmodel_7.6.0", "GPTQModel 7.6.0", "C1"),
+        ("gptq_bridge_no_fp_targets", "gptq-bridge, plain GPTQ (--no-fp-targets)", "C9"),
+        ("gptq_bridge_default", "gptq-bridge, default (fp-targets)", "C0"),
+    ]
     fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.26
     for i, (key, label, color) in enumerate(series):
@@ -135,8 +213,15 @@ def plot_quality(path: Path) -> Path:
         vals = [d["settings"][s][key] for s in settings]
         b = ax.bar(xs, vals, width, label=label, color=color)
         for rect, v in zip(b, vals):
-            ax.annotate(f"{v:.2f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom",
-                        fontsize=8.5, xytext=(0, 2), textcoords="offset points")
+            ax.annotate(
+                f"{v:.2f}",
+                (rect.get_x() + rect.get_width() / 2, v),
+                ha="center",
+                va="bottom",
+                fontsize=8.5,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
     fp32 = d["settings"][settings[0]]["fp32"]
     ax.axhline(fp32, color="0.2", linestyle=":", linewidth=1.2, label=f"float32 model ({fp32:.2f})")
     ax.set_xticks(range(len(settings)))
@@ -145,8 +230,10 @@ def plot_quality(path: Path) -> Path:
     ax.set_ylim(0, max(d["settings"][s][k] for s in settings for k, _, _ in series) * 1.15)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=9)
-    fig.suptitle(f"GPTQ quality, SmolLM2-135M-Instruct, GNU GPL 3 as held-out text\n"
-                 f"{d['machine']}, {d['date']} ({path.name})", fontsize=11)
+    fig.suptitle(
+        f"GPTQ quality, SmolLM2-135M-Instruct, GNU GPL 3 as held-out text\n{d['machine']}, {d['date']} ({path.name})",
+        fontsize=11,
+    )
     fig.tight_layout()
     out = IMG / "perplexity-vs-gptqmodel.png"
     fig.savefig(out, dpi=110)
@@ -157,15 +244,18 @@ def plot_quality(path: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", type=Path, help="a bench/kernels.py JSON (default: the newest kernels-full-*.json)")
-    ap.add_argument("--decode", type=Path, help="default: the newest decode-*.json")
+    ap.add_argument("--decode", type=Path, help="default: the newest decode-engine-*.json with every peer")
     ap.add_argument("--quality", type=Path, help="default: the newest quality-*.json")
     args = ap.parse_args(argv)
     plt.switch_backend("Agg")  # files only, no display needed
     IMG.mkdir(parents=True, exist_ok=True)
     kernels = args.kernels or newest("kernels-full-*.json")
-    for out in (plot_bandwidth(kernels, 4), plot_bandwidth(kernels, 3),
-                plot_decode(args.decode or newest("decode-*.json")),
-                plot_quality(args.quality or newest("quality-*.json"))):
+    for out in (
+        plot_bandwidth(kernels, 4),
+        plot_bandwidth(kernels, 3),
+        plot_decode(args.decode or decode_results()),
+        plot_quality(args.quality or newest("quality-*.json")),
+    ):
         print(out.relative_to(ROOT))
     return 0
 

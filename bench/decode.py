@@ -1,0 +1,342 @@
+"""End-to-end decode speed: what a user gets from `lm.generate`, beside peers, on random GPTQ checkpoints.
+
+    python bench/decode.py --shapes 7b,7b-3bit --out bench/results/decode.json [--exllama] [--hf]
+
+For each shape it writes a random-weight GPTQ checkpoint (4-bit or 3-bit, g128, act-order) with a word-level
+tokenizer, loads it with gptq_bridge, and measures through the public API:
+- batch-1 decode tokens/s at contexts 512 and 4096 (the time between the first and the last streamed token);
+- prefill: time to the first token for 512- and 2048-token prompts;
+- aggregate tokens/s and per-stream latency with 1, 4, 8, 16 and 32 concurrent `generate` calls;
+- peak GPU memory.
+Peers in the same run: exllamav2 (its model, cache and forward loop) with --exllama, and transformers fp16
+eager with --hf (random fp16 weights of the same shape, where they fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("bench")]  # bench/kernels.py shadows `kernels`
+
+import torch  # noqa: E402
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, bits
+    "7b": (4096, 11008, 32, 32, 32, 32000, 4),
+    "7b-3bit": (4096, 11008, 32, 32, 32, 32000, 3),
+    "13b": (5120, 13824, 40, 40, 40, 32000, 4),
+    "70b": (8192, 28672, 80, 64, 8, 32000, 4),
+    "tiny": (256, 512, 2, 4, 2, 1000, 4),  # a check that the script runs (CPU included)
+}
+LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def word_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def hf_config(shape: str):
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, heads, kv, vocab, _ = SHAPES[shape]
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        max_position_embeddings=4096 + 512,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def random_checkpoint(shape: str, out: Path) -> Path:
+    """Random packed weights in the GPTQ layout (act-order g_idx, zero point in the middle of the range)."""
+    from gptq_bridge.config import QuantizeConfig
+    from gptq_bridge.packing import pack
+    from gptq_bridge.writer import write_checkpoint
+
+    hidden, inter, layers, heads, kv, vocab, bits = SHAPES[shape]
+    config = QuantizeConfig(bits=bits, group_size=128, desc_act=True, sym=True)
+    head_dim = hidden // heads
+    widths = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv * head_dim),
+        "v_proj": (hidden, kv * head_dim),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # drawing and packing billions of codes: on the GPU
+    gen = torch.Generator(dev).manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        for part, names in LINEARS.items():
+            # projections of one input share their group order, as in real act-order checkpoints (same Hessian)
+            order = {
+                n_in: torch.randperm(n_in, generator=gen, device=dev).cpu() for n_in in {widths[n][0] for n in names}
+            }
+            for name in names:
+                n_in, n_out = widths[name]
+                key = f"model.layers.{i}.{part}.{name}"
+                codes = torch.randint(0, 2**bits, (n_in, n_out), dtype=torch.int32, generator=gen, device=dev)
+                groups = -(-n_in // 128)
+                tensors[f"{key}.qweight"] = pack(codes, bits, dim=0).cpu()
+                zeros = torch.full((groups, n_out), 2 ** (bits - 1) - 1, dtype=torch.int32, device=dev)  # z - 1
+                tensors[f"{key}.qzeros"] = pack(zeros, bits, dim=1).cpu()
+                tensors[f"{key}.scales"] = torch.full((groups, n_out), 2.0 / (2**bits * n_in**0.5), dtype=torch.float16)
+                tensors[f"{key}.g_idx"] = (order[n_in] // 128).to(torch.int32)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{i}.{norm}.weight"] = torch.ones(hidden, dtype=torch.float16)
+    tensors["model.embed_tokens.weight"] = torch.randn(vocab, hidden, generator=gen, device=dev).half().cpu()
+    tensors["model.norm.weight"] = torch.ones(hidden, dtype=torch.float16)
+    tensors["lm_head.weight"] = (torch.randn(vocab, hidden, generator=gen, device=dev) / hidden**0.5).half().cpu()
+    return write_checkpoint(out, hf_config(shape), tensors, config, tokenizer=word_tokenizer(vocab))
+
+
+def prompt(n: int, vocab: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{int(i)}" for i in torch.randint(0, vocab - 3, (n,), generator=g))
+
+
+def stream_times(lm, text: str, new: int) -> tuple[float, list[float]]:
+    """Start time and the arrival time of each streamed token."""
+    start, arrivals = time.perf_counter(), []
+    for chunk in lm.stream(text, max_new_tokens=new, ban_eos=True):
+        arrivals += [time.perf_counter()] * len(chunk.token_ids)
+    return start, arrivals
+
+
+def profile_step(engine) -> dict:
+    """GPU time of one graphed decode step at batch 1 (context 512), and the kernels of an eager step."""
+    from gptq_bridge.engine.scheduler import Sequence
+
+    fwd = engine.forward
+    seq = Sequence(prompt=list(range(3, 3 + 511)), max_new_tokens=8, sample=None)
+    seq.blocks = fwd.cache.allocator.allocate(seq.reserve_tokens)
+    fwd.clear(seq.blocks)
+    fwd.prefill(seq, 0, 511)
+    seq.cached = 511
+    seq.append(5)
+    out = {}
+    for name, step in (("graph", engine.decode), ("eager", fwd.decode)):
+        step([seq])
+        torch.cuda.synchronize()
+        t, start, end = time.perf_counter(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            step([seq])
+        end.record()
+        end.synchronize()
+        out[f"{name}_gpu_ms"] = round(start.elapsed_time(end) / 50, 3)
+        out[f"{name}_host_ms"] = round(1000 * (time.perf_counter() - t) / 50, 3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fwd.decode([seq])
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+    fwd.cache.allocator.free(seq.blocks)
+    return out
+
+
+def ours(
+    shape: str,
+    path: Path,
+    contexts: list[int],
+    prefills: list[int],
+    streams: list[int],
+    new: int,
+    profile: bool = False,
+) -> dict:
+    import gptq_bridge
+
+    vocab = SHAPES[shape][5]
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    lm = gptq_bridge.load_model(str(path))
+    res: dict = {
+        "kernel": lm.kernel,
+        "load_s": round(time.perf_counter() - t0, 1),
+        "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+    }
+    stream_times(lm, prompt(16, vocab), 8)  # warm-up: engine, graphs of batch 1, kernel configs
+    for ctx in contexts:
+        start, arr = stream_times(lm, prompt(ctx - new, vocab, ctx), new)
+        res[f"decode_tok_s_ctx{ctx}"] = round((len(arr) - 1) / (arr[-1] - arr[0]), 1)
+        res[f"ms_per_token_ctx{ctx}"] = round(1000 * (arr[-1] - arr[0]) / (len(arr) - 1), 3)
+    for n in prefills:
+        start, arr = stream_times(lm, prompt(n, vocab, n + 1), 1)
+        res[f"prefill{n}_ms"] = round(1000 * (arr[0] - start), 2)
+    for k in streams:
+        texts = [prompt(128, vocab, 100 + j) for j in range(k)]
+        lat: list[float] = [0.0] * k
+        counts = [0] * k
+
+        def worker(j, lm=lm):
+            s, a = stream_times(lm, texts[j], new)
+            lat[j], counts[j] = a[-1] - s, len(a)
+
+        stream_times(lm, texts[0], 4)
+        threads = [threading.Thread(target=worker, args=(j,)) for j in range(k)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        res[f"streams{k}"] = {
+            "aggregate_tok_s": round(sum(counts) / wall, 1),
+            "latency_s": [round(x, 2) for x in sorted(lat)][:: max(1, k // 4)],
+        }
+    res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    engine = lm.__dict__.get("_engine")
+    if profile and engine is not None:
+        res["profile"] = profile_step(engine)
+    if engine is not None:
+        res["kv_cache_gib"] = round(engine.forward.cache.nbytes / 2**30, 2)
+        engine.close()
+    del lm, engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def no_cudnn_attention():
+    """scaled_dot_product_attention off the cuDNN backend: on an H100 it costs ~1.7 ms of host time per call
+    when the sequence length changes (every decode step), which would measure the backend, not the peer."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def exllama(path: Path, contexts: list[int], prefills: list[int], new: int) -> dict:
+    with no_cudnn_attention():
+        return _exllama(path, contexts, prefills, new)
+
+
+def _exllama(path: Path, contexts: list[int], prefills: list[int], new: int) -> dict:
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+
+    config = ExLlamaV2Config(str(path))
+    config.max_seq_len = max(contexts) + 64
+    model = ExLlamaV2(config)
+    cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
+    model.load_autosplit(cache)
+    vocab = config.vocab_size
+    res: dict = {"version": __import__("exllamav2").__version__}
+
+    def run(n_prompt: int, n_new: int) -> tuple[float, float]:
+        cache.current_seq_len = 0
+        ids = torch.randint(3, vocab, (1, n_prompt))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        logits = model.forward(ids[:, :-1], cache, preprocess_only=True)
+        logits = model.forward(ids[:, -1:], cache)
+        tok = logits[:, -1].argmax(-1, keepdim=True).cpu()
+        first = time.perf_counter()
+        for _ in range(n_new - 1):
+            logits = model.forward(tok, cache)
+            tok = logits[:, -1].argmax(-1, keepdim=True).cpu()
+        return first - t, time.perf_counter() - first
+
+    run(16, 8)
+    for ctx in contexts:
+        _, dt = run(ctx - new, new)
+        res[f"decode_tok_s_ctx{ctx}"] = round((new - 1) / dt, 1)
+    for n in prefills:
+        first, _ = run(n, 1)
+        res[f"prefill{n}_ms"] = round(1000 * first, 2)
+    model.unload()
+    model = cache = None  # noqa: F841 - drops the last references before collecting
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def hf_eager(shape: str, contexts: list[int], new: int) -> dict:
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf_config(shape)).half().eval()
+    res: dict = {}
+    vocab = SHAPES[shape][5]
+    with torch.inference_mode(), no_cudnn_attention():
+        for ctx in contexts:
+            ids = torch.randint(3, vocab, (1, ctx - new), device="cuda")
+            cache = DynamicCache(config=model.config)
+            tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(new - 1):
+                tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+                tok.item()
+            res[f"decode_tok_s_ctx{ctx}"] = round((new - 1) / (time.perf_counter() - t), 1)
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="7b")
+    ap.add_argument("--contexts", default="512,4096")
+    ap.add_argument("--prefills", default="512,2048")
+    ap.add_argument("--streams", default="1,4,8,16,32")
+    ap.add_argument("--new", type=int, default=128, help="tokens generated per measurement")
+    ap.add_argument("--exllama", action="store_true")
+    ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="time one graphed step and list an eager step's kernels")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--workdir", type=Path, help="where the random checkpoints are written (default: a temp dir)")
+    args = ap.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python", "bench/decode.py"] + sys.argv[1:]),
+        "torch": torch.__version__,
+        "results": {},
+    }
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="gptq-bridge-decode-"))
+    for shape in args.shapes.split(","):
+        t = time.perf_counter()
+        path = random_checkpoint(shape, work / shape)
+        entry: dict = {"checkpoint_s": round(time.perf_counter() - t, 1)}
+        entry["gptq_bridge"] = ours(
+            shape, path, ints(args.contexts), ints(args.prefills), ints(args.streams), args.new, args.profile
+        )
+        print(shape, "gptq-bridge", json.dumps(entry["gptq_bridge"]), flush=True)
+        if args.exllama and SHAPES[shape][6] == 4:
+            try:
+                entry["exllamav2"] = exllama(path, ints(args.contexts), ints(args.prefills), args.new)
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                import traceback
+
+                traceback.print_exc()
+                entry["exllamav2"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(shape, "exllamav2", json.dumps(entry["exllamav2"]), flush=True)
+        if args.hf and shape in ("7b", "13b", "tiny"):
+            entry["transformers_fp16_eager"] = hf_eager(shape, ints(args.contexts), args.new)
+            print(shape, "transformers", json.dumps(entry["transformers_fp16_eager"]), flush=True)
+        report["results"][shape] = entry
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
