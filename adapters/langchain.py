@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LLM
+from langchain_core.language_models import LLM, BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
@@ -33,7 +33,9 @@ class GPTQParams(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
-    model: str | None = Field(default=None, description="GPTQ source: directory or org/name[:branch]; None = default model")
+    model: str | None = Field(
+        default=None, description="GPTQ source: directory or org/name[:branch]; None = default model"
+    )
     kernel: str = "auto"
     device: str | None = None
     temperature: float = 0.0
@@ -54,10 +56,15 @@ class GPTQParams(BaseModel):
 
     def _generation_kwargs(self, stop: list[str] | None, call_kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
         params = {
-            "temperature": self.temperature, "top_p": self.top_p,
-            "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
-            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-            "seed": self.seed, **self.model_kwargs,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed,
+            **self.model_kwargs,
         }
         if self.max_tokens is not None:
             params["max_new_tokens"] = self.max_tokens
@@ -71,10 +78,14 @@ class GPTQParams(BaseModel):
 
     def _ls_params(self, model_type: str, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """LangSmith's standard tracing parameters (no model load: tracing must stay cheap)."""
-        return {"ls_provider": "gptq_bridge", "ls_model_name": kwargs.get("model") or self.model or "default",
-                "ls_model_type": model_type, "ls_temperature": kwargs.get("temperature", self.temperature),
-                "ls_max_tokens": kwargs.get("max_tokens", self.max_tokens),
-                "ls_stop": stop or self.stop or None}
+        return {
+            "ls_provider": "gptq_bridge",
+            "ls_model_name": kwargs.get("model") or self.model or "default",
+            "ls_model_type": model_type,
+            "ls_temperature": kwargs.get("temperature", self.temperature),
+            "ls_max_tokens": kwargs.get("max_tokens", self.max_tokens),
+            "ls_stop": stop or self.stop or None,
+        }
 
     def _count_tokens(self, text: str) -> int:
         tokenizer = self._loaded().tokenizer
@@ -109,8 +120,11 @@ def to_chat_messages(messages: list[BaseMessage]) -> list[ChatMessage]:
 
 def _usage(result: GenerationResult) -> UsageMetadata:
     u = result.usage
-    return UsageMetadata(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens,
-                         total_tokens=u.prompt_tokens + u.completion_tokens)
+    return UsageMetadata(
+        input_tokens=u.prompt_tokens,
+        output_tokens=u.completion_tokens,
+        total_tokens=u.prompt_tokens + u.completion_tokens,
+    )
 
 
 class GPTQLLM(GPTQParams, LLM):
@@ -122,14 +136,29 @@ class GPTQLLM(GPTQParams, LLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "kernel": self.kernel, "temperature": self.temperature, "max_tokens": self.max_tokens}
+        return {
+            "model": self.model,
+            "kernel": self.kernel,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
 
-    def _call(self, prompt: str, stop: list[str] | None = None,
-              run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
+    def _call(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
         return "".join(chunk.text for chunk in self._stream(prompt, stop, run_manager, **kwargs))
 
-    def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
         with self._loaded().stream(prompt, **self._generation_kwargs(stop, kwargs, chat=False)) as stream:
             for piece in stream:
                 if not piece.text:
@@ -139,8 +168,9 @@ class GPTQLLM(GPTQParams, LLM):
                     run_manager.on_llm_new_token(piece.text, chunk=chunk)
                 yield chunk
             result = stream.result
-        yield GenerationChunk(text="", generation_info={"finish_reason": result.finish_reason,
-                                                        "usage": result.usage.model_dump()})
+        yield GenerationChunk(
+            text="", generation_info={"finish_reason": result.finish_reason, "usage": result.usage.model_dump()}
+        )
 
     def get_num_tokens(self, text: str) -> int:
         return self._count_tokens(text)
@@ -158,19 +188,38 @@ class ChatGPTQ(GPTQParams, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "kernel": self.kernel, "temperature": self.temperature, "max_tokens": self.max_tokens}
+        return {
+            "model": self.model,
+            "kernel": self.kernel,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         merged: AIMessageChunk | None = None
         for chunk in self._stream(messages, stop, run_manager, **kwargs):
             merged = chunk.message if merged is None else merged + chunk.message
-        message = AIMessage(content=merged.content, usage_metadata=merged.usage_metadata,
-                            response_metadata=merged.response_metadata, id=merged.id)
+        message = AIMessage(
+            content=merged.content,
+            usage_metadata=merged.usage_metadata,
+            response_metadata=merged.response_metadata,
+            id=merged.id,
+        )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         loaded = self._loaded()
         with loaded.stream(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs, chat=True)) as stream:
             for piece in stream:
@@ -181,10 +230,17 @@ class ChatGPTQ(GPTQParams, BaseChatModel):
                     run_manager.on_llm_new_token(piece.text, chunk=chunk)
                 yield chunk
             result = stream.result
-        metadata = {"model_name": model_display_name(loaded), "finish_reason": result.finish_reason,
-                    "stop_string": result.stop_string, "kernel": loaded.kernel}
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=_usage(result),
-                                                         response_metadata=metadata, chunk_position="last"))
+        metadata = {
+            "model_name": model_display_name(loaded),
+            "finish_reason": result.finish_reason,
+            "stop_string": result.stop_string,
+            "kernel": loaded.kernel,
+        }
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="", usage_metadata=_usage(result), response_metadata=metadata, chunk_position="last"
+            )
+        )
 
     def get_num_tokens(self, text: str) -> int:
         return self._count_tokens(text)

@@ -17,6 +17,8 @@ from typing import Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage as LIChatMessage,
+)
+from llama_index.core.base.llms.types import (
     ChatResponse,
     ChatResponseAsyncGen,
     ChatResponseGen,
@@ -51,7 +53,9 @@ def to_chat_messages(messages: Sequence[LIChatMessage]) -> list[ChatMessage]:
 class GPTQLLM(LLM):
     """A GPTQ checkpoint as a LlamaIndex LLM (a chat model: `is_chat_model` is true)."""
 
-    model: str | None = Field(default=None, description="GPTQ source: directory or org/name[:branch]; None = default model")
+    model: str | None = Field(
+        default=None, description="GPTQ source: directory or org/name[:branch]; None = default model"
+    )
     kernel: str = Field(default="auto", description="kernel name, or auto")
     device: str | None = Field(default=None, description="cpu, cuda or cuda:N; None = cuda if present")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
@@ -76,12 +80,22 @@ class GPTQLLM(LLM):
     def metadata(self) -> LLMMetadata:
         loaded = self._loaded()
         window = self.context_window or model_context_length(loaded.model) or 2048
-        return LLMMetadata(context_window=window, num_output=self.max_new_tokens, is_chat_model=True,
-                           model_name=model_display_name(loaded))
+        return LLMMetadata(
+            context_window=window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            model_name=model_display_name(loaded),
+        )
 
     def _kwargs(self, kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
-        params = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                  "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, **self.generate_kwargs}
+        params = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            **self.generate_kwargs,
+        }
         kwargs = {k: v for k, v in kwargs.items() if k != "formatted"}
         params.update(kwargs)
         params["stop"] = list(dict.fromkeys(self.stop + list(params.get("stop") or [])))
@@ -99,8 +113,11 @@ class GPTQLLM(LLM):
 
     @staticmethod
     def _raw(result) -> dict[str, Any]:
-        return {"finish_reason": result.finish_reason, "stop_string": result.stop_string,
-                "usage": result.usage.model_dump()}
+        return {
+            "finish_reason": result.finish_reason,
+            "stop_string": result.stop_string,
+            "usage": result.usage.model_dump(),
+        }
 
     # --- sync -----------------------------------------------------------------------------------------------
 
@@ -116,21 +133,26 @@ class GPTQLLM(LLM):
             with self._complete_stream(prompt, kwargs) as s:
                 for chunk in s:
                     yield CompletionResponse(text=chunk.full_text, delta=chunk.text)
+
         return gen()
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[LIChatMessage], **kwargs: Any) -> ChatResponse:
         with self._chat_stream(messages, kwargs) as s:
             result = s.consume()
-        return ChatResponse(message=LIChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=self._raw(result))
+        return ChatResponse(
+            message=LIChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=self._raw(result)
+        )
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[LIChatMessage], **kwargs: Any) -> ChatResponseGen:
         def gen():
             with self._chat_stream(messages, kwargs) as s:
                 for chunk in s:
-                    yield ChatResponse(message=LIChatMessage(role=MessageRole.ASSISTANT, content=chunk.full_text),
-                                       delta=chunk.text)
+                    yield ChatResponse(
+                        message=LIChatMessage(role=MessageRole.ASSISTANT, content=chunk.full_text), delta=chunk.text
+                    )
+
         return gen()
 
     # --- async: generation runs in a worker thread ----------------------------------------------------------
@@ -148,12 +170,15 @@ class GPTQLLM(LLM):
         async def gen():
             async for chunk in iterate_in_thread(lambda: self._complete_stream(prompt, kwargs)):
                 yield CompletionResponse(text=chunk.full_text, delta=chunk.text)
+
         return gen()
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[LIChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         async def gen():
             async for chunk in iterate_in_thread(lambda: self._chat_stream(messages, kwargs)):
-                yield ChatResponse(message=LIChatMessage(role=MessageRole.ASSISTANT, content=chunk.full_text),
-                                   delta=chunk.text)
+                yield ChatResponse(
+                    message=LIChatMessage(role=MessageRole.ASSISTANT, content=chunk.full_text), delta=chunk.text
+                )
+
         return gen()

@@ -37,10 +37,18 @@ params: dict[str, Any] = {
 
 # webui state keys -> gptq-bridge generation parameters, for values that pass through unchanged
 DIRECT = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p",
-    "repetition_penalty": "repetition_penalty", "repetition_penalty_range": "repetition_penalty_range",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-    "ban_eos_token": "ban_eos", "add_bos_token": "add_bos", "skip_special_tokens": "skip_special_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "repetition_penalty": "repetition_penalty",
+    "repetition_penalty_range": "repetition_penalty_range",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "ban_eos_token": "ban_eos",
+    "add_bos_token": "add_bos",
+    "skip_special_tokens": "skip_special_tokens",
 }
 
 
@@ -68,7 +76,9 @@ def parse_stop_strings(value: Any) -> list[str]:
         try:
             parsed = ast.literal_eval(f"[{value}]")
         except (SyntaxError, ValueError):
-            raise GPTQBridgeError(f"custom_stopping_strings {value!r}: write them as quoted strings, e.g. \"\\n\", \"###\"") from None
+            raise GPTQBridgeError(
+                f'custom_stopping_strings {value!r}: write them as quoted strings, e.g. "\\n", "###"'
+            ) from None
         value = parsed
     if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
         raise GPTQBridgeError(f"stop strings must be strings, got {value!r}")
@@ -95,15 +105,18 @@ def state_to_kwargs(state: dict[str, Any], stopping_strings: Any, prompt_tokens:
         kw["repetition_penalty_range"] = 0
     seed = state.get("seed", -1)
     kw["seed"] = None if seed is None or int(seed) == -1 else int(seed)
-    kw["stop"] = list(dict.fromkeys(parse_stop_strings(stopping_strings) +
-                                    parse_stop_strings(state.get("custom_stopping_strings"))))
+    kw["stop"] = list(
+        dict.fromkeys(parse_stop_strings(stopping_strings) + parse_stop_strings(state.get("custom_stopping_strings")))
+    )
     if params["prompt_format"]:  # the webui formats the prompt itself; the format still implies stop strings
         from ..prompts import registered_prompt_formats
 
         formats = registered_prompt_formats()
         if params["prompt_format"] not in formats:
-            raise GPTQBridgeError(f"gptq_bridge-prompt_format {params['prompt_format']!r} is not registered "
-                                  f"(registered: {', '.join(formats)})")
+            raise GPTQBridgeError(
+                f"gptq_bridge-prompt_format {params['prompt_format']!r} is not registered "
+                f"(registered: {', '.join(formats)})"
+            )
         kw["stop"] = list(dict.fromkeys(kw["stop"] + list(formats[params["prompt_format"]].stop)))
     kw["banned_token_ids"] = parse_token_bans(state.get("custom_token_bans"))
     max_new = int(state.get("max_new_tokens", 512))
@@ -146,7 +159,9 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
             reply = chunk.full_text
             if stream_mode:
                 yield reply
-            if (webui_shared is not None and webui_shared.stop_everything) or (stop_event is not None and stop_event.is_set()):
+            if (webui_shared is not None and webui_shared.stop_everything) or (
+                stop_event is not None and stop_event.is_set()
+            ):
                 cancel.set()
         reply = stream.result.text
     yield reply
@@ -173,10 +188,15 @@ def ui() -> None:
 
     with gr.Accordion("gptq-bridge", open=True):
         model = gr.Textbox(value=params["model"], label="Model (directory or org/name:branch; empty = default model)")
-        kernel = gr.Dropdown(choices=["auto"] + [k.name for k in registered_kernels()], value=params["kernel"], label="Kernel")
+        kernel = gr.Dropdown(
+            choices=["auto"] + [k.name for k in registered_kernels()], value=params["kernel"], label="Kernel"
+        )
         device = gr.Textbox(value=params["device"], label="Device (cpu, cuda, cuda:N; empty = auto)")
-        fmt = gr.Dropdown(choices=[""] + sorted(registered_prompt_formats()), value=params["prompt_format"],
-                          label="Prompt format (its stop strings are added; the webui formats prompts itself)")
+        fmt = gr.Dropdown(
+            choices=[""] + sorted(registered_prompt_formats()),
+            value=params["prompt_format"],
+            label="Prompt format (its stop strings are added; the webui formats prompts itself)",
+        )
         status = gr.Markdown()
         load = gr.Button("Load")
 
@@ -213,7 +233,8 @@ def install(webui_dir: str) -> str:
         (tmp / "script.py").write_text(SCRIPT)
         (tmp / "README.md").write_text(
             "# gptq-bridge\n\nStart the webui with `--extensions gptq_bridge` (add `--api` for the OpenAI API).\n"
-            "Settings: see gptq-bridge's docs/adapters/textgen.md.\n")
+            "Settings: see gptq-bridge's docs/adapters/textgen.md.\n"
+        )
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

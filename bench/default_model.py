@@ -46,21 +46,26 @@ def teacher_forced(model, tokenizer, questions, answers) -> list[torch.Tensor]:
     """Log-probabilities of the next token along each prompt + float answer, at the answer's positions."""
     from gptq_bridge.quality import chat_prompt
 
-    rows = [(tokenizer(chat_prompt(tokenizer, q.text), add_special_tokens=False)["input_ids"],
-             tokenizer(a.reply, add_special_tokens=False)["input_ids"]) for q, a in zip(questions, answers)]
+    rows = [
+        (
+            tokenizer(chat_prompt(tokenizer, q.text), add_special_tokens=False)["input_ids"],
+            tokenizer(a.reply, add_special_tokens=False)["input_ids"],
+        )
+        for q, a in zip(questions, answers)
+    ]
     out = []
     with torch.inference_mode():
         for start in range(0, len(rows), 32):
-            batch = rows[start:start + 32]
+            batch = rows[start : start + 32]
             width = max(len(p) + len(a) for p, a in batch)
             ids = torch.full((len(batch), width), tokenizer.eos_token_id)
             mask = torch.zeros_like(ids)
             for i, (p, a) in enumerate(batch):
-                ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-                mask[i, :len(p) + len(a)] = 1
+                ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+                mask[i, : len(p) + len(a)] = 1
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             for i, (p, a) in enumerate(batch):
-                out.append(torch.log_softmax(logits[i, len(p) - 1:len(p) + len(a) - 1], -1))
+                out.append(torch.log_softmax(logits[i, len(p) - 1 : len(p) + len(a) - 1], -1))
     return out
 
 
@@ -74,11 +79,19 @@ def measure(model, tokenizer, questions, float_side) -> dict:
     answers = greedy_answers(model, tokenizer, questions)
     a = agreement(ref_answers, answers)
     ppl = {name: perplexity(model, tokenizer, text) for name, text in texts().items()}
-    return dict(kl=round(kl.mean().item(), 4), top1=round(top1.mean().item(), 4),
-                right=a.candidate_correct, float_right=a.reference_correct, correct_ratio=round(a.correct_ratio, 3),
-                kept=round(a.agreement, 3), lost=a.lost, gained=a.gained, identical=a.identical,
-                **{f"ppl_{k}": round(v, 3) for k, v in ppl.items()},
-                **{f"ppl_{k}_ratio": round(v / ref_ppl[k], 3) for k, v in ppl.items()})
+    return dict(
+        kl=round(kl.mean().item(), 4),
+        top1=round(top1.mean().item(), 4),
+        right=a.candidate_correct,
+        float_right=a.reference_correct,
+        correct_ratio=round(a.correct_ratio, 3),
+        kept=round(a.agreement, 3),
+        lost=a.lost,
+        gained=a.gained,
+        identical=a.identical,
+        **{f"ppl_{k}": round(v, 3) for k, v in ppl.items()},
+        **{f"ppl_{k}_ratio": round(v / ref_ppl[k], 3) for k, v in ppl.items()},
+    )
 
 
 def texts() -> dict[str, str]:
@@ -94,8 +107,13 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--checkpoint", nargs="*", default=[], metavar="LABEL=DIR",
-                    help="existing checkpoints to measure as well (e.g. one an older version prepared)")
+    ap.add_argument(
+        "--checkpoint",
+        nargs="*",
+        default=[],
+        metavar="LABEL=DIR",
+        help="existing checkpoints to measure as well (e.g. one an older version prepared)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -116,17 +134,28 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(fp32)
     questions = load_questions(QUESTIONS)
     ref_answers = greedy_answers(fm, tok, questions)
-    float_side = (ref_answers, teacher_forced(fm, tok, questions, ref_answers),
-                  {name: perplexity(fm, tok, text) for name, text in texts().items()})
-    results = {"float": {"right": sum(a.correct for a in ref_answers), "questions": len(questions),
-                         **{f"ppl_{k}": round(v, 3) for k, v in float_side[2].items()}},
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
-               "torch": torch.__version__, "variants": {}}
+    float_side = (
+        ref_answers,
+        teacher_forced(fm, tok, questions, ref_answers),
+        {name: perplexity(fm, tok, text) for name, text in texts().items()},
+    )
+    results = {
+        "float": {
+            "right": sum(a.correct for a in ref_answers),
+            "questions": len(questions),
+            **{f"ppl_{k}": round(v, 3) for k, v in float_side[2].items()},
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "variants": {},
+    }
     print(json.dumps(results["float"]), flush=True)
     for label, folder in (c.split("=", 1) for c in args.checkpoint):
         lm = gptq_bridge.load_model(folder, device="cpu")
-        results["variants"][label] = row = dict(checkpoint=folder, **measure(lm.model, lm.tokenizer, questions,
-                                                                               float_side))
+        results["variants"][label] = row = dict(
+            checkpoint=folder, **measure(lm.model, lm.tokenizer, questions, float_side)
+        )
         print(label, json.dumps(row), flush=True)
     calibration = dm.calibration_texts(tok)
     for name in args.variants:
@@ -137,12 +166,25 @@ def main() -> int:
 
             shutil.rmtree(out)
         start = time.perf_counter()
-        quantize(str(fp32), out, texts=calibration, nsamples=windows, seq_len=dm.SEQ_LEN, device="cpu",
-                 progress=False, **BASE, **settings)
+        quantize(
+            str(fp32),
+            out,
+            texts=calibration,
+            nsamples=windows,
+            seq_len=dm.SEQ_LEN,
+            device="cpu",
+            progress=False,
+            **BASE,
+            **settings,
+        )
         seconds = time.perf_counter() - start
         lm = gptq_bridge.load_model(str(out), device="cpu")
-        row = dict(settings=settings, windows=windows, quantize_s=round(seconds, 1),
-                   **measure(lm.model, lm.tokenizer, questions, float_side))
+        row = dict(
+            settings=settings,
+            windows=windows,
+            quantize_s=round(seconds, 1),
+            **measure(lm.model, lm.tokenizer, questions, float_side),
+        )
         results["variants"][name] = row
         print(name, json.dumps(row), flush=True)
         if args.json:

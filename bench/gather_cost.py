@@ -27,8 +27,10 @@ def main():
     rows = []
     for k, n in SHAPES:
         copies = max(2, math.ceil(3 * L2_BYTES / disk_bytes(k, n, 4, 128)))
-        mods = {act: build_layers(k, n, 4, 128, copies, seed=k + n, others=("cuda",), act_order=act)[1]["cuda"]
-                for act in (True, False)}
+        mods = {
+            act: build_layers(k, n, 4, 128, copies, seed=k + n, others=("cuda",), act_order=act)[1]["cuda"]
+            for act in (True, False)
+        }
         for m in (1, 8):
             xs = [torch.randn(m, k, device=DEV).half() for _ in range(copies)]
             us = {}
@@ -40,7 +42,9 @@ def main():
             print(f"{k}x{n} m={m}: act-order {us[True]:.1f} us, in order {us[False]:.1f} us", flush=True)
         del mods
         torch.cuda.empty_cache()
-    print("\n| K x N | m | act-order (gather + kernel) us | rows in order (kernel) us | gather |\n|---|---|---|---|---|")
+    print(
+        "\n| K x N | m | act-order (gather + kernel) us | rows in order (kernel) us | gather |\n|---|---|---|---|---|"
+    )
     for k, n, m, a, b in rows:
         print(f"| {k}x{n} | {m} | {a:.1f} | {b:.1f} | {a - b:.1f} us ({(a - b) / a:.0%}) |")
 

@@ -36,8 +36,14 @@ def _timed(label: str, run) -> dict:
     load, t, cpu = _load(), time.perf_counter(), time.process_time()
     run()
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    row = {"run": label, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_before": load,
-           "load_after": _load(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    row = {
+        "run": label,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "load_before": load,
+        "load_after": _load(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -76,12 +82,14 @@ def cmd_quantize(args) -> None:
     bits, group = SETTINGS[args.setting]
     src = args.work / "smollm2-135m-fp32"
     windows = torch.load(args.work / "calibration-windows.pt")
-    calibration = [{"input_ids": w.unsqueeze(0), "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)}
-                   for w in windows]
+    calibration = [
+        {"input_ids": w.unsqueeze(0), "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)} for w in windows
+    ]
     out = args.out or args.work / f"gptqmodel-{args.setting}"
     shutil.rmtree(out, ignore_errors=True)
-    config = QuantizeConfig(bits=bits, group_size=group, desc_act=True, sym=True, damp_percent=0.1,
-                            true_sequential=True)
+    config = QuantizeConfig(
+        bits=bits, group_size=group, desc_act=True, sym=True, damp_percent=0.1, true_sequential=True
+    )
 
     os.chdir(args.work)  # GPTQModel writes a logs/ folder into the working directory
 
@@ -110,10 +118,23 @@ def cmd_ours(args) -> None:
     bits, group = SETTINGS[args.setting]
     out = args.out or args.work / f"gptq-bridge-{args.setting}"
     shutil.rmtree(out, ignore_errors=True)
-    _timed(f"gptq-bridge {args.setting} (default, fp-targets)", lambda: quantize(
-        args.work / "smollm2-135m-fp32", out, bits=bits, group_size=group, desc_act=True, sym=True,
-        damp_percent=0.1, dataset=[args.work / "calibration.txt"], nsamples=quality.CALIB_WINDOWS,
-        seq_len=quality.WINDOW, device="cpu", progress=False))
+    _timed(
+        f"gptq-bridge {args.setting} (default, fp-targets)",
+        lambda: quantize(
+            args.work / "smollm2-135m-fp32",
+            out,
+            bits=bits,
+            group_size=group,
+            desc_act=True,
+            sym=True,
+            damp_percent=0.1,
+            dataset=[args.work / "calibration.txt"],
+            nsamples=quality.CALIB_WINDOWS,
+            seq_len=quality.WINDOW,
+            device="cpu",
+            progress=False,
+        ),
+    )
 
 
 def cmd_perplexity(args) -> None:

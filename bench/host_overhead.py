@@ -45,7 +45,8 @@ def main():
             rows.append((m, name, per_call_us(lambda: fn(x))))
     x = torch.randn(8, 1024, device="cuda").half()
     profiled = [("gemm", tri.forward_gemm), ("decode", tri.forward_decode)] + (
-        [("cuda", extra["cuda"][0].forward)] if others else [])
+        [("cuda", extra["cuda"][0].forward)] if others else []
+    )
     for name, fn in profiled:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(200):
@@ -63,8 +64,8 @@ def main():
 
 def cuda_parts(mod, x):
     """The host steps of one cuda-kernel call at m = 8, each timed on its own (rows of the printed table)."""
-    from gptq_bridge.kernels.cuda import build as cuda_build
     from gptq_bridge.kernels.base import split_k_workspace
+    from gptq_bridge.kernels.cuda import build as cuda_build
 
     lib = cuda_build.library()
     out = torch.empty(8, 1024, dtype=torch.float16, device="cuda")
@@ -72,15 +73,40 @@ def cuda_parts(mod, x):
     ws = split_k_workspace(x.device, ws_numel)
     stream = torch.cuda.current_stream().cuda_stream
     xs = torch.empty(8, mod.chunks * 64, dtype=torch.float16, device="cuda")
-    args = (mod.cu_words.data_ptr(), mod.cu_sz.data_ptr(), x.data_ptr(), 1024, mod.cu_xidx.data_ptr(), xs.data_ptr(),
-            None, out.data_ptr(), ws.data_ptr(), mod.cu_counters.data_ptr(), 4, 8, 1024, mod.chunks, mod.slots_per_group,
-            1024, splits, per_split, 0, stream)
+    args = (
+        mod.cu_words.data_ptr(),
+        mod.cu_sz.data_ptr(),
+        x.data_ptr(),
+        1024,
+        mod.cu_xidx.data_ptr(),
+        xs.data_ptr(),
+        None,
+        out.data_ptr(),
+        ws.data_ptr(),
+        mod.cu_counters.data_ptr(),
+        4,
+        8,
+        1024,
+        mod.chunks,
+        mod.slots_per_group,
+        1024,
+        splits,
+        per_split,
+        0,
+        stream,
+    )
     parts = {
         "torch.cuda.current_stream(dev).cuda_stream": lambda: torch.cuda.current_stream(x.device).cuda_stream,
         "torch._C._cuda_getCurrentRawStream(index)": lambda: torch._C._cuda_getCurrentRawStream(0),
         "torch.empty(8, 1024) on cuda": lambda: torch.empty(8, 1024, dtype=torch.float16, device=x.device),
-        "six data_ptr() calls": lambda: (x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(),
-                                         x.data_ptr()),
+        "six data_ptr() calls": lambda: (
+            x.data_ptr(),
+            x.data_ptr(),
+            x.data_ptr(),
+            x.data_ptr(),
+            x.data_ptr(),
+            x.data_ptr(),
+        ),
         "x.device != module device": lambda: x.device != mod.cu_words.device,
         "ctypes call of gb_q4_few_rows (20 arguments, 2 launches: gather + kernel)": lambda: lib.gb_q4_few_rows(*args),
         "ctypes call without a launch, 1 argument (gb_error_string)": lambda: lib.gb_error_string(0),

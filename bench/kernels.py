@@ -42,9 +42,9 @@ def disk_bytes(k, n, bits, group_size):
 def build_layers(k, n, bits, group_size, copies, seed, others=(), act_order=True):
     """(triton modules, {other kernel: modules}, float32 reference weight, torch module); the copies differ."""
     from gptq_bridge.config import QuantizeConfig
-    from gptq_bridge.quantize.gptq_layer import IntLayer, group_index, pack_layer
     from gptq_bridge.kernels.torch_ref import TorchQuantLinear
     from gptq_bridge.kernels.triton_gptq import TritonQuantLinear
+    from gptq_bridge.quantize.gptq_layer import IntLayer, group_index, pack_layer
     from gptq_bridge.types import LayerShape
 
     gen = torch.Generator(device=DEV).manual_seed(seed)
@@ -60,9 +60,12 @@ def build_layers(k, n, bits, group_size, copies, seed, others=(), act_order=True
     for c in range(copies):
         order = torch.randperm(k, generator=gen, device=DEV).cpu() if act_order else None
         g_idx = group_index(k, group_size, order).to(DEV)
-        layer = IntLayer(q=torch.randint(0, maxq + 1, (k, n), generator=gen, device=DEV),
-                         zeros=torch.randint(1, maxq + 1, (groups, n), generator=gen, device=DEV),
-                         scales=torch.rand(groups, n, generator=gen, device=DEV) * 0.02 + 0.002, g_idx=g_idx)
+        layer = IntLayer(
+            q=torch.randint(0, maxq + 1, (k, n), generator=gen, device=DEV),
+            zeros=torch.randint(1, maxq + 1, (groups, n), generator=gen, device=DEV),
+            scales=torch.rand(groups, n, generator=gen, device=DEV) * 0.02 + 0.002,
+            g_idx=g_idx,
+        )
         tensors = pack_layer(layer, bits, "gptq")
         del layer
         if c == 0:
@@ -154,11 +157,15 @@ def sweep(tris, xs, attr, path, configs):
 
 
 DECODE_CONFIGS = [{"BLOCK_N": bn, "num_warps": nw} for bn in (256, 512, 1024, 2048) for nw in (4, 8)]
-GEMM_SMALL_CONFIGS = [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
-                      for bn, bk, nw in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8))]
+GEMM_SMALL_CONFIGS = [
+    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
+    for bn, bk, nw in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8))
+]
 CUDA_CONFIGS = [None] + [{"SPLITS": s} for s in (1, 2, 4, 8, 16, 32, 64)]
-DEQUANT_CONFIGS = [{"BLOCK_K": bk, "BLOCK_N": bn, "num_warps": nw} for bk, bn, nw in ((64, 256, 4), (128, 256, 8),
-                                                                                      (32, 512, 4), (64, 512, 8))]
+DEQUANT_CONFIGS = [
+    {"BLOCK_K": bk, "BLOCK_N": bn, "num_warps": nw}
+    for bk, bn, nw in ((64, 256, 4), (128, 256, 8), (32, 512, 4), (64, 512, 8))
+]
 
 
 def main():
@@ -182,8 +189,10 @@ def main():
 
     torch.manual_seed(0)
     dev_name = torch.cuda.get_device_name()
-    print(f"# {dev_name}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
-          flush=True)
+    print(
+        f"# {dev_name}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
+        flush=True,
+    )
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ms = [int(m) for m in args.ms.split(",")]
     rows = []
@@ -192,10 +201,12 @@ def main():
         for k, n in shapes:
             nbytes = disk_bytes(k, n, bits, 128)
             copies = max(2, min(24, math.ceil(3 * L2_BYTES / nbytes)))
-            others = [name for name, on, kernel_bits in (("exllama", args.exllama, (4,)), ("cuda", args.cuda, (3, 4)))
-                      if on and bits in kernel_bits]
-            tris, extra, ref_w, torch_mod = build_layers(k, n, bits, 128, copies, seed=k * 7 + n + bits,
-                                                         others=others)
+            others = [
+                name
+                for name, on, kernel_bits in (("exllama", args.exllama, (4,)), ("cuda", args.cuda, (3, 4)))
+                if on and bits in kernel_bits
+            ]
+            tris, extra, ref_w, torch_mod = build_layers(k, n, bits, 128, copies, seed=k * 7 + n + bits, others=others)
             w16 = ref_w.half()
             fp16_copies = max(2, min(8, math.ceil(3 * L2_BYTES / (k * n * 2))))
             w16s = [w16] + [w16.clone() for _ in range(fp16_copies - 1)]
@@ -203,8 +214,11 @@ def main():
             for m in ms:
                 xs = [torch.randn(m, k, device=DEV).half() for _ in range(copies)]
                 want = xs[0].float() @ ref_w
-                paths = {"auto": lambda t, x: t(x), "gemm": lambda t, x: t.forward_gemm(x),
-                         "dequant": lambda t, x: t.forward_dequant(x)}
+                paths = {
+                    "auto": lambda t, x: t(x),
+                    "gemm": lambda t, x: t.forward_gemm(x),
+                    "dequant": lambda t, x: t.forward_dequant(x),
+                }
                 if m <= 16:
                     paths["decode"] = lambda t, x: t.forward_decode(x)
                 if args.no_triton_paths:
@@ -216,20 +230,31 @@ def main():
                     if m <= args.sweep_decode_up_to and m not in swept:
                         row_sweeps.append(("decode_config", "forward_decode", DECODE_CONFIGS))
                     if 1 < m <= args.sweep_gemm_up_to:
-                        row_sweeps.append(("gemm_config", "forward_gemm",
-                                           [dict(c, BLOCK_M=max(16, c["BLOCK_M"] if m <= 16 else 32)) for c in GEMM_SMALL_CONFIGS]))
+                        row_sweeps.append(
+                            (
+                                "gemm_config",
+                                "forward_gemm",
+                                [dict(c, BLOCK_M=max(16, c["BLOCK_M"] if m <= 16 else 32)) for c in GEMM_SMALL_CONFIGS],
+                            )
+                        )
                     if m >= 256 and "dequant" not in swept and args.sweep_dequant:
                         row_sweeps.append(("dequant_config", "forward_dequant", DEQUANT_CONFIGS))
                         swept.add("dequant")
                     for attr, path, configs in row_sweeps:
                         (us, cfg), results = sweep(tris, xs, attr, path, configs)
                         swept.add(m)
-                        print(f"  sweep {path} {k}x{n} {bits}-bit m={m}: best {cfg} {us:.1f} us; all "
-                              + ", ".join(f"{r[0]:.0f}" for r in results), flush=True)
+                        print(
+                            f"  sweep {path} {k}x{n} {bits}-bit m={m}: best {cfg} {us:.1f} us; all "
+                            + ", ".join(f"{r[0]:.0f}" for r in results),
+                            flush=True,
+                        )
                 if "cuda" in extra and m <= 32 and not args.no_cuda_sweep:
                     (us, cfg), results = sweep(extra["cuda"], xs, "few_rows_config", "forward", CUDA_CONFIGS)
-                    print(f"  sweep cuda {k}x{n} m={m}: best {cfg} {us:.1f} us; all "
-                          + ", ".join(f"{r[0]:.0f}" for r in results), flush=True)
+                    print(
+                        f"  sweep cuda {k}x{n} m={m}: best {cfg} {us:.1f} us; all "
+                        + ", ".join(f"{r[0]:.0f}" for r in results),
+                        flush=True,
+                    )
                 row = {"bits": bits, "k": k, "n": n, "m": m, "bytes": nbytes, "device": dev_name}
                 for name, fn in paths.items():
                     out = fn(tris[0], xs[0])
@@ -259,9 +284,11 @@ def main():
                 row["tbps"] = nbytes / (row["auto_us"] * 1e-6) / 1e12
                 row["tbps_graph"] = nbytes / (row["auto_graph_us"] * 1e-6) / 1e12
                 rows.append(row)
-                print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()}),
-                      flush=True)
-            del tris, extra, ref_w, torch_mod, w16, w16s
+                print(
+                    json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()}),
+                    flush=True,
+                )
+            tris = extra = ref_w = torch_mod = w16 = w16s = None  # free before the next shape
             torch.cuda.empty_cache()
             print(f"  [{time.time() - t_start:.0f}s]", flush=True)
     if args.json:
@@ -269,25 +296,37 @@ def main():
             json.dump(rows, f, indent=1)
 
     print(f"\n## {dev_name}: microseconds per call (median; eager / CUDA graph), effective TB/s of the chosen path")
-    print("| bits | K x N | m | triton auto | decode | gemm | dequant+cuBLAS | exllama | cuda | fp16 cuBLAS | TB/s triton "
-          "| TB/s exllama | TB/s cuda | torch | max rel err |")
+    print(
+        "| bits | K x N | m | triton auto | decode | gemm | dequant+cuBLAS | exllama | cuda | fp16 cuBLAS | TB/s triton "
+        "| TB/s exllama | TB/s cuda | torch | max rel err |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+
         def cell(p):
             return f"{r[p + '_us']:.1f} / {r[p + '_graph_us']:.1f}" if p + "_us" in r else ""
+
         errs = max(v for key, v in r.items() if key.endswith("_err") and key != "cublas_err")
+
         def tbps(p):
             return f"{r['bytes'] / (r[p + '_graph_us'] * 1e-6) / 1e12:.2f}" if p + "_us" in r else ""
-        print(f"| {r['bits']} | {r['k']}x{r['n']} | {r['m']} | {cell('auto')} | {cell('decode')} | {cell('gemm')} | "
-              f"{cell('dequant')} | {cell('exllama')} | {cell('cuda')} | {cell('cublas')} | "
-              f"{r['tbps']:.2f} / {r['tbps_graph']:.2f} | {tbps('exllama')} | {tbps('cuda')} | {cell('torch')} | "
-              f"{errs:.1e} |")
+
+        print(
+            f"| {r['bits']} | {r['k']}x{r['n']} | {r['m']} | {cell('auto')} | {cell('decode')} | {cell('gemm')} | "
+            f"{cell('dequant')} | {cell('exllama')} | {cell('cuda')} | {cell('cublas')} | "
+            f"{r['tbps']:.2f} / {r['tbps_graph']:.2f} | {tbps('exllama')} | {tbps('cuda')} | {cell('torch')} | "
+            f"{errs:.1e} |"
+        )
 
     # The selection table (gptq_bridge/kernels/measured.py): CUDA-graph microseconds of one Llama-2-70B decoder
     # layer's seven Linears (q, o: 8192x8192; k, v: 8192x1024; gate, up: 8192x28672; down: 28672x8192)
     table = {}
-    for kernel, key in (("triton", "auto_graph_us"), ("exllama", "exllama_graph_us"), ("mma", "cuda_graph_us"),
-                        ("torch", "torch_graph_us")):
+    for kernel, key in (
+        ("triton", "auto_graph_us"),
+        ("exllama", "exllama_graph_us"),
+        ("mma", "cuda_graph_us"),
+        ("torch", "torch_graph_us"),
+    ):
         for bits in sorted({r["bits"] for r in rows}, reverse=True):
             for m in sorted({r["m"] for r in rows}):
                 got = {(r["k"], r["n"]): r[key] for r in rows if r["bits"] == bits and r["m"] == m and key in r}

@@ -46,8 +46,10 @@ def main():
     header = "".join(f"#define {d.partition('=')[0]} {d.partition('=')[2] or 1}\n" for d in args.defines)
     variant_src = Path(tempfile.mkdtemp()) / "q4_mma_variant.cu"
     variant_src.write_text(header + cuda_build.SOURCE.read_text())
-    libs = {"baseline" if args.baseline != cuda_build.SOURCE else "as it is": load(args.baseline),
-            " ".join(args.defines) or "gptq_mma.cu": load(variant_src)}
+    libs = {
+        "baseline" if args.baseline != cuda_build.SOURCE else "as it is": load(args.baseline),
+        " ".join(args.defines) or "gptq_mma.cu": load(variant_src),
+    }
     print(f"# {torch.cuda.get_device_name()}; variant: {header.strip()}")
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
@@ -67,16 +69,21 @@ def main():
                 a, b = outs.values()
                 same = torch.equal(a, b)
                 rows.append((bits, k, n, m, {name: min(v) for name, v in times.items()}, same))
-                print(f"{bits}-bit {k}x{n} m={m}: " + ", ".join(f"{name} {v[0]:.1f}/{v[1]:.1f} us"
-                                                                 for name, v in times.items())
-                      + f"; same bits: {same}", flush=True)
+                print(
+                    f"{bits}-bit {k}x{n} m={m}: "
+                    + ", ".join(f"{name} {v[0]:.1f}/{v[1]:.1f} us" for name, v in times.items())
+                    + f"; same bits: {same}",
+                    flush=True,
+                )
             del extra, mods
             torch.cuda.empty_cache()
     names = list(libs)
     print(f"\n| bits | K x N | m | {names[0]} us | {names[1]} us | ratio | same bits |\n|---|---|---|---|---|---|---|")
     for bits, k, n, m, t, same in rows:
-        print(f"| {bits} | {k}x{n} | {m} | {t[names[0]]:.1f} | {t[names[1]]:.1f} | {t[names[1]] / t[names[0]]:.3f} | "
-              f"{same} |")
+        print(
+            f"| {bits} | {k}x{n} | {m} | {t[names[0]]:.1f} | {t[names[1]]:.1f} | {t[names[1]] / t[names[0]]:.3f} | "
+            f"{same} |"
+        )
 
 
 if __name__ == "__main__":

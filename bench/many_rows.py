@@ -13,9 +13,9 @@ past L2:
 from __future__ import annotations
 
 import argparse
-import re
 import math
 import os
+import re
 import sys
 
 import torch
@@ -48,8 +48,12 @@ def main():
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--ms", default="33,64,128,256,512")
     ap.add_argument("--shapes", default="all")
-    ap.add_argument("--config", action="append", default=[],
-                    help="also time this many_rows_config, e.g. ROWS=128 or SPLITS=1 (no tile split); repeatable")
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="also time this many_rows_config, e.g. ROWS=128 or SPLITS=1 (no tile split); repeatable",
+    )
     ap.add_argument("--kernels", action="store_true", help="also print each launch's GPU time (torch.profiler)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
@@ -76,21 +80,28 @@ def main():
                     for t in mods:
                         t.many_rows_config = None
                     again = time_graph([lambda t=t, x=x: t.forward_many_rows(x) for t, x in zip(mods, xs)])
-                    print(f"  {spec}: {alt:.1f} us ({plan}); default plan {mods[0]._many_rows_plan(m, DEV)}: "
-                          f"{wg:.1f}, again {again:.1f} us", flush=True)
+                    print(
+                        f"  {spec}: {alt:.1f} us ({plan}); default plan {mods[0]._many_rows_plan(m, DEV)}: "
+                        f"{wg:.1f}, again {again:.1f} us",
+                        flush=True,
+                    )
                 if args.kernels:
                     print("  " + launch_times(lambda: mods[0].forward_many_rows(xs[0])), flush=True)
                 tflops = 2 * m * k * n / wg / 1e6
                 rows.append((bits, k, n, m, wg, dq, cb, tflops, err))
-                print(f"{bits}-bit {k}x{n} m={m}: wgmma {wg:.1f} us ({tflops:.0f} TFLOPS), deq+cuBLAS {dq:.1f}, "
-                      f"cuBLAS fp16 {cb:.1f} ({wg / cb:.2f}x), rel err {err:.1e}", flush=True)
-            del extra, mods, w16
+                print(
+                    f"{bits}-bit {k}x{n} m={m}: wgmma {wg:.1f} us ({tflops:.0f} TFLOPS), deq+cuBLAS {dq:.1f}, "
+                    f"cuBLAS fp16 {cb:.1f} ({wg / cb:.2f}x), rel err {err:.1e}",
+                    flush=True,
+                )
+            extra = mods = w16 = None  # free before the next shape
             torch.cuda.empty_cache()
     print("\n| bits | K x N | m | wgmma us | TFLOPS | deq + cuBLAS us | cuBLAS fp16 us | wgmma / cuBLAS | rel err |")
     print("|---|---|---|---|---|---|---|---|---|")
     for bits, k, n, m, wg, dq, cb, tf, err in rows:
-        print(f"| {bits} | {k}x{n} | {m} | **{wg:.1f}** | {tf:.0f} | {dq:.1f} | {cb:.1f} | {wg / cb:.2f}x | "
-              f"{err:.1e} |")
+        print(
+            f"| {bits} | {k}x{n} | {m} | **{wg:.1f}** | {tf:.0f} | {dq:.1f} | {cb:.1f} | {wg / cb:.2f}x | {err:.1e} |"
+        )
 
 
 if __name__ == "__main__":

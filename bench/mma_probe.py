@@ -36,20 +36,25 @@ def main():
     best = (0.0, None)
     for per_sm in (1, 2, 4, 8):
         for threads in (128, 256, 512):
+
             def call(b=per_sm * sms, t=threads):
                 assert lib.probe_mma_launch(sink.data_ptr(), b, t, iters, torch.cuda.current_stream().cuda_stream) == 0
+
             us = time_graph([call], 5)
             flops = 2 * 16 * 8 * 16 * 8 * iters * (threads // 32) * per_sm * sms
             tflops = flops / us / 1e6
-            print(f"mma.sync chain: {per_sm} blocks/SM x {threads} threads: {us:.0f} us, {tflops:.0f} TFLOPS",
-                  flush=True)
+            print(
+                f"mma.sync chain: {per_sm} blocks/SM x {threads} threads: {us:.0f} us, {tflops:.0f} TFLOPS", flush=True
+            )
             best = max(best, (tflops, (per_sm, threads)))
     print(f"mma.sync m16n8k16 ceiling: {best[0]:.0f} TFLOPS at {best[1]}")
 
     rows = []
     for k, n in SHAPES + [(8192, 8192 * 3)]:
         x = torch.randn(M, k, dtype=torch.float16, device=DEV)
-        mats = [torch.randn(k, n, dtype=torch.float16, device=DEV) for _ in range(max(2, -(-3 * L2_BYTES // (k * n * 2))))]
+        mats = [
+            torch.randn(k, n, dtype=torch.float16, device=DEV) for _ in range(max(2, -(-3 * L2_BYTES // (k * n * 2))))
+        ]
         cublas = time_graph([lambda w=w: x @ w for w in mats], 10)
         del mats
         split = ("", "")
@@ -59,18 +64,23 @@ def main():
             mods = extra["cuda"]
             deq = time_graph([lambda t=t: t.dequantize() for t in mods], 10)
             whole = time_graph([lambda t=t: t(x) for t in mods], 10)
-            print(f"  {k}x{n} dequantize: {deq:.1f} us, {(k * n * 2.5) / deq / 1e6:.2f} TB/s (4-bit read + float16 "
-                  "written)")
+            print(
+                f"  {k}x{n} dequantize: {deq:.1f} us, {(k * n * 2.5) / deq / 1e6:.2f} TB/s (4-bit read + float16 "
+                "written)"
+            )
             split = (f"{deq:.1f}", f"{whole:.1f}")
             del extra, mods
         torch.cuda.empty_cache()
         tflops = 2 * M * k * n / cublas / 1e6
         rows.append((k, n, cublas, tflops, split))
-        print(f"{k}x{n} m={M}: cuBLAS {cublas:.1f} us = {tflops:.0f} TFLOPS; cuda dequantize / whole {split}",
-              flush=True)
+        print(
+            f"{k}x{n} m={M}: cuBLAS {cublas:.1f} us = {tflops:.0f} TFLOPS; cuda dequantize / whole {split}", flush=True
+        )
     print(f"\n## {torch.cuda.get_device_name()}: m = {M}; mma.sync ceiling {best[0]:.0f} TFLOPS")
-    print("| K x N | fp16 cuBLAS us | cuBLAS TFLOPS | TFLOPS a fused kernel needs for 1.15x | share of the mma.sync "
-          "ceiling | cuda: dequantize us | cuda: whole call us |")
+    print(
+        "| K x N | fp16 cuBLAS us | cuBLAS TFLOPS | TFLOPS a fused kernel needs for 1.15x | share of the mma.sync "
+        "ceiling | cuda: dequantize us | cuda: whole call us |"
+    )
     print("|---|---|---|---|---|---|---|")
     for k, n, cublas, tflops, (deq, whole) in rows:
         need = tflops / 1.15

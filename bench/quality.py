@@ -36,8 +36,11 @@ SETTINGS = {  # name: (bits, group_size)
     "4g32": (4, 32),
     "3g128": (3, 128),
 }
-ANCHOR = {"4g128": (22.97, 33.72, 29.07, "179 s"), "4g32": (22.97, 32.14, 26.28, "202 s"),
-          "3g128": (22.97, 246.75, 60.63, "168 s")}
+ANCHOR = {
+    "4g128": (22.97, 33.72, 29.07, "179 s"),
+    "4g32": (22.97, 32.14, 26.28, "202 s"),
+    "3g128": (22.97, 246.75, 60.63, "168 s"),
+}
 
 
 def gguf_path() -> Path:
@@ -98,7 +101,7 @@ def rtn_model(src: Path, bits: int, group_size: int):
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, module in model.model.layers.named_modules():
+        for module in model.model.layers.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(rtn_quantize(module.weight, bits, group_size).dequantize().t())
         for name, p in model.named_parameters():  # the checkpoint stores the rest as float16
@@ -114,26 +117,33 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-baselines", action="store_true", help="skip the fp32 and RTN perplexities")
     ap.add_argument("--no-clip", action="store_true", help="plain min/max ranges (ablation)")
-    ap.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
-                    help="fit layers to the unquantized model's outputs (quantize's default); "
-                         "--no-fp-targets: plain GPTQ")
+    ap.add_argument(
+        "--fp-targets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit layers to the unquantized model's outputs (quantize's default); --no-fp-targets: plain GPTQ",
+    )
     ap.add_argument("--from-gguf", action="store_true", help="quantize straight from the GGUF file (timed too)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import gptq_bridge
     from gptq_bridge.quantize import quantize
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = fp32_dir(args.work)
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     windows = held_out_windows(tokenizer)
     calib = args.work / "calibration.txt"
     calib.write_text(calibration_text(), encoding="utf-8")
-    print(f"held-out: {HELD_OUT} ({windows.shape[0]} windows, {windows.shape[0] * (WINDOW - 1)} predicted tokens); "
-          f"calibration: pydoc_data.topics ({CALIB_WINDOWS} x {WINDOW})", flush=True)
+    print(
+        f"held-out: {HELD_OUT} ({windows.shape[0]} windows, {windows.shape[0] * (WINDOW - 1)} predicted tokens); "
+        f"calibration: pydoc_data.topics ({CALIB_WINDOWS} x {WINDOW})",
+        flush=True,
+    )
 
     rows = {}
     fp32 = None
@@ -153,29 +163,57 @@ def main(argv=None) -> int:
         source = gguf_path() if args.from_gguf else src
         load = [round(v, 2) for v in os.getloadavg()]
         t, cpu = time.perf_counter(), time.process_time()
-        quantize(source, out, bits=bits, group_size=group, desc_act=True, sym=True, damp_percent=0.1,
-                 dataset=[calib], nsamples=CALIB_WINDOWS, seq_len=WINDOW, device="cpu", clip=not args.no_clip,
-                 fp_targets=args.fp_targets)
+        quantize(
+            source,
+            out,
+            bits=bits,
+            group_size=group,
+            desc_act=True,
+            sym=True,
+            damp_percent=0.1,
+            dataset=[calib],
+            nsamples=CALIB_WINDOWS,
+            seq_len=WINDOW,
+            device="cpu",
+            clip=not args.no_clip,
+            fp_targets=args.fp_targets,
+        )
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
         load_after = [round(v, 2) for v in os.getloadavg()]  # 1, 5, 15 minutes
         lm = gptq_bridge.load_model(str(out), device="cpu")
         ppl = perplexity(lm.model, windows)
-        rows[name] = {"fp32": fp32, "rtn": rtn, "gptq": ppl, "seconds": round(seconds, 1),
-                      "cpu_seconds": round(cpu, 1), "kernel": lm.kernel, "fp_targets": args.fp_targets is not False,
-                      "load_average_before": load, "load_average_after": load_after}
-        print(f"{name} gptq-bridge{'' if args.fp_targets is not False else ' --no-fp-targets'}: {ppl:.2f} in "
-              f"{seconds:.0f} s wall, {cpu:.0f} s CPU, load average {load} -> {load_after} "
-              f"(loaded with kernel {lm.kernel})", flush=True)
+        rows[name] = {
+            "fp32": fp32,
+            "rtn": rtn,
+            "gptq": ppl,
+            "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu, 1),
+            "kernel": lm.kernel,
+            "fp_targets": args.fp_targets is not False,
+            "load_average_before": load,
+            "load_average_after": load_after,
+        }
+        print(
+            f"{name} gptq-bridge{'' if args.fp_targets is not False else ' --no-fp-targets'}: {ppl:.2f} in "
+            f"{seconds:.0f} s wall, {cpu:.0f} s CPU, load average {load} -> {load_after} "
+            f"(loaded with kernel {lm.kernel})",
+            flush=True,
+        )
         del lm
 
     print("\n| setting | fp32 | RTN | gptq-bridge | time | GPTQModel (anchor) | ratio to fp32: ours / GPTQModel's |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         a = ANCHOR[name]
-        f = lambda v: "-" if v is None else f"{v:.2f}"
+
+        def f(v):
+            return "-" if v is None else f"{v:.2f}"
+
         ratio = "-" if r["fp32"] is None else f"{r['gptq'] / r['fp32']:.3f} / {a[2] / a[0]:.3f}"
-        print(f"| {name} | {f(r['fp32'])} | {f(r['rtn'])} | {r['gptq']:.2f} | {r['seconds']:.0f} s | "
-              f"{a[2]:.2f} ({a[3]}) | {ratio} |")
+        print(
+            f"| {name} | {f(r['fp32'])} | {f(r['rtn'])} | {r['gptq']:.2f} | {r['seconds']:.0f} s | "
+            f"{a[2]:.2f} ({a[3]}) | {ratio} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

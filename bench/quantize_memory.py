@@ -44,9 +44,16 @@ def build_model(out: Path, hidden: int, intermediate: int, layers: int) -> int:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from tiny_checkpoints import tiny_tokenizer
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=96,
-                         max_position_embeddings=2048, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        vocab_size=96,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float16)
     model.save_pretrained(str(out))
@@ -74,8 +81,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=None, help="override the size's hidden width")
     ap.add_argument("--intermediate", type=int, default=None, help="override the size's MLP width")
     ap.add_argument("--layers", type=int, default=None, help="override the size's number of blocks")
-    ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
-                    help="which processes to measure (each is its own process)")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        choices=RUNS,
+        default=list(RUNS),
+        help="which processes to measure (each is its own process)",
+    )
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gptq-bridge-memory"))
@@ -88,8 +100,9 @@ def main() -> None:
             print(f"SIZE {build_model(Path(rest[0]), *map(int, rest[1:]))}")
             raise SystemExit(0)
         if kind == "baseline":
-            import gptq_bridge  # noqa: F401
             from transformers import AutoModelForCausalLM
+
+            import gptq_bridge  # noqa: F401
 
             AutoModelForCausalLM.from_pretrained(rest[0], dtype="auto")
         else:
@@ -110,20 +123,38 @@ def main() -> None:
     args.layers = args.layers or layers
     shutil.rmtree(args.work, ignore_errors=True)
     src = args.work / "fp16"
-    built = subprocess.run(child(["build", str(src), str(args.hidden), str(args.intermediate), str(args.layers)]),
-                           capture_output=True, text=True, check=True)
+    built = subprocess.run(
+        child(["build", str(src), str(args.hidden), str(args.intermediate), str(args.layers)]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     size = int(built.stdout.strip().splitlines()[-1].split()[1])
     random.seed(0)
     words = "the a of to and in is it you that he was for on are with as I his they be at one have this from".split()
     text = args.work / "calibration.txt"
     text.write_text(" ".join(random.choice(words) for _ in range(args.nsamples * args.seq_len * 2)))
-    print(f"float16 model: {size / 2**20:.0f} MiB ({args.layers} layers, hidden {args.hidden}, MLP {args.intermediate})",
-          flush=True)
-    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    print(
+        f"float16 model: {size / 2**20:.0f} MiB ({args.layers} layers, hidden {args.hidden}, MLP {args.intermediate})",
+        flush=True,
+    )
+    commit = subprocess.run(
+        ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     rows = []
-    quantize_args = ["--bits", "4", "--group-size", "128", "--desc-act", "--dataset", str(text),
-                     "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len)]
+    quantize_args = [
+        "--bits",
+        "4",
+        "--group-size",
+        "128",
+        "--desc-act",
+        "--dataset",
+        str(text),
+        "--nsamples",
+        str(args.nsamples),
+        "--seq-len",
+        str(args.seq_len),
+    ]
     for run in args.runs:
         load = os.getloadavg()[0]
         if run == "baseline":
@@ -133,14 +164,21 @@ def main() -> None:
             kind = "quantize-no-heap-reuse" if run == "no-heap-reuse" else "quantize"
             mode = "--no-fp-targets" if run == "no-fp-targets" else "--fp-targets"
             peak, wall = peak_of(child([kind, str(src), str(args.work / f"q-{run}"), *quantize_args, mode]))
-            name = {"default": "quantize (default: fp-targets)", "no-heap-reuse": "quantize, glibc's default allocation (no heap policy)",
-                    "no-fp-targets": "quantize --no-fp-targets"}[run]
+            name = {
+                "default": "quantize (default: fp-targets)",
+                "no-heap-reuse": "quantize, glibc's default allocation (no heap policy)",
+                "no-fp-targets": "quantize --no-fp-targets",
+            }[run]
             shutil.rmtree(args.work / f"q-{run}", ignore_errors=True)
         rows.append((name, peak, wall, load, os.getloadavg()[0]))
-        print(f"{name}: peak {peak / 2**20:.0f} MiB, {wall:.0f} s, load {rows[-1][3]:.2f} -> {rows[-1][4]:.2f}",
-              flush=True)
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, commit {commit}, {os.cpu_count()} CPUs; {args.nsamples} x "
-          f"{args.seq_len} calibration tokens, 4-bit g128 act-order")
+        print(
+            f"{name}: peak {peak / 2**20:.0f} MiB, {wall:.0f} s, load {rows[-1][3]:.2f} -> {rows[-1][4]:.2f}",
+            flush=True,
+        )
+    print(
+        f"\n{time.strftime('%Y-%m-%d %H:%M')}, commit {commit}, {os.cpu_count()} CPUs; {args.nsamples} x "
+        f"{args.seq_len} calibration tokens, 4-bit g128 act-order"
+    )
     print("| process | peak RSS | / fp16 model | wall | load average (1 min) before -> after |")
     print("|---|---|---|---|---|")
     for name, peak, wall, before, after in rows:

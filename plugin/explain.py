@@ -38,14 +38,21 @@ def explain(
 ) -> Explanation:
     """Plan a load without reading any weights; raises the same errors `load_model` would."""
     resolved = resolve(source, revision=revision, allow_pickle=allow_pickle)
-    options = load_options(kernel=kernel, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                           allow_pickle=allow_pickle)
+    options = load_options(
+        kernel=kernel, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     dev, dtype = options.device, options.dtype
     plan = plan_load(resolved, options)
     return Explanation(
-        source=source, path=str(resolved.path), config_file=plan.config_file.label, settings=plan.config,
-        device=str(dev), dtype=str(dtype).removeprefix("torch."), layers=len(plan.layers),
-        chosen=plan.choice.chosen, kernels=plan.choice.verdicts,
+        source=source,
+        path=str(resolved.path),
+        config_file=plan.config_file.label,
+        settings=plan.config,
+        device=str(dev),
+        dtype=str(dtype).removeprefix("torch."),
+        layers=len(plan.layers),
+        chosen=plan.choice.chosen,
+        kernels=plan.choice.verdicts,
     )
 
 
@@ -78,12 +85,25 @@ def format_explanation(e: Explanation) -> str:
 def _cmd_explain(args) -> int:
     import json
 
-    e = explain(args.source, device=args.device, kernel=args.kernel, revision=args.revision,
-                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    e = explain(
+        args.source,
+        device=args.device,
+        kernel=args.kernel,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )
     if args.json:
-        out = {"source": e.source, "config_file": e.config_file, "chosen": e.chosen,
-               "kernels": [v.model_dump() for v in e.kernels],
-               "settings": e.settings.to_json_dict(), "device": e.device, "dtype": e.dtype, "layers": e.layers}
+        out = {
+            "source": e.source,
+            "config_file": e.config_file,
+            "chosen": e.chosen,
+            "kernels": [v.model_dump() for v in e.kernels],
+            "settings": e.settings.to_json_dict(),
+            "device": e.device,
+            "dtype": e.dtype,
+            "layers": e.layers,
+        }
         print(json.dumps(out, indent=2))
     else:
         print(format_explanation(e))

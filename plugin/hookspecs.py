@@ -16,14 +16,22 @@ from __future__ import annotations
 
 import argparse
 import threading
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     from .loaded_model import LoadedModel
-    from .types import (GenerationChunk, GenerationRequest, GenerationResult, KernelSpec, LoadOptions, PromptFormat,
-                        ResolvedSource)
+    from .types import (
+        GenerationChunk,
+        GenerationRequest,
+        GenerationResult,
+        KernelSpec,
+        LoadOptions,
+        PromptFormat,
+        ResolvedSource,
+    )
 
 PROJECT = "gptq_bridge"
 
@@ -32,7 +40,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec(firstresult=True)
-def gptq_resolve_source(source: str, revision: Optional[str], allow_pickle: bool) -> Optional[ResolvedSource]:
+def gptq_resolve_source(source: str, revision: str | None, allow_pickle: bool) -> ResolvedSource | None:
     """Turn what the user wrote into a `ResolvedSource` (a local directory); return None to let the next one try.
 
     The built-in resolver (a directory, or a hub id `org/name[:branch]`) goes last, so a plugin can serve other
@@ -47,7 +55,7 @@ def gptq_register_kernels(register: Callable[[KernelSpec], None]) -> None:
 
 
 @hookspec(firstresult=True)
-def gptq_load_model(source: ResolvedSource, options: LoadOptions) -> Optional[LoadedModel]:
+def gptq_load_model(source: ResolvedSource, options: LoadOptions) -> LoadedModel | None:
     """Load a `ResolvedSource` with `LoadOptions` into a `LoadedModel`; return None to let the next loader try.
 
     Plugins registered later run first, so a plugin can take over a model family from the built-in loader.
@@ -55,8 +63,9 @@ def gptq_load_model(source: ResolvedSource, options: LoadOptions) -> Optional[Lo
 
 
 @hookspec(firstresult=True)
-def gptq_generate(model: LoadedModel, request: GenerationRequest,
-                  cancel: Optional[threading.Event]) -> Optional[Iterator[GenerationChunk | GenerationResult]]:
+def gptq_generate(
+    model: LoadedModel, request: GenerationRequest, cancel: threading.Event | None
+) -> Iterator[GenerationChunk | GenerationResult] | None:
     """Generate for a `GenerationRequest` on a `LoadedModel`; return None to let the next generator try.
 
     Returns an iterator of `GenerationChunk`s whose last item is the `GenerationResult`. `cancel` is a

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from .api import load_model, load_options
-from .plugins import resolve
 from .loaded_model import LoadedModel
+from .plugins import resolve
 
 
 class ModelCache:
@@ -27,16 +27,31 @@ class ModelCache:
         self._loading: dict[tuple, threading.Lock] = {}
         self._paths: dict[tuple, str] = {}
 
-    def key(self, source: str, *, kernel: str = "auto", device: str | torch.device | None = None,
-            dtype: torch.dtype | None = None, revision: str | None = None, trust_remote_code: bool = False,
-            allow_pickle: bool = False) -> tuple:
+    def key(
+        self,
+        source: str,
+        *,
+        kernel: str = "auto",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+    ) -> tuple:
         spelled = (source, revision, allow_pickle)
         if spelled not in self._paths:
             self._paths[spelled] = str(resolve(source, revision=revision, allow_pickle=allow_pickle).path)
-        options = load_options(kernel=kernel, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                               allow_pickle=allow_pickle)
-        return (self._paths[spelled], options.kernel, str(options.device), str(options.dtype), trust_remote_code,
-                allow_pickle)
+        options = load_options(
+            kernel=kernel, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
+        return (
+            self._paths[spelled],
+            options.kernel,
+            str(options.device),
+            str(options.dtype),
+            trust_remote_code,
+            allow_pickle,
+        )
 
     def get(self, source: str, **options: Any) -> LoadedModel:
         """The loaded model for `source` with these `load_model` options, loading it on first use."""

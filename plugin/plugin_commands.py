@@ -18,16 +18,29 @@ def plugin_report() -> dict:
     plugins = []
     for name, plugin in pm.list_name_plugin():
         ep = available.get(name)
-        plugins.append({
-            "name": name,
-            "module": getattr(plugin, "__name__", type(plugin).__name__),
-            "builtin": name in DEFAULT_PLUGINS,
-            "hooks": sorted(impl.function.__name__ for caller in pm.get_hookcallers(plugin) or []
-                            for impl in caller.get_hookimpls() if impl.plugin is plugin),
-            "distribution": f"{ep.dist.name} {ep.dist.version}" if ep is not None and ep.dist is not None else None,
-        })
-    eps = [{"name": ep.name, "value": ep.value, "distribution": ep.dist.name if ep.dist is not None else None,
-            "loaded": pm.has_plugin(ep.name)} for ep in sorted(available.values(), key=lambda e: e.name)]
+        plugins.append(
+            {
+                "name": name,
+                "module": getattr(plugin, "__name__", type(plugin).__name__),
+                "builtin": name in DEFAULT_PLUGINS,
+                "hooks": sorted(
+                    impl.function.__name__
+                    for caller in pm.get_hookcallers(plugin) or []
+                    for impl in caller.get_hookimpls()
+                    if impl.plugin is plugin
+                ),
+                "distribution": f"{ep.dist.name} {ep.dist.version}" if ep is not None and ep.dist is not None else None,
+            }
+        )
+    eps = [
+        {
+            "name": ep.name,
+            "value": ep.value,
+            "distribution": ep.dist.name if ep.dist is not None else None,
+            "loaded": pm.has_plugin(ep.name),
+        }
+        for ep in sorted(available.values(), key=lambda e: e.name)
+    ]
     return {"plugins": plugins, "entry_points": eps, "load_plugins": os.environ.get(LOAD_PLUGINS_ENV)}
 
 
@@ -46,8 +59,7 @@ def format_report(report: dict) -> str:
     else:
         lines.append("entry points (group gptq_bridge): none installed")
     chosen = report["load_plugins"]
-    lines.append("GPTQ_BRIDGE_LOAD_PLUGINS: " + ("unset (every entry point loads)" if chosen is None
-                                                 else repr(chosen)))
+    lines.append("GPTQ_BRIDGE_LOAD_PLUGINS: " + ("unset (every entry point loads)" if chosen is None else repr(chosen)))
     return "\n".join(lines)
 
 

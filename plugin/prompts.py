@@ -104,8 +104,10 @@ def _chatml(messages: list[ChatMessage], **_: Any) -> str:
     return "".join(out) + "<|im_start|>assistant\n"
 
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 
 
 def _vicuna(messages: list[ChatMessage], *, tokenizer=None, **_: Any) -> str:
@@ -140,12 +142,16 @@ def _tokenizer_template(messages: list[ChatMessage], *, tokenizer=None, **_: Any
     continuing = messages[-1].role == "assistant"
     try:
         return tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], tokenize=False,
-            add_generation_prompt=not continuing, continue_final_message=continuing,
+            [m.model_dump() for m in messages],
+            tokenize=False,
+            add_generation_prompt=not continuing,
+            continue_final_message=continuing,
         )
     except Exception as exc:  # jinja raises its own errors, templates raise what they like
-        raise GPTQBridgeError(f"prompt_format {TOKENIZER_FORMAT!r}: the tokenizer's chat template failed: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise GPTQBridgeError(
+            f"prompt_format {TOKENIZER_FORMAT!r}: the tokenizer's chat template failed: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 def template_end_of_turn(tokenizer) -> tuple[str, ...]:
@@ -156,15 +162,16 @@ def template_end_of_turn(tokenizer) -> tuple[str, ...]:
     """
     sentinel = "Sentinel reply 7f3a."
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."},
-                                              {"role": "assistant", "content": sentinel}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": sentinel}], tokenize=False
+        )
         specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
     except Exception:  # a template that refuses this conversation implies nothing
         return ()
     i = text.find(sentinel) if isinstance(text, str) else -1
     if i < 0:
         return ()
-    after = text[i + len(sentinel):].lstrip(" ")
+    after = text[i + len(sentinel) :].lstrip(" ")
     for special in sorted((s for s in specials if s), key=len, reverse=True):
         if after.startswith(special):
             return (special,)
@@ -172,22 +179,51 @@ def template_end_of_turn(tokenizer) -> tuple[str, ...]:
 
 
 BUILTIN_FORMATS = (
-    PromptFormat(name="alpaca", description="### Instruction: / ### Input: / ### Response: (Nous-Hermes-Llama2)",
-                 render=_alpaca, stop=("### Instruction:", "### Input:"),
-                 model_patterns=(r"nous-hermes-(llama-?2|l2|13b|7b)", r"alpaca")),
-    PromptFormat(name="alpaca-instruct-only", description="### Instruction: / ### Response: (no input block)",
-                 render=_alpaca_instruct_only, stop=("### Instruction:",)),
-    PromptFormat(name="llama-2-chat", description="[INST] <<SYS>> ... [/INST] (Meta's Llama-2-chat)",
-                 render=_llama2_chat, stop=("[INST]",), model_patterns=(r"llama-?2.*chat",)),
-    PromptFormat(name="chatml", description="<|im_start|>role ... <|im_end|> (OpenHermes, Hermes 2, Dolphin)",
-                 render=_chatml, stop=("<|im_end|>", "<|im_start|>"),
-                 model_patterns=(r"hermes-2|hermes-3|openhermes|chatml|dolphin",)),
-    PromptFormat(name="vicuna", description="USER: ... ASSISTANT: (Vicuna v1.1)", render=_vicuna,
-                 stop=("USER:",), model_patterns=(r"vicuna",)),
-    PromptFormat(name=TOKENIZER_FORMAT, description="the chat template shipped with the model's tokenizer",
-                 render=_tokenizer_template),
-    PromptFormat(name=PLAIN_FORMAT, description="the text as it is; conversations as a User:/Assistant: transcript",
-                 render=_plain, stop=("\nUser:",)),
+    PromptFormat(
+        name="alpaca",
+        description="### Instruction: / ### Input: / ### Response: (Nous-Hermes-Llama2)",
+        render=_alpaca,
+        stop=("### Instruction:", "### Input:"),
+        model_patterns=(r"nous-hermes-(llama-?2|l2|13b|7b)", r"alpaca"),
+    ),
+    PromptFormat(
+        name="alpaca-instruct-only",
+        description="### Instruction: / ### Response: (no input block)",
+        render=_alpaca_instruct_only,
+        stop=("### Instruction:",),
+    ),
+    PromptFormat(
+        name="llama-2-chat",
+        description="[INST] <<SYS>> ... [/INST] (Meta's Llama-2-chat)",
+        render=_llama2_chat,
+        stop=("[INST]",),
+        model_patterns=(r"llama-?2.*chat",),
+    ),
+    PromptFormat(
+        name="chatml",
+        description="<|im_start|>role ... <|im_end|> (OpenHermes, Hermes 2, Dolphin)",
+        render=_chatml,
+        stop=("<|im_end|>", "<|im_start|>"),
+        model_patterns=(r"hermes-2|hermes-3|openhermes|chatml|dolphin",),
+    ),
+    PromptFormat(
+        name="vicuna",
+        description="USER: ... ASSISTANT: (Vicuna v1.1)",
+        render=_vicuna,
+        stop=("USER:",),
+        model_patterns=(r"vicuna",),
+    ),
+    PromptFormat(
+        name=TOKENIZER_FORMAT,
+        description="the chat template shipped with the model's tokenizer",
+        render=_tokenizer_template,
+    ),
+    PromptFormat(
+        name=PLAIN_FORMAT,
+        description="the text as it is; conversations as a User:/Assistant: transcript",
+        render=_plain,
+        stop=("\nUser:",),
+    ),
 )
 
 
@@ -201,8 +237,9 @@ def registered_prompt_formats(pm=None) -> dict[str, PromptFormat]:
     """Every prompt format the registered plugins provide, by name; names must be unique."""
     from .plugins import collect_registry, get_plugin_manager
 
-    found = collect_registry((pm or get_plugin_manager()).hook.gptq_register_prompt_formats, "prompt format",
-                             PromptFormat)
+    found = collect_registry(
+        (pm or get_plugin_manager()).hook.gptq_register_prompt_formats, "prompt format", PromptFormat
+    )
     return {fmt.name: fmt for fmt in found}
 
 

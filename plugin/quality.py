@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -50,9 +50,14 @@ def load_questions(path: str | Path) -> list[Question]:
     questions = []
     for i, item in enumerate(items):
         q, a = (item.get("q"), item.get("a")) if isinstance(item, dict) else (None, None)
-        if not isinstance(q, str) or not q.strip() or not isinstance(a, list) or not a \
-                or not all(isinstance(x, str) and x.strip() for x in a):
-            raise GPTQBridgeError(f"{path}: entry {i} must be {{\"q\": question, \"a\": [answers]}}, got {item!r}")
+        if (
+            not isinstance(q, str)
+            or not q.strip()
+            or not isinstance(a, list)
+            or not a
+            or not all(isinstance(x, str) and x.strip() for x in a)
+        ):
+            raise GPTQBridgeError(f'{path}: entry {i} must be {{"q": question, "a": [answers]}}, got {item!r}')
         questions.append(Question(q, tuple(a)))
     return questions
 
@@ -67,8 +72,9 @@ def answer_found(reply: str, answers: Sequence[str]) -> bool:
 
 
 def chat_prompt(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -79,8 +85,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def greedy_answers(model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 32,
-                   batch_size: int = 128) -> list[Answer]:
+def greedy_answers(
+    model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 32, batch_size: int = 128
+) -> list[Answer]:
     """Each question's greedy reply through the chat template, checked against its accepted answers."""
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -89,26 +96,42 @@ def greedy_answers(model, tokenizer, questions: Sequence[Question], *, max_new_t
     out: list[Answer] = []
     try:
         for start in range(0, len(questions), batch_size):
-            batch = questions[start:start + batch_size]
-            enc = tokenizer([chat_prompt(tokenizer, q.text) for q in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=pad, eos_token_id=eos,
-                                 temperature=None, top_p=None, top_k=None)
+            batch = questions[start : start + batch_size]
+            enc = tokenizer(
+                [chat_prompt(tokenizer, q.text) for q in batch],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
             top2 = torch.stack(gen.logits, 1).float().topk(2, dim=-1).values
             gaps = (top2[..., 0] - top2[..., 1]).cpu()
-            new = gen.sequences[:, enc["input_ids"].shape[1]:].cpu()
+            new = gen.sequences[:, enc["input_ids"].shape[1] :].cpu()
             for i, q in enumerate(batch):
                 ids = new[i].tolist()
                 ends = [k for k, t in enumerate(ids) if t in eos]
                 finished = bool(ends)
-                ids = ids[:ends[0] + 1] if ends else ids
+                ids = ids[: ends[0] + 1] if ends else ids
                 reply = tokenizer.decode(ids, skip_special_tokens=True)
                 correct = answer_found(reply, q.answers)
                 decisive = len(ids)
                 if correct:  # the first step at which the reply so far holds the answer
-                    decisive = next(k for k in range(1, len(ids) + 1)
-                                    if answer_found(tokenizer.decode(ids[:k], skip_special_tokens=True), q.answers))
+                    decisive = next(
+                        k
+                        for k in range(1, len(ids) + 1)
+                        if answer_found(tokenizer.decode(ids[:k], skip_special_tokens=True), q.answers)
+                    )
                 margin = float(gaps[i, :decisive].min()) if decisive else 0.0
                 out.append(Answer(reply=reply.strip(), correct=correct, margin=margin, finished=finished))
     finally:
@@ -126,7 +149,7 @@ def perplexity(model, tokenizer, text: str, *, seq_len: int = 512, max_windows: 
     device = next(model.parameters()).device
     total = 0.0
     for k in range(windows):
-        x = torch.tensor([ids[k * seq_len:(k + 1) * seq_len]], device=device)
+        x = torch.tensor([ids[k * seq_len : (k + 1) * seq_len]], device=device)
         logits = model(input_ids=x).logits[0, :-1].float()
         total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
     return math.exp(total / (windows * (seq_len - 1)))

@@ -18,9 +18,18 @@ import torch
 from .errors import CheckpointError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -69,7 +78,9 @@ class SafetensorsFile:
                 raise self._fail(f"entry for tensor {name!r} is malformed") from None
             expected = dtype.itemsize * _numel(shape)
             if end - begin != expected or begin < 0:
-                raise self._fail(f"tensor {name!r}: {end - begin} bytes stored for shape {list(shape)} of {info['dtype']}")
+                raise self._fail(
+                    f"tensor {name!r}: {end - begin} bytes stored for shape {list(shape)} of {info['dtype']}"
+                )
             if self._data_start + end > size:
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} ends at byte {self._data_start + end} but the file has "
@@ -97,7 +108,7 @@ class SafetensorsFile:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc) -> None:

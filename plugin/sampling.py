@@ -28,7 +28,7 @@ def apply_penalties(logits: torch.Tensor, context: torch.Tensor, params: Generat
     rep, pres, freq = params.repetition_penalty, params.presence_penalty, params.frequency_penalty
     if (rep == 1.0 and pres == 0.0 and freq == 0.0) or context.numel() == 0:
         return logits
-    window = context[-params.repetition_penalty_range:] if params.repetition_penalty_range else context
+    window = context[-params.repetition_penalty_range :] if params.repetition_penalty_range else context
     counts = torch.bincount(window.to(logits.device), minlength=logits.shape[-1])[: logits.shape[-1]]
     seen = counts > 0
     out = logits.clone()

@@ -51,8 +51,8 @@ def why_not(
         return f"runs on {_fmt(spec.devices)}, not {device.type}"
     if spec.min_capability is not None and device.type == "cuda":
         if device.capability is None or tuple(device.capability) < tuple(spec.min_capability):
-            have = "unknown" if device.capability is None else "%d.%d" % tuple(device.capability)
-            return "needs compute capability >= %d.%d, device has %s" % (*spec.min_capability, have)
+            have = "unknown" if device.capability is None else "{}.{}".format(*device.capability)
+            return "needs compute capability >= {}.{}, device has {}".format(*spec.min_capability, have)
     if dtype not in spec.dtypes:
         return f"computes in {_fmt(str(d).removeprefix('torch.') for d in spec.dtypes)}, not {str(dtype).removeprefix('torch.')}"
     for layer in layers:
@@ -65,8 +65,10 @@ def why_not(
 # What kernels are ranked by: one chat turn, a 512-token prompt in one call then 128 tokens decoded one row at
 # a time, from each kernel's measured microseconds per call (KernelSpec.measured_us).
 WORKLOAD: dict[int, int] = {512: 1, 1: 128}
-WORKLOAD_TEXT = ("one Llama-2-70B decoder layer's Linears for a 512-token prompt plus 128 decoded tokens, from "
-                 "bench/kernels.py on the device type it was measured on (gptq_bridge/kernels/measured.py)")
+WORKLOAD_TEXT = (
+    "one Llama-2-70B decoder layer's Linears for a 512-token prompt plus 128 decoded tokens, from "
+    "bench/kernels.py on the device type it was measured on (gptq_bridge/kernels/measured.py)"
+)
 
 
 def workload_us(spec: KernelSpec, bits: int, device: DeviceInfo) -> float | None:
@@ -102,8 +104,15 @@ def select_kernel(
     verdicts = []
     for spec in ranked:
         reason = why_not(spec, config, layers, device, dtype)
-        verdicts.append(KernelVerdict(name=spec.name, aliases=sorted(spec.aliases), eligible=reason is None,
-                                      reason=reason or "eligible", workload_us=workload_us(spec, config.bits, device)))
+        verdicts.append(
+            KernelVerdict(
+                name=spec.name,
+                aliases=sorted(spec.aliases),
+                eligible=reason is None,
+                reason=reason or "eligible",
+                workload_us=workload_us(spec, config.bits, device),
+            )
+        )
     verdicts = _rank(verdicts)
     if override != "auto":
         match = [v for v in verdicts if override == v.name or override in v.aliases]

@@ -28,8 +28,12 @@ def load_hf_config(model_dir: Path, trust_remote_code: bool):
     try:
         hf_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        hint = " (pass trust_remote_code=True if you trust this model's code)" if "trust_remote_code" in str(exc) else ""
-        raise ConfigError(f"{path}: transformers cannot read this architecture: {str(exc).splitlines()[0]}{hint}") from None
+        hint = (
+            " (pass trust_remote_code=True if you trust this model's code)" if "trust_remote_code" in str(exc) else ""
+        )
+        raise ConfigError(
+            f"{path}: transformers cannot read this architecture: {str(exc).splitlines()[0]}{hint}"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read: {exc}") from None
     if hasattr(hf_config, "quantization_config"):
@@ -39,8 +43,7 @@ def load_hf_config(model_dir: Path, trust_remote_code: bool):
 
 def build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """The model with every parameter and buffer on the meta device: nothing full-size is allocated."""
-    from transformers import AutoModelForCausalLM
-    from transformers import initialization
+    from transformers import AutoModelForCausalLM, initialization
 
     # transformers builds its own models this way: meta tensors, with creation ops that __init__ code calls
     # for Python numbers (linspace, ...) kept on the CPU.
@@ -49,14 +52,19 @@ def build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn
         try:
             return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
         except ValueError as exc:
-            raise ConfigError(f"config.json: transformers has no causal LM for this architecture: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(
+                f"config.json: transformers has no causal LM for this architecture: {str(exc).splitlines()[0]}"
+            ) from None
 
 
 def materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Compute the buffers no checkpoint holds (rotary frequencies), as transformers' own loader does."""
     for module in model.modules():
-        names = [n for n, b in module._buffers.items()
-                 if b is not None and b.is_meta and n in module._non_persistent_buffers_set]
+        names = [
+            n
+            for n, b in module._buffers.items()
+            if b is not None and b.is_meta and n in module._non_persistent_buffers_set
+        ]
         for name in names:
             module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
         if names:

@@ -45,7 +45,7 @@ class StopMatcher:
             return released
         keep = self._held_length(self.pending)
         released = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
+        self.pending = self.pending[len(self.pending) - keep :]
         return released
 
     def flush(self) -> str:

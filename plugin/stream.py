@@ -112,7 +112,7 @@ class GenerationStream:
             raise GPTQBridgeError("the generator ended without a result")
         return self.result
 
-    def __enter__(self) -> "GenerationStream":
+    def __enter__(self) -> GenerationStream:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -103,7 +103,7 @@ class CheckpointWriter:
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, offset, bytes
         self._end = 0
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -155,9 +155,16 @@ class CheckpointWriter:
                 _copy_range(self._spool.fileno(), f.fileno(), start, nbytes)
         return offset
 
-    def finish(self, hf_config: Any, config: QuantizeConfig, *, tokenizer: Any | None = None,
-               config_location: str = "both", max_shard_bytes: int | None = None,
-               extra_files: dict[str, str | bytes] | None = None) -> Path:
+    def finish(
+        self,
+        hf_config: Any,
+        config: QuantizeConfig,
+        *,
+        tokenizer: Any | None = None,
+        config_location: str = "both",
+        max_shard_bytes: int | None = None,
+        extra_files: dict[str, str | bytes] | None = None,
+    ) -> Path:
         """Write config.json, quantize_config.json and the weights (one file, or shards with an index), then
         rename the directory into place.
 
@@ -229,5 +236,11 @@ def write_checkpoint(
     with CheckpointWriter(out_dir) as writer:
         for name, tensor in tensors.items():
             writer.add(name, tensor)
-        return writer.finish(hf_config, config, tokenizer=tokenizer, config_location=config_location,
-                             max_shard_bytes=max_shard_bytes, extra_files=extra_files)
+        return writer.finish(
+            hf_config,
+            config,
+            tokenizer=tokenizer,
+            config_location=config_location,
+            max_shard_bytes=max_shard_bytes,
+            extra_files=extra_files,
+        )

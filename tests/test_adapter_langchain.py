@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from adapter_models import adapter_source
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -10,11 +11,10 @@ from langchain_core.prompts import PromptTemplate
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from gptq_bridge.adapters.langchain import ChatGPTQ, GPTQLLM
+from gptq_bridge.adapters.langchain import GPTQLLM, ChatGPTQ
+from gptq_bridge.default_model import NAME
 from gptq_bridge.errors import GPTQBridgeError
 from gptq_bridge.model_cache import shared_models
-from adapter_models import adapter_source
-from gptq_bridge.default_model import NAME
 
 pytestmark = pytest.mark.usefixtures("default_model")
 PARAMS = {"max_tokens": 12}
@@ -89,7 +89,9 @@ def test_llm_stop_is_honoured_in_invoke_and_stream(llm):
     longer = GPTQLLM(model=adapter_source(), max_tokens=12, model_kwargs={"ban_eos": True})
     assert longer.invoke("the", stop=[stop]) == cut
     assert "".join(longer.stream("the", stop=[stop])) == cut
-    assert GPTQLLM(model=adapter_source(), max_tokens=12, stop=[stop], model_kwargs={"ban_eos": True}).invoke("the") == cut
+    assert (
+        GPTQLLM(model=adapter_source(), max_tokens=12, stop=[stop], model_kwargs={"ban_eos": True}).invoke("the") == cut
+    )
 
 
 def test_llm_callbacks_get_each_token(llm):

@@ -6,6 +6,7 @@ import time
 import zlib
 
 import pytest
+from adapter_models import adapter_source
 from llama_index.core import Document, PromptTemplate, Settings, VectorStoreIndex
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.embeddings import BaseEmbedding, MockEmbedding
@@ -15,9 +16,8 @@ from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMChat
 from llama_index.core.llms import ChatMessage
 
 from gptq_bridge.adapters.llamaindex import GPTQLLM
-from gptq_bridge.errors import GPTQBridgeError
-from adapter_models import adapter_source
 from gptq_bridge.default_model import NAME
+from gptq_bridge.errors import GPTQBridgeError
 
 pytestmark = pytest.mark.usefixtures("default_model")
 
@@ -114,6 +114,7 @@ def test_tool_role_is_refused(llm):
 
 class _ChatRecorder(BaseEventHandler):
     """Keeps what the query engine sent to the LLM and what came back, through LlamaIndex's instrumentation."""
+
     seen: list = []
 
     def handle(self, event, **kwargs):
@@ -131,8 +132,10 @@ def default_llm_settings():
 
 
 def test_query_engine_puts_retrieved_documents_before_the_llm(default_llm_settings):
-    docs = [Document(text="The meeting about the new bridge is on Thursday in room 4B."),
-            Document(text="Lunch is served in the cafeteria from noon.")]
+    docs = [
+        Document(text="The meeting about the new bridge is on Thursday in room 4B."),
+        Document(text="Lunch is served in the cafeteria from noon."),
+    ]
     recorder = _ChatRecorder(seen=[])
     dispatcher = get_dispatcher()
     dispatcher.add_event_handler(recorder)
@@ -171,9 +174,11 @@ class WordCountEmbedding(BaseEmbedding):
 
 def test_query_engine_answers_from_the_retrieved_document(default_llm_settings):
     Settings.embed_model = WordCountEmbedding()
-    docs = [Document(text="Lunch is served in the cafeteria from noon."),
-            Document(text="The meeting about the new bridge is on Thursday in room 4B."),
-            Document(text="Parking passes are renewed every January at the front desk.")]
+    docs = [
+        Document(text="Lunch is served in the cafeteria from noon."),
+        Document(text="The meeting about the new bridge is on Thursday in room 4B."),
+        Document(text="Parking passes are renewed every January at the front desk."),
+    ]
     engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=1)
     response = engine.query("In which room is the meeting about the bridge?")
     assert [n.node.get_content() for n in response.source_nodes] == [docs[1].text]

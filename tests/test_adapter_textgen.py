@@ -10,30 +10,68 @@ import threading
 import types
 
 import pytest
+from adapter_models import adapter_source
 
 from gptq_bridge import cli
 from gptq_bridge.adapters import textgen
+from gptq_bridge.default_model import NAME
 from gptq_bridge.errors import GPTQBridgeError
 from gptq_bridge.model_cache import shared_models
-from adapter_models import adapter_source
-from gptq_bridge.default_model import NAME
 
 pytestmark = pytest.mark.usefixtures("default_model")
 
 # The generation state the webui passes (keys from its modules/shared.py settings and modules/presets.py)
 WEBUI_STATE = {
-    "max_new_tokens": 12, "auto_max_new_tokens": False, "max_tokens_second": 0, "truncation_length": 2048,
-    "temperature": 1, "dynatemp_low": 1, "dynatemp_high": 1, "dynatemp_exponent": 1, "smoothing_factor": 0,
-    "smoothing_curve": 1, "top_p": 1, "top_k": 0, "min_p": 0, "top_n_sigma": 0, "typical_p": 1,
-    "xtc_threshold": 0.1, "xtc_probability": 0, "epsilon_cutoff": 0, "eta_cutoff": 0, "tfs": 1, "top_a": 0,
-    "dry_multiplier": 0, "dry_allowed_length": 2, "dry_base": 1.75, "repetition_penalty": 1,
-    "frequency_penalty": 0, "presence_penalty": 0, "encoder_repetition_penalty": 1, "no_repeat_ngram_size": 0,
-    "repetition_penalty_range": 1024, "penalty_alpha": 0, "guidance_scale": 1, "mirostat_mode": 0,
-    "mirostat_tau": 5, "mirostat_eta": 0.1, "do_sample": False, "dynamic_temperature": False,
-    "temperature_last": False, "sampler_priority": "repetition_penalty\ntemperature\ntop_k\ntop_p",
-    "dry_sequence_breakers": '"\\n", ":", "\\"", "*"', "seed": -1, "ban_eos_token": True,
-    "add_bos_token": True, "skip_special_tokens": True, "custom_stopping_strings": "", "custom_token_bans": "",
-    "stream": True, "negative_prompt": "", "grammar_string": "", "static_cache": False,
+    "max_new_tokens": 12,
+    "auto_max_new_tokens": False,
+    "max_tokens_second": 0,
+    "truncation_length": 2048,
+    "temperature": 1,
+    "dynatemp_low": 1,
+    "dynatemp_high": 1,
+    "dynatemp_exponent": 1,
+    "smoothing_factor": 0,
+    "smoothing_curve": 1,
+    "top_p": 1,
+    "top_k": 0,
+    "min_p": 0,
+    "top_n_sigma": 0,
+    "typical_p": 1,
+    "xtc_threshold": 0.1,
+    "xtc_probability": 0,
+    "epsilon_cutoff": 0,
+    "eta_cutoff": 0,
+    "tfs": 1,
+    "top_a": 0,
+    "dry_multiplier": 0,
+    "dry_allowed_length": 2,
+    "dry_base": 1.75,
+    "repetition_penalty": 1,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "encoder_repetition_penalty": 1,
+    "no_repeat_ngram_size": 0,
+    "repetition_penalty_range": 1024,
+    "penalty_alpha": 0,
+    "guidance_scale": 1,
+    "mirostat_mode": 0,
+    "mirostat_tau": 5,
+    "mirostat_eta": 0.1,
+    "do_sample": False,
+    "dynamic_temperature": False,
+    "temperature_last": False,
+    "sampler_priority": "repetition_penalty\ntemperature\ntop_k\ntop_p",
+    "dry_sequence_breakers": '"\\n", ":", "\\"", "*"',
+    "seed": -1,
+    "ban_eos_token": True,
+    "add_bos_token": True,
+    "skip_special_tokens": True,
+    "custom_stopping_strings": "",
+    "custom_token_bans": "",
+    "stream": True,
+    "negative_prompt": "",
+    "grammar_string": "",
+    "static_cache": False,
 }
 
 
@@ -68,8 +106,11 @@ def test_both_signatures_yield_the_same_cumulative_reply(webui):
     kw = list(textgen.custom_generate_reply("the cat", "the cat", state=state(), stopping_strings=[]))
     assert new == old == kw
     assert len(new) >= 3 and all(b.startswith(a) for a, b in zip(new, new[1:]))  # cumulative, not deltas
-    greedy = shared_models().get(adapter_source(), device="cpu").generate(
-        "the cat", max_new_tokens=12, ban_eos=True, add_bos=True)  # the webui's add_bos_token is on
+    greedy = (
+        shared_models()
+        .get(adapter_source(), device="cpu")
+        .generate("the cat", max_new_tokens=12, ban_eos=True, add_bos=True)
+    )  # the webui's add_bos_token is on
     assert new[-1] == greedy.text
 
 
@@ -85,9 +126,20 @@ def test_stop_strings_from_ui_string_and_api_list(webui):
 
 
 def test_state_mapping():
-    kw = textgen.state_to_kwargs(state(seed=7, temperature=0.7, do_sample=True, top_k=40, custom_token_bans="5, 9",
-                                       auto_max_new_tokens=True, truncation_length=100, ban_eos_token=False),
-                                 ["\n"], prompt_tokens=30)
+    kw = textgen.state_to_kwargs(
+        state(
+            seed=7,
+            temperature=0.7,
+            do_sample=True,
+            top_k=40,
+            custom_token_bans="5, 9",
+            auto_max_new_tokens=True,
+            truncation_length=100,
+            ban_eos_token=False,
+        ),
+        ["\n"],
+        prompt_tokens=30,
+    )
     assert kw["seed"] == 7 and kw["temperature"] == 0.7 and kw["top_k"] == 40
     assert kw["banned_token_ids"] == [5, 9] and kw["ban_eos"] is False and kw["stop"] == ["\n"]
     assert kw["max_new_tokens"] == 70 and kw["context_length"] == 100  # auto: what the context leaves
@@ -140,7 +192,9 @@ def test_webui_stops_iterating_and_the_model_stays_usable(webui):
 
 
 def test_custom_tokenized_length_uses_the_real_tokenizer(webui):
-    assert textgen.custom_tokenized_length("the cat sat") == len(webui.tokenizer.encode("the cat sat", add_special_tokens=False))
+    assert textgen.custom_tokenized_length("the cat sat") == len(
+        webui.tokenizer.encode("the cat sat", add_special_tokens=False)
+    )
 
 
 def test_install_into_a_webui_checkout(tmp_path, capsys):

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from gptq_bridge.kernels.cuda import build as cuda_build
-from gptq_bridge.kernels.cuda.mma import (kernel_spec, many_rows_splits, shuffle, shuffle3, unshuffle, unshuffle3,
-                                           wgmma_x_index)
+from gptq_bridge.kernels.cuda.mma import (
+    kernel_spec,
+    many_rows_splits,
+    shuffle,
+    shuffle3,
+    unshuffle,
+    unshuffle3,
+    wgmma_x_index,
+)
 
 
 def random_q(slots, n, seed=0):
@@ -167,7 +174,13 @@ def test_the_kernels_bit_extraction_finds_every_value_where_the_mma_wants_it(bit
                     for h in range(4):
                         s = chunk * 64 + 16 * t + 4 * j + 2 * (h // 2)
                         col = tile * 16 + g + 8 * (h % 2)
-                        assert raw_pair(w, bits, j, h) == (int(q[s, col]), int(q[s + 1, col])), (tile, chunk, lane, j, h)
+                        assert raw_pair(w, bits, j, h) == (int(q[s, col]), int(q[s + 1, col])), (
+                            tile,
+                            chunk,
+                            lane,
+                            j,
+                            h,
+                        )
 
 
 def test_kernel_is_registered_with_honest_capabilities():

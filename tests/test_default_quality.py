@@ -63,9 +63,13 @@ def test_prepared_model_keeps_the_float_models_answers_and_perplexity(default_mo
                 f"gained {a.gained}); held-out perplexity {ppl_got:.2f} against {ppl_ref:.2f} "
                 f"({ppl_got / ppl_ref:.3f}x, gate {MAX_PERPLEXITY_RATIO}); replies changed: "
                 f"{len(changed & ties)}/{len(ties)} near-ties (float margin < {NEAR_TIE}), "
-                f"{len(changed - ties)}/{len(ref) - len(ties)} others")
-            if a.correct_ratio < MIN_CORRECT_RATIO or a.agreement < MIN_AGREEMENT \
-                    or ppl_got > MAX_PERPLEXITY_RATIO * ppl_ref:
+                f"{len(changed - ties)}/{len(ref) - len(ties)} others"
+            )
+            if (
+                a.correct_ratio < MIN_CORRECT_RATIO
+                or a.agreement < MIN_AGREEMENT
+                or ppl_got > MAX_PERPLEXITY_RATIO * ppl_ref
+            ):
                 failures.append(quality_report[-1])
     finally:
         torch.set_num_threads(before)
@@ -83,5 +87,5 @@ def test_question_set_and_heldout_text_are_not_calibration_text():
     for paragraph in (DATA / "heldout_text.txt").read_text(encoding="utf-8").split("\n\n"):
         words = paragraph.lower().split()
         for k in range(0, len(words) - 11, 6):  # no run of 12 words in common
-            assert " ".join(words[k:k + 12]) not in calibration, paragraph[:80]
+            assert " ".join(words[k : k + 12]) not in calibration, paragraph[:80]
     assert answer_found("It is Tokyo.", ["Tokyo"]) and not answer_found("about 129.77 km", ["7"])

@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 import torch
+from tiny_checkpoints import build
 
 from gptq_bridge import load_model
 from gptq_bridge.config import QuantizeConfig
@@ -15,7 +16,6 @@ from gptq_bridge.kernels import exllama
 from gptq_bridge.plugins import registered_kernels
 from gptq_bridge.selection import select_kernel
 from gptq_bridge.types import DeviceInfo, LayerShape
-from tiny_checkpoints import build
 
 H100 = DeviceInfo(type="cuda", index=0, capability=(9, 0), name="H100")
 
@@ -26,8 +26,10 @@ def test_registered_as_a_builtin_with_its_capabilities():
     assert spec.dtypes == frozenset({torch.float16}) and spec.act_order and spec.asymmetric
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("exllamav2") is not None,
-                    reason="exllamav2 and CUDA are here: the GPU tests cover it")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and importlib.util.find_spec("exllamav2") is not None,
+    reason="exllamav2 and CUDA are here: the GPU tests cover it",
+)
 def test_unavailable_gives_the_reason():
     reason = exllama.kernel_spec().check_available()
     if importlib.util.find_spec("exllamav2") is None:
@@ -36,17 +38,20 @@ def test_unavailable_gives_the_reason():
         assert reason == "no CUDA device"
 
 
-@pytest.mark.parametrize("k,n,group,expected", [
-    (4096, 4096, 128, None),
-    (28672, 8192, 128, None),
-    (4100, 4096, 128, "input features must be a multiple of 32"),
-    (4096, 4100, 128, "output features must be a multiple of 8"),
-    (4160, 4096, 128, "input features are not a multiple of the group size 128 (partial last group)"),
-    (4160, 4096, -1, None),
-    (4096, 4096, 16, "group size 16 is below 32 (exllamav2 changes group once per 32 rows)"),
-    (4032, 4096, 96, "group size 96 is not a power of two (exllamav2 derives it as one)"),
-    (65568, 4096, -1, "more than 65,535 input features (exllamav2 stores the row order as int16)"),
-])
+@pytest.mark.parametrize(
+    "k,n,group,expected",
+    [
+        (4096, 4096, 128, None),
+        (28672, 8192, 128, None),
+        (4100, 4096, 128, "input features must be a multiple of 32"),
+        (4096, 4100, 128, "output features must be a multiple of 8"),
+        (4160, 4096, 128, "input features are not a multiple of the group size 128 (partial last group)"),
+        (4160, 4096, -1, None),
+        (4096, 4096, 16, "group size 16 is below 32 (exllamav2 changes group once per 32 rows)"),
+        (4032, 4096, 96, "group size 96 is not a power of two (exllamav2 derives it as one)"),
+        (65568, 4096, -1, "more than 65,535 input features (exllamav2 stores the row order as int16)"),
+    ],
+)
 def test_layer_limits(k, n, group, expected):
     config = QuantizeConfig(bits=4, group_size=group)
     assert exllama.kernel_spec().check_layer(LayerShape(name="l", in_features=k, out_features=n), config) == expected

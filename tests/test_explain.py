@@ -4,16 +4,17 @@ import json
 
 import pytest
 import torch
+from tiny_checkpoints import build
 
 from gptq_bridge import cli
 from gptq_bridge.explain import explain
-from tiny_checkpoints import build
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("explain") / "ck", bits=3, group_size=128, desc_act=True,
-                 config_location="config").path
+    return build(
+        tmp_path_factory.mktemp("explain") / "ck", bits=3, group_size=128, desc_act=True, config_location="config"
+    ).path
 
 
 def test_text_table(checkpoint, capsys):
@@ -31,8 +32,9 @@ def test_json_object(checkpoint, capsys):
     assert data["source"] == str(checkpoint) and data["chosen"] == "torch-dense"
     assert data["config_file"].endswith("config.json[quantization_config]")
     names = [k["name"] for k in data["kernels"]]
-    assert {"torch", "torch-dense"} <= set(names) and all(set(k) == {"name", "aliases", "eligible", "reason", "workload_us"}
-                                                                 for k in data["kernels"])
+    assert {"torch", "torch-dense"} <= set(names) and all(
+        set(k) == {"name", "aliases", "eligible", "reason", "workload_us"} for k in data["kernels"]
+    )
     assert data["settings"]["bits"] == 3 and data["device"] == "cpu" and data["dtype"] == "float32"
 
 

@@ -9,20 +9,31 @@ import itertools
 
 import pytest
 import torch
+from tiny_checkpoints import build, relative_error
 
 import gptq_bridge
 from gptq_bridge.explain import explain
-from tiny_checkpoints import build, relative_error
 
 COMBOS = list(itertools.product([2, 3, 4, 8], [-1, 32, 128], [False, True], ["gptq", "gptq_v2"], [True, False]))
 
 
 @pytest.mark.parametrize("location", ["quantize_config", "config"])
-@pytest.mark.parametrize("bits,group_size,desc_act,fmt,sym", COMBOS,
-                         ids=[f"{b}bit-g{g}-{'act' if a else 'noact'}-{f}-{'sym' if s else 'asym'}" for b, g, a, f, s in COMBOS])
+@pytest.mark.parametrize(
+    "bits,group_size,desc_act,fmt,sym",
+    COMBOS,
+    ids=[f"{b}bit-g{g}-{'act' if a else 'noact'}-{f}-{'sym' if s else 'asym'}" for b, g, a, f, s in COMBOS],
+)
 def test_logits_match_dequantized_reference(tmp_path, bits, group_size, desc_act, fmt, sym, location):
-    ck = build(tmp_path / "ck", bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
-               checkpoint_format=fmt, config_location=location, seed=bits * 7 + group_size)
+    ck = build(
+        tmp_path / "ck",
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        checkpoint_format=fmt,
+        config_location=location,
+        seed=bits * 7 + group_size,
+    )
     assert explain(str(ck.path), device="cpu").chosen == "torch-dense"
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -1,9 +1,9 @@
 import threading
 
 import pytest
+from tiny_checkpoints import build
 
 from gptq_bridge.model_cache import ModelCache
-from tiny_checkpoints import build
 
 
 @pytest.fixture
@@ -31,8 +31,9 @@ def test_different_settings_are_different_models(checkpoint):
 def test_concurrent_first_use_loads_once(checkpoint):
     cache = ModelCache()
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get(str(checkpoint), device="cpu")))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get(str(checkpoint), device="cpu"))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -11,7 +11,7 @@ def naive_pack_column(values: list[int], bits: int) -> list[int]:
     words = []
     for block in range(0, len(values), 32):
         stream = 0
-        for k, v in enumerate(values[block:block + 32]):
+        for k, v in enumerate(values[block : block + 32]):
             stream |= v << (bits * k)
         for w in range(bits):
             word = (stream >> (32 * w)) & 0xFFFFFFFF

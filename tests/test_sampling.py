@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.stream import make_params
 from gptq_bridge.sampling import Sampler, apply_penalties, min_p_filter, top_k_filter, top_p_filter, typical_filter
+from gptq_bridge.stream import make_params
 from gptq_bridge.types import GenerationParams
 
 EMPTY = torch.zeros(0, dtype=torch.long)
@@ -45,8 +45,11 @@ def test_temperature_one_is_the_softmax_and_scales_the_logits():
     def entropy(d):
         return float(-(d * d.log()).sum())
 
-    assert entropy(dist(logits=logits, temperature=0.3)) < entropy(dist(logits=logits, temperature=1.0)) \
+    assert (
+        entropy(dist(logits=logits, temperature=0.3))
+        < entropy(dist(logits=logits, temperature=1.0))
         < entropy(dist(logits=logits, temperature=3.0))
+    )
 
 
 def test_top_k_keeps_the_k_most_likely_in_proportion():
@@ -153,11 +156,25 @@ def test_same_seed_same_draws_other_seed_other_draws():
     assert draws(7) != draws(8)
 
 
-@pytest.mark.parametrize("name,value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5), ("typical_p", 0.0),
-    ("repetition_penalty", 0.0), ("repetition_penalty_range", -1), ("presence_penalty", 3.0),
-    ("frequency_penalty", -2.5), ("max_new_tokens", 0), ("seed", -1), ("stop", [""]), ("banned_token_ids", [-3]),
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("min_p", 1.5),
+        ("typical_p", 0.0),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty_range", -1),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", -2.5),
+        ("max_new_tokens", 0),
+        ("seed", -1),
+        ("stop", [""]),
+        ("banned_token_ids", [-3]),
+    ],
+)
 def test_out_of_range_values_name_the_parameter(name, value):
     with pytest.raises(GPTQBridgeError, match=rf"^{name}"):
         make_params(**{name: value})

@@ -21,16 +21,47 @@ def unavailable():
     return "package fastgptq is not importable (No module named 'fastgptq')"
 
 
-EXLLAMA_LIKE = KernelSpec(name="exllama-like", description="", bits=frozenset({4}),
-                          group_sizes=frozenset({-1, 32, 64, 128}), devices=frozenset({"cuda"}), priority=30,
-                          dtypes=frozenset({torch.float16}), factory=TorchQuantLinear)
-MARLIN_LIKE = KernelSpec(name="marlin-like", description="", bits=frozenset({4}), group_sizes=frozenset({-1, 128}),
-                         asymmetric=False, devices=frozenset({"cuda"}), min_capability=(8, 0), priority=40,
-                         zero_formats=frozenset({"gptq"}), dtypes=frozenset({torch.float16}), factory=TorchQuantLinear)
-CUDA_OLD_LIKE = KernelSpec(name="cuda-old-like", description="", bits=frozenset({2, 3, 4, 8}), act_order=False,
-                           devices=frozenset({"cuda"}), priority=20, factory=TorchQuantLinear)
-UNAVAILABLE = KernelSpec(name="fast", description="", bits=frozenset({2, 3, 4, 8}), devices=frozenset({"cuda"}),
-                         priority=50, factory=TorchQuantLinear, check_available=unavailable)
+EXLLAMA_LIKE = KernelSpec(
+    name="exllama-like",
+    description="",
+    bits=frozenset({4}),
+    group_sizes=frozenset({-1, 32, 64, 128}),
+    devices=frozenset({"cuda"}),
+    priority=30,
+    dtypes=frozenset({torch.float16}),
+    factory=TorchQuantLinear,
+)
+MARLIN_LIKE = KernelSpec(
+    name="marlin-like",
+    description="",
+    bits=frozenset({4}),
+    group_sizes=frozenset({-1, 128}),
+    asymmetric=False,
+    devices=frozenset({"cuda"}),
+    min_capability=(8, 0),
+    priority=40,
+    zero_formats=frozenset({"gptq"}),
+    dtypes=frozenset({torch.float16}),
+    factory=TorchQuantLinear,
+)
+CUDA_OLD_LIKE = KernelSpec(
+    name="cuda-old-like",
+    description="",
+    bits=frozenset({2, 3, 4, 8}),
+    act_order=False,
+    devices=frozenset({"cuda"}),
+    priority=20,
+    factory=TorchQuantLinear,
+)
+UNAVAILABLE = KernelSpec(
+    name="fast",
+    description="",
+    bits=frozenset({2, 3, 4, 8}),
+    devices=frozenset({"cuda"}),
+    priority=50,
+    factory=TorchQuantLinear,
+    check_available=unavailable,
+)
 ALL = [TORCH_KERNEL, EXLLAMA_LIKE, MARLIN_LIKE, CUDA_OLD_LIKE, UNAVAILABLE]
 
 
@@ -57,12 +88,23 @@ def test_capability_too_low_falls_through():
     assert reasons(choice)["marlin-like"] == "needs compute capability >= 8.0, device has 7.5"
 
 
-@pytest.mark.parametrize("settings,reason_of,expected", [
-    ({"bits": 3, "group_size": 128}, "exllama-like", "supports 4-bit, checkpoint is 3-bit"),
-    ({"bits": 4, "group_size": 32}, "marlin-like", "supports group sizes -1, 128, checkpoint uses 32"),
-    ({"bits": 4, "group_size": 128, "sym": False}, "marlin-like", "supports symmetric checkpoints only (sym: false here)"),
-    ({"bits": 4, "group_size": 128, "checkpoint_format": "gptq_v2"}, "marlin-like", "does not read the 'gptq_v2' zero-point format"),
-])
+@pytest.mark.parametrize(
+    "settings,reason_of,expected",
+    [
+        ({"bits": 3, "group_size": 128}, "exllama-like", "supports 4-bit, checkpoint is 3-bit"),
+        ({"bits": 4, "group_size": 32}, "marlin-like", "supports group sizes -1, 128, checkpoint uses 32"),
+        (
+            {"bits": 4, "group_size": 128, "sym": False},
+            "marlin-like",
+            "supports symmetric checkpoints only (sym: false here)",
+        ),
+        (
+            {"bits": 4, "group_size": 128, "checkpoint_format": "gptq_v2"},
+            "marlin-like",
+            "does not read the 'gptq_v2' zero-point format",
+        ),
+    ],
+)
 def test_each_capability_gives_its_reason(settings, reason_of, expected):
     assert reasons(choose(H100, **settings))[reason_of] == expected
 
@@ -81,13 +123,18 @@ def test_cpu_never_checks_availability_of_cuda_kernels():
 
 
 def test_dtype_is_checked():
-    assert reasons(choose(H100, dtype=torch.bfloat16, bits=4, group_size=128))["exllama-like"] == \
-        "computes in float16, not bfloat16"
+    assert (
+        reasons(choose(H100, dtype=torch.bfloat16, bits=4, group_size=128))["exllama-like"]
+        == "computes in float16, not bfloat16"
+    )
 
 
 def test_override():
     assert choose(H100, override="torch", bits=4, group_size=128).chosen == "torch"
-    with pytest.raises(KernelError, match="kernel 'exllama-like' cannot serve this checkpoint on cuda:0: supports 4-bit, checkpoint is 3-bit"):
+    with pytest.raises(
+        KernelError,
+        match="kernel 'exllama-like' cannot serve this checkpoint on cuda:0: supports 4-bit, checkpoint is 3-bit",
+    ):
         choose(H100, override="exllama-like", bits=3, group_size=128)
     with pytest.raises(KernelError, match="kernel 'nope' is not registered"):
         choose(H100, override="nope", bits=4)
@@ -95,7 +142,10 @@ def test_override():
 
 def test_layer_shape_checks_name_the_layer():
     odd = [LayerShape(name="model.layers.3.mlp.down_proj", in_features=100, out_features=64)]
-    with pytest.raises(KernelError, match=r"torch: layer model.layers.3.mlp.down_proj \(100x64\): input features must be a multiple of 32"):
+    with pytest.raises(
+        KernelError,
+        match=r"torch: layer model.layers.3.mlp.down_proj \(100x64\): input features must be a multiple of 32",
+    ):
         select_kernel(QuantizeConfig(bits=4), odd, CPU, torch.float32, [TORCH_KERNEL])
 
 
@@ -121,15 +171,26 @@ def test_dense_cpu_kernel_is_preferred_only_when_its_weights_fit(monkeypatch):
     choice = select_kernel(QuantizeConfig(bits=4), layers, CPU, torch.float32, kernels)
     assert choice.chosen == "torch"
     assert reasons(choice)["torch-dense"] == "dense weights need 0.3 GB, more than half of the 0.4 GB available"
-    assert reasons(select_kernel(QuantizeConfig(bits=4), layers, H100, torch.float16, kernels))["torch-dense"] == \
-        "runs on cpu, not cuda"
+    assert (
+        reasons(select_kernel(QuantizeConfig(bits=4), layers, H100, torch.float16, kernels))["torch-dense"]
+        == "runs on cpu, not cuda"
+    )
 
 
 # --- ranking by measured speed (KernelSpec.measured_us, costed as selection.WORKLOAD) ----------------------
 
+
 def measured(name, us, priority=0, on="cuda", bits=frozenset({4})):
-    return KernelSpec(name=name, description="", bits=bits, devices=frozenset({"cuda", "cpu"}), priority=priority,
-                      measured_us=us, measured_on=on, factory=TorchQuantLinear)
+    return KernelSpec(
+        name=name,
+        description="",
+        bits=bits,
+        devices=frozenset({"cuda", "cpu"}),
+        priority=priority,
+        measured_us=us,
+        measured_on=on,
+        factory=TorchQuantLinear,
+    )
 
 
 def test_measured_speed_outranks_priority():
@@ -148,8 +209,9 @@ def test_unmeasured_kernels_keep_their_priority_place_and_measured_ones_swap_by_
     slow = measured("slow", {(4, 1): 900.0, (4, 512): 9000.0}, priority=50)
     fast = measured("fast", {(4, 1): 70.0, (4, 512): 557.0}, priority=5)
     reference = measured("reference", {(4, 1): 20000.0, (4, 512): 20000.0}, priority=0)
-    choice = select_kernel(QuantizeConfig(bits=4), LAYERS, H100, torch.float16,
-                           [reference, fast, partial, slow, unmeasured])
+    choice = select_kernel(
+        QuantizeConfig(bits=4), LAYERS, H100, torch.float16, [reference, fast, partial, slow, unmeasured]
+    )
     # by priority: unmeasured, slow, partial, fast, reference; the measured ones (slow, fast, reference) fill
     # their places (2nd, 4th, 5th) fastest first
     assert [v.name for v in choice.verdicts] == ["unmeasured", "fast", "partial", "slow", "reference"]
@@ -166,8 +228,10 @@ def test_numbers_measured_on_another_device_type_or_bit_width_do_not_count():
     a = measured("a", {(4, 1): 1.0, (4, 512): 1.0}, priority=0, bits=three)
     b = measured("b", {(3, 1): 9.0, (3, 512): 9.0}, priority=10, bits=three)
     assert select_kernel(QuantizeConfig(bits=3), LAYERS, H100, torch.float16, [a, b]).chosen == "b"
-    costs = {v.name: v.workload_us for v in select_kernel(QuantizeConfig(bits=4), LAYERS, H100, torch.float16,
-                                                          [a, b]).verdicts}
+    costs = {
+        v.name: v.workload_us
+        for v in select_kernel(QuantizeConfig(bits=4), LAYERS, H100, torch.float16, [a, b]).verdicts
+    }
     assert costs == {"a": 129.0, "b": None}
 
 
@@ -197,8 +261,9 @@ def test_builtin_kernels_on_an_h100_pick_mma_for_4_and_3_bit(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     specs = [k.model_copy(update={"check_available": lambda: None}) for k in registered_kernels()]
     for bits, want in ((4, "mma"), (3, "mma")):
-        choice = select_kernel(QuantizeConfig(bits=bits, group_size=128, desc_act=True), LAYERS, H100,
-                               torch.float16, specs)
+        choice = select_kernel(
+            QuantizeConfig(bits=bits, group_size=128, desc_act=True), LAYERS, H100, torch.float16, specs
+        )
         assert choice.chosen == want
         costs = [v.workload_us for v in choice.verdicts if v.eligible and v.workload_us is not None]
         assert costs == sorted(costs)
@@ -210,7 +275,8 @@ def test_the_old_name_cuda_still_chooses_the_mma_kernel(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     specs = [k.model_copy(update={"check_available": lambda: None}) for k in registered_kernels()]
-    choice = select_kernel(QuantizeConfig(bits=4, group_size=128, desc_act=True), LAYERS, H100, torch.float16,
-                           specs, "cuda")
+    choice = select_kernel(
+        QuantizeConfig(bits=4, group_size=128, desc_act=True), LAYERS, H100, torch.float16, specs, "cuda"
+    )
     assert choice.chosen == "mma"
     assert next(v for v in choice.verdicts if v.name == "mma").aliases == ["cuda"]

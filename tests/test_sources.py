@@ -8,11 +8,11 @@ import sys
 import huggingface_hub.constants
 import pytest
 import torch
+from tiny_checkpoints import build, hub_cache, relative_error
 
 import gptq_bridge
 from gptq_bridge.errors import SourceError
 from gptq_bridge.sources import resolve_source
-from tiny_checkpoints import build, hub_cache, relative_error
 
 REPO = "TheBloke/Nous-Hermes-Llama2-70B-GPTQ"
 
@@ -35,8 +35,10 @@ def test_local_directory(tmp_path):
 
 def test_hub_id_with_branch_in_webui_syntax_and_revision_keyword(cache):
     ids = torch.randint(0, 96, (1, 6))
-    for kwargs in ({"source": f"{REPO}:gptq-4bit-32g-actorder_True"},
-                   {"source": REPO, "revision": "gptq-4bit-32g-actorder_True"}):
+    for kwargs in (
+        {"source": f"{REPO}:gptq-4bit-32g-actorder_True"},
+        {"source": REPO, "revision": "gptq-4bit-32g-actorder_True"},
+    ):
         lm = gptq_bridge.load_model(kwargs.pop("source"), device="cpu", **kwargs)
         assert lm.quantize_config.group_size == 32
         assert lm.source.repo_id == REPO and lm.source.commit == cache["commits"]["gptq-4bit-32g-actorder_True"]
@@ -66,8 +68,13 @@ def test_not_a_directory_nor_hub_id(tmp_path):
 
 def test_cli_reads_hub_cache_offline(cache):
     env = {**os.environ, "HF_HUB_CACHE": str(cache["root"]), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "gptq_bridge.cli", "explain", f"{REPO}:gptq-4bit-32g-actorder_True",
-                          "--json"], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gptq_bridge.cli", "explain", f"{REPO}:gptq-4bit-32g-actorder_True", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     data = json.loads(out)
     assert data["chosen"] == "torch-dense" and data["settings"]["group_size"] == 32
     assert data["config_file"].endswith("quantize_config.json")

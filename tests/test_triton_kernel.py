@@ -15,27 +15,39 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
 
+from tiny_checkpoints import build, relative_error  # noqa: E402
+
 import gptq_bridge  # noqa: E402
 from gptq_bridge.config import QuantizeConfig  # noqa: E402
-from gptq_bridge.quantize.gptq_layer import IntLayer, pack_layer, rtn_quantize  # noqa: E402
 from gptq_bridge.kernels import triton_gptq  # noqa: E402
 from gptq_bridge.kernels.torch_ref import TorchQuantLinear  # noqa: E402
 from gptq_bridge.kernels.triton_gptq import TritonQuantLinear  # noqa: E402
+from gptq_bridge.quantize.gptq_layer import IntLayer, pack_layer, rtn_quantize  # noqa: E402
 from gptq_bridge.types import LayerShape  # noqa: E402
-from tiny_checkpoints import build, relative_error  # noqa: E402
 
 K, N = 160, 48
 
 
-def make_pair(bits, group_size, desc_act, fmt, sym, *, k=K, n=N, dtype=torch.float32, bias=False, seed=0,
-              int_layer: IntLayer | None = None):
+def make_pair(
+    bits,
+    group_size,
+    desc_act,
+    fmt,
+    sym,
+    *,
+    k=K,
+    n=N,
+    dtype=torch.float32,
+    bias=False,
+    seed=0,
+    int_layer: IntLayer | None = None,
+):
     """The same on-disk tensors in a triton module and a torch (reference) module, both prepared."""
     gen = torch.Generator().manual_seed(seed)
     if int_layer is None:
         weight = torch.randn(n, k, generator=gen)
         order = torch.randperm(k, generator=gen) if desc_act else None
-        int_layer = rtn_quantize(weight, bits, group_size, sym=sym, order=order,
-                                 min_zero=1 if fmt == "gptq" else 0)
+        int_layer = rtn_quantize(weight, bits, group_size, sym=sym, order=order, min_zero=1 if fmt == "gptq" else 0)
     tensors = pack_layer(int_layer, bits, fmt)
     if bias:
         tensors["bias"] = torch.randn(n, generator=gen)
@@ -60,8 +72,10 @@ COMBOS = list(itertools.product([2, 3, 4, 8], [-1, 32, 128], [False, True], ["gp
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,desc_act,fmt,sym", COMBOS,
-    ids=[f"{b}bit-g{g}-{'act' if a else 'noact'}-{f}-{'sym' if s else 'asym'}" for b, g, a, f, s in COMBOS])
+    "bits,group_size,desc_act,fmt,sym",
+    COMBOS,
+    ids=[f"{b}bit-g{g}-{'act' if a else 'noact'}-{f}-{'sym' if s else 'asym'}" for b, g, a, f, s in COMBOS],
+)
 def test_every_setting_matches_reference(bits, group_size, desc_act, fmt, sym):
     k = K if group_size == 128 else 96  # 160 = 128 + a partial group of 32; 96 keeps the interpreter quick
     tri, ref = make_pair(bits, group_size, desc_act, fmt, sym, k=k, seed=bits * 31 + group_size)
@@ -94,8 +108,12 @@ def test_irregular_groups_are_padded():
     bits, groups = 4, 5
     g_idx = torch.randint(0, groups, (K,), generator=gen).to(torch.int32)
     g_idx[:groups] = torch.arange(groups, dtype=torch.int32)  # every group used
-    layer = IntLayer(q=torch.randint(0, 16, (K, N), generator=gen), zeros=torch.randint(0, 16, (groups, N), generator=gen),
-                     scales=torch.rand(groups, N, generator=gen) + 0.1, g_idx=g_idx)
+    layer = IntLayer(
+        q=torch.randint(0, 16, (K, N), generator=gen),
+        zeros=torch.randint(0, 16, (groups, N), generator=gen),
+        scales=torch.rand(groups, N, generator=gen) + 0.1,
+        g_idx=g_idx,
+    )
     tri, ref = make_pair(bits, 48, True, "gptq_v2", False, int_layer=layer)
     assert tri.slots % 32 == 0 and tri.slots > K  # padded
     with torch.no_grad():
@@ -150,10 +168,13 @@ def test_layer_not_prepared_is_an_error():
         module.forward_decode(torch.zeros(1, 64))
 
 
-@pytest.mark.parametrize("bits,group_size,desc_act,sym,fmt", [(4, 32, True, True, "gptq"), (3, 128, True, False, "gptq_v2")])
+@pytest.mark.parametrize(
+    "bits,group_size,desc_act,sym,fmt", [(4, 32, True, True, "gptq"), (3, 128, True, False, "gptq_v2")]
+)
 def test_whole_model_matches_torch_kernel(tmp_path, bits, group_size, desc_act, sym, fmt):
-    ck = build(tmp_path / "ck", bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, checkpoint_format=fmt,
-               seed=3)
+    ck = build(
+        tmp_path / "ck", bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, checkpoint_format=fmt, seed=3
+    )
     tri = gptq_bridge.load_model(str(ck.path), kernel="triton", device="cpu")
     ref = gptq_bridge.load_model(str(ck.path), kernel="torch", device="cpu")
     assert tri.kernel == "triton"

@@ -3,10 +3,10 @@
 import json
 
 import torch
+from tiny_checkpoints import build, relative_error
 
 import gptq_bridge
 from gptq_bridge.safetensors_io import SafetensorsFile
-from tiny_checkpoints import build, relative_error
 
 
 def logits_match(path, ck):
@@ -60,8 +60,12 @@ def test_written_metadata_is_autogptqs(tmp_path):
 def test_safetensors_reader_agrees_with_the_safetensors_package(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.int32),
-               "c": torch.tensor(True), "empty": torch.zeros(0, 4)}
+    tensors = {
+        "a": torch.randn(3, 5, dtype=torch.bfloat16),
+        "b": torch.arange(7, dtype=torch.int32),
+        "c": torch.tensor(True),
+        "empty": torch.zeros(0, 4),
+    }
     save_file(tensors, tmp_path / "t.safetensors", metadata={"k": "v"})
     theirs = load_file(tmp_path / "t.safetensors")
     with SafetensorsFile(tmp_path / "t.safetensors") as f:

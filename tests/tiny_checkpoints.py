@@ -18,9 +18,17 @@ WORDS = "the a of to and in is it you that he was for on are with as I his they 
 
 def llama_config(hidden: int = 160, intermediate: int = 224, layers: int = 2, vocab: int = 96, **kw) -> LlamaConfig:
     """Widths 160 and 224 are multiples of 32 that group size 128 (and 64) does not divide: partial groups."""
-    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                       max_position_embeddings=256, tie_word_embeddings=False, **kw)
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        **kw,
+    )
 
 
 def tiny_tokenizer(vocab: int = 96) -> PreTrainedTokenizerFast:
@@ -59,16 +67,29 @@ def build(
     torch.manual_seed(seed)
     hf_config = hf_config or llama_config()
     reference = LlamaForCausalLM(hf_config).float().eval()
-    config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
-                            checkpoint_format=checkpoint_format, static_groups=static_groups, **config_extra)
+    config = QuantizeConfig(
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        checkpoint_format=checkpoint_format,
+        static_groups=static_groups,
+        **config_extra,
+    )
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, module in reference.named_modules():
             if name.rsplit(".", 1)[-1] in LINEARS:
                 in_features = module.in_features
                 order = torch.randperm(in_features) if desc_act else None
-                layer = rtn_quantize(module.weight, bits, group_size, sym=sym, order=order,
-                                     min_zero=1 if checkpoint_format == "gptq" else 0)
+                layer = rtn_quantize(
+                    module.weight,
+                    bits,
+                    group_size,
+                    sym=sym,
+                    order=order,
+                    min_zero=1 if checkpoint_format == "gptq" else 0,
+                )
                 for key, t in pack_layer(layer, bits, checkpoint_format).items():
                     tensors[f"{name}.{key}"] = t
                 module.weight.copy_(layer.dequantize().t())
@@ -78,8 +99,9 @@ def build(
                 param.copy_(half.float())
                 tensors[name] = half
     tok = tiny_tokenizer(hf_config.vocab_size) if tokenizer else None
-    path = write_checkpoint(out, hf_config, tensors, config, tokenizer=tok, config_location=config_location,
-                            max_shard_bytes=max_shard_bytes)
+    path = write_checkpoint(
+        out, hf_config, tensors, config, tokenizer=tok, config_location=config_location, max_shard_bytes=max_shard_bytes
+    )
     return TinyCheckpoint(path=path, reference=reference, config=config)
 
 

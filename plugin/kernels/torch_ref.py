@@ -22,8 +22,9 @@ from .measured import MEASURED_US
 class TorchQuantLinear(GPTQLinear):
     def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized weight, [in, out]."""
-        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset,
-                          dtype or self.scales.dtype)
+        return dequantize(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype or self.scales.dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x @ self.weight(x.dtype)
@@ -65,8 +66,6 @@ def _check_layer(layer: LayerShape, config: QuantizeConfig) -> str | None:
     if layer.in_features % 32:
         return "input features must be a multiple of 32 (GPTQ packs 32 rows at a time)"
     return None
-
-
 
 
 TORCH_KERNEL = KernelSpec(

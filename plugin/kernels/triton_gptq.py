@@ -118,10 +118,31 @@ _MAGIC = 0x4B000000  # float32 bit pattern of 2**23; OR-ing an integer below 2**
 
 
 def _decode_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, NBLK, P, stride_xm, stride_om, magic, tiles,
-    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, HALF2: tl.constexpr,
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    perm_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    NBLK,
+    P,
+    stride_xm,
+    stride_om,
+    magic,
+    tiles,
+    BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HALF2: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[k, n] for few rows m; program (n-tile, k-split), one 32-row block a step.
 
@@ -169,21 +190,46 @@ def _decode_kernel(
                     row5 = tl.where(k0 + 5 < K, k0 + 5, -1)
                     row6 = tl.where(k0 + 6 < K, k0 + 6, -1)
                     row7 = tl.where(k0 + 7 < K, k0 + 7, -1)
-                x0 = tl.load(x_ptr + row0, mask=valid & (row0 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                x1 = tl.load(x_ptr + row1, mask=valid & (row1 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                x2 = tl.load(x_ptr + row2, mask=valid & (row2 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                x3 = tl.load(x_ptr + row3, mask=valid & (row3 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                x4 = tl.load(x_ptr + row4, mask=valid & (row4 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                x5 = tl.load(x_ptr + row5, mask=valid & (row5 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                x6 = tl.load(x_ptr + row6, mask=valid & (row6 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                x7 = tl.load(x_ptr + row7, mask=valid & (row7 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                x0 = (
+                    tl.load(x_ptr + row0, mask=valid & (row0 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+                    & 0xFFFF
+                )
+                x1 = (
+                    tl.load(x_ptr + row1, mask=valid & (row1 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+                    & 0xFFFF
+                )
+                x2 = (
+                    tl.load(x_ptr + row2, mask=valid & (row2 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+                    & 0xFFFF
+                )
+                x3 = (
+                    tl.load(x_ptr + row3, mask=valid & (row3 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+                    & 0xFFFF
+                )
+                x4 = (
+                    tl.load(x_ptr + row4, mask=valid & (row4 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+                    & 0xFFFF
+                )
+                x5 = (
+                    tl.load(x_ptr + row5, mask=valid & (row5 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+                    & 0xFFFF
+                )
+                x6 = (
+                    tl.load(x_ptr + row6, mask=valid & (row6 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+                    & 0xFFFF
+                )
+                x7 = (
+                    tl.load(x_ptr + row7, mask=valid & (row7 >= 0), other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+                    & 0xFFFF
+                )
                 # half2 pairs (row j, row j + 4): the nibbles at bits 4j and 4j + 16 of the word
                 p0 = tl.broadcast_to(x0 | (x4 << 16), [1, BLOCK_N])
                 p1 = tl.broadcast_to(x1 | (x5 << 16), [1, BLOCK_N])
                 p2 = tl.broadcast_to(x2 | (x6 << 16), [1, BLOCK_N])
                 p3 = tl.broadcast_to(x3 | (x7 << 16), [1, BLOCK_N])
-                part += tl.inline_asm_elementwise(_HALF2_DOT, "=f,r,r,r,r,r,r", [w, c2, p0, p1, p2, p3],
-                                                  dtype=tl.float32, is_pure=True, pack=1)
+                part += tl.inline_asm_elementwise(
+                    _HALF2_DOT, "=f,r,r,r,r,r,r", [w, c2, p0, p1, p2, p3], dtype=tl.float32, is_pure=True, pack=1
+                )
             part = part * 16.0  # the weights came out as (q - z) / 16, so 4 half products cannot overflow
         else:
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -232,16 +278,18 @@ def _decode_kernel(
         if done == SPLIT - 1:  # the last split of this column tile sums all partials
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT):
-                total += tl.load(ws_ptr + (s * BLOCK_M + offs_m) * N + offs_n, mask=omask, other=0.0,
-                                 cache_modifier=".cg")
+                total += tl.load(
+                    ws_ptr + (s * BLOCK_M + offs_m) * N + offs_n, mask=omask, other=0.0, cache_modifier=".cg"
+                )
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs_m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=omask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call
 
 
-def _weight_tile_fn(qw_ptr, zf, sc, t, offs_n, mask_n, N, KS,
-                    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _weight_tile_fn(
+    qw_ptr, zf, sc, t, offs_n, mask_n, N, KS, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Slot tile `t` of the weight, dequantized to float32 [BLOCK_K, BLOCK_N]: (q - z) * s.
 
     zf, sc: the tile's group zero points and scales [BLOCK_N]; slots past KS read as q = 0.
@@ -255,15 +303,13 @@ def _weight_tile_fn(qw_ptr, zf, sc, t, offs_n, mask_n, N, KS,
         off = bit % 32
         w = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=kmask[:, None] & mask_n[None, :], other=0)
         spill = (off + BITS > 32) & kmask
-        w2 = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :], mask=spill[:, None] & mask_n[None, :],
-                     other=0)
+        w2 = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :], mask=spill[:, None] & mask_n[None, :], other=0)
         low = (w.to(tl.uint32, bitcast=True) >> off[:, None]).to(tl.int32, bitcast=True)  # logical shift
         q = (low & MASKV) | (((w2 << 1) << (31 - off)[:, None]) & MASKV)
     else:  # 32 // BITS values per word, in row order: load each word once and spread it
         VPW: tl.constexpr = 32 // BITS
         r = t * (BLOCK_K // VPW) + tl.arange(0, BLOCK_K // VPW)
-        w = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=(r < KS // VPW)[:, None] & mask_n[None, :],
-                    other=0)
+        w = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=(r < KS // VPW)[:, None] & mask_n[None, :], other=0)
         sh = tl.arange(0, VPW) * BITS
         q = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASKV, [BLOCK_K, BLOCK_N])
     # (q | 0x4B000000) is the float 2**23 + q: exact, no integer-to-float conversion
@@ -274,10 +320,29 @@ _weight_tile = None  # triton.jit(_weight_tile_fn) for the current mode, bound b
 
 
 def _gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, KX, KS, P, stride_xm, stride_om, tiles,
-    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    KX,
+    KS,
+    P,
+    stride_xm,
+    stride_om,
+    tiles,
+    BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """out = x_slots @ dequant(qw) on the tensor cores; x_slots is x already in slot order (KX columns).
 
@@ -302,8 +367,9 @@ def _gemm_kernel(
         zf = tl.load(z_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
         sc = tl.load(s_ptr + g * N + offs_n, mask=tmask, other=0.0).to(tl.float32)
         wf = _weight_tile(qw_ptr, zf, sc, t, offs_n, mask_n, N, KS, BITS, BLOCK_K, BLOCK_N)
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < KX)[None, :],
-                     other=0.0)
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < KX)[None, :], other=0.0
+        )
         if IEEE:
             acc = tl.dot(xt, wf.to(xt.dtype), acc, input_precision="ieee")
         else:
@@ -313,8 +379,7 @@ def _gemm_kernel(
     if SPLIT == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=omask)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=omask)
         tl.debug_barrier()
@@ -322,18 +387,34 @@ def _gemm_kernel(
         if done == SPLIT - 1:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT):
-                total += tl.load(ws_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=omask, other=0.0,
-                                 cache_modifier=".cg")
+                total += tl.load(
+                    ws_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :],
+                    mask=omask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                     total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(
+                out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty), mask=omask
+            )
             tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
 def _dequant_kernel(
-    qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KS, P,
-    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    perm_ptr,
+    w_ptr,
+    N,
+    K,
+    KS,
+    P,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_PERM: tl.constexpr,
 ):
     """w[row, n] = (q - z) * s in the original row order (rows scattered back through perm)."""
     t = tl.program_id(0)
@@ -351,8 +432,9 @@ def _dequant_kernel(
     else:
         row = k
     rmask = kmask & (row >= 0) & (row < K)
-    tl.store(w_ptr + row[:, None] * N + offs_n[None, :], wf.to(w_ptr.dtype.element_ty),
-             mask=rmask[:, None] & mask_n[None, :])
+    tl.store(
+        w_ptr + row[:, None] * N + offs_n[None, :], wf.to(w_ptr.dtype.element_ty), mask=rmask[:, None] & mask_n[None, :]
+    )
 
 
 _JITTED: dict[bool, dict[str, object]] = {}
@@ -500,14 +582,26 @@ class TritonQuantLinear(GPTQLinear):
     def forward_decode(self, x: torch.Tensor) -> torch.Tensor:
         """Few rows (m <= 16): split-K, bandwidth-bound."""
         x = self._check(x)
-        plan = self._plan(("decode", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16),
-                          self._decode_plan, x)
+        plan = self._plan(
+            ("decode", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16), self._decode_plan, x
+        )
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         perm, bias = self.tq_perm, self.bias
         with scratch_lock(x.device):
             ws = split_k_workspace(x.device, plan.ws) if plan.ws else out
-            plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, perm if perm is not None else x,
-                         bias if bias is not None else x, out, ws, self.tq_counters))
+            plan.launch(
+                (
+                    x,
+                    self.tq_qweight,
+                    self.tq_scales,
+                    self.tq_zeros,
+                    perm if perm is not None else x,
+                    bias if bias is not None else x,
+                    out,
+                    ws,
+                    self.tq_counters,
+                )
+            )
         return out
 
     def _decode_plan(self, x: torch.Tensor) -> _Plan:
@@ -528,25 +622,49 @@ class TritonQuantLinear(GPTQLinear):
         tiles_per_split = -(-nblk // split)
         split = -(-nblk // tiles_per_split)  # no empty splits
         self._counters(n_tiles if split > 1 else 0)
-        consts = dict(BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
-                      HAS_PERM=self.tq_perm is not None, HAS_BIAS=self.bias is not None,
-                      HALF2=cfg.get("HALF2", True) and self.bits == 4 and block_m == 1 and x.dtype == torch.float16
-                      and not _interpreting())
+        consts = dict(
+            BITS=self.bits,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            SPLIT=split,
+            HAS_PERM=self.tq_perm is not None,
+            HAS_BIAS=self.bias is not None,
+            HALF2=cfg.get("HALF2", True)
+            and self.bits == 4
+            and block_m == 1
+            and x.dtype == torch.float16
+            and not _interpreting(),
+        )
         ints = (M, N, self.in_features, nblk, self.slots_per_group, x.stride(0), N, _MAGIC, tiles_per_split)
-        return _Plan(_jit()["decode"], (n_tiles, split, 1), consts, dict(num_warps=cfg.get("num_warps", 4)), ints,
-                     ws=split * block_m * N if split > 1 else 0)
+        return _Plan(
+            _jit()["decode"],
+            (n_tiles, split, 1),
+            consts,
+            dict(num_warps=cfg.get("num_warps", 4)),
+            ints,
+            ws=split * block_m * N if split > 1 else 0,
+        )
 
     def forward_gemm(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: dequantize tiles in registers, multiply on the tensor cores."""
         x = self._slot_x(self._check(x))
-        plan = self._plan(("gemm", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16),
-                          self._gemm_plan, x)
+        plan = self._plan(("gemm", x.shape[0], x.dtype, x.device, x.stride(0), x.data_ptr() % 16), self._gemm_plan, x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         bias = self.bias
         with scratch_lock(x.device):
             ws = split_k_workspace(x.device, plan.ws) if plan.ws else out
-            plan.launch((x, self.tq_qweight, self.tq_scales, self.tq_zeros, bias if bias is not None else x, out,
-                         ws, self.tq_counters))
+            plan.launch(
+                (
+                    x,
+                    self.tq_qweight,
+                    self.tq_scales,
+                    self.tq_zeros,
+                    bias if bias is not None else x,
+                    out,
+                    ws,
+                    self.tq_counters,
+                )
+            )
         return out
 
     def _slot_x(self, x: torch.Tensor) -> torch.Tensor:
@@ -575,12 +693,18 @@ class TritonQuantLinear(GPTQLinear):
         tiles_per_split = -(-k_tiles // split)
         split = -(-k_tiles // tiles_per_split)
         self._counters(n_tiles if split > 1 else 0)
-        consts = dict(BITS=self.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-                      HAS_BIAS=self.bias is not None, IEEE=x.dtype == torch.float32)
+        consts = dict(
+            BITS=self.bits,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            SPLIT=split,
+            HAS_BIAS=self.bias is not None,
+            IEEE=x.dtype == torch.float32,
+        )
         ints = (M, N, x.shape[1], self.slots, self.slots_per_group, x.stride(0), N, tiles_per_split)
         options = dict(num_warps=cfg.get("num_warps", 4 if block_m <= 64 else 8), num_stages=stages)
-        return _Plan(_jit()["gemm"], (n_tiles, split, 1), consts, options, ints,
-                     ws=split * M * N if split > 1 else 0)
+        return _Plan(_jit()["gemm"], (n_tiles, split, 1), consts, options, ints, ws=split * M * N if split > 1 else 0)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [in, out] in `dtype`, rows in their original order (one kernel launch)."""
@@ -628,6 +752,7 @@ class TritonQuantLinear(GPTQLinear):
 # Registration and selection order
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _priority() -> int:
     """Rank for bit widths without measured speeds: above torch (0) on the GPU; last under TRITON_INTERPRET=1 (a
     test mode: numpy runs every program), so "auto" never picks the interpreter and `kernel="triton"` still can."""
@@ -653,7 +778,7 @@ def kernel_spec() -> KernelSpec:
     return KernelSpec(
         name="triton",
         description="gptq-bridge's Triton kernels: fused dequantize + matmul, split-K decode "
-                    "(CPU only under TRITON_INTERPRET=1)",
+        "(CPU only under TRITON_INTERPRET=1)",
         bits=frozenset({2, 3, 4, 8}),
         devices=frozenset(devices),
         measured_us=MEASURED_US["triton"],

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -49,19 +49,32 @@ class BlockJob:
 
     def prepare(self, hessian: Hessian, name: str) -> PreparedHessian:
         """Factor a Hessian once for all the layers that read the same input."""
-        return prepare_hessian(hessian, desc_act=self.settings.desc_act,
-                               damp_percent=self.settings.damp_percent, where=f"{self.prefix}.{name}")
+        return prepare_hessian(
+            hessian,
+            desc_act=self.settings.desc_act,
+            damp_percent=self.settings.damp_percent,
+            where=f"{self.prefix}.{name}",
+        )
 
-    def quantize_linear(self, name: str, module: nn.Linear, hessian: PreparedHessian,
-                        target: torch.Tensor | None = None) -> None:
+    def quantize_linear(
+        self, name: str, module: nn.Linear, hessian: PreparedHessian, target: torch.Tensor | None = None
+    ) -> None:
         """GPTQ on `module`; `target` replaces the weight as what the quantized layer should reproduce."""
         t = time.perf_counter()
         s = self.settings
         fmt = s.checkpoint_format
         result = gptq_quantize(
-            module.weight.data if target is None else target, hessian, bits=s.bits, group_size=s.group_size, sym=s.sym,
-            desc_act=s.desc_act, static_groups=s.static_groups, damp_percent=s.damp_percent,
-            clip=self.clip, refit=self.refit, min_zero=1 if (fmt == "gptq" and not s.sym) else 0,
+            module.weight.data if target is None else target,
+            hessian,
+            bits=s.bits,
+            group_size=s.group_size,
+            sym=s.sym,
+            desc_act=s.desc_act,
+            static_groups=s.static_groups,
+            damp_percent=s.damp_percent,
+            clip=self.clip,
+            refit=self.refit,
+            min_zero=1 if (fmt == "gptq" and not s.sym) else 0,
             where=f"{self.prefix}.{name}",
         )
         key = f"{self.prefix}.{name}"
@@ -71,8 +84,7 @@ class BlockJob:
             self.tensors[f"{key}.bias"] = module.bias.detach().to(torch.float16).cpu()
         # later layers of this block must see what the checkpoint will compute
         module.weight.data = result.layer.dequantize().t().to(module.weight.device, module.weight.dtype).contiguous()
-        self.reports.append(LayerReport(name=key, loss=result.loss, damp=result.damp,
-                                        seconds=time.perf_counter() - t))
+        self.reports.append(LayerReport(name=key, loss=result.loss, damp=result.damp, seconds=time.perf_counter() - t))
 
 
 def linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -188,8 +200,9 @@ def fp_input(block: nn.Module, first: nn.Linear, state: torch.Tensor, kwargs: di
         except StopForward:
             pass
     if not recorder.calls:
-        raise QuantizeError("fp_targets: the unquantized copy of the block never reached the layer "
-                            "the quantized block did")
+        raise QuantizeError(
+            "fp_targets: the unquantized copy of the block never reached the layer the quantized block did"
+        )
     return recorder.calls[0][1]
 
 
@@ -199,8 +212,13 @@ class QuantizeOnArrival:
     prepared when the first of them is reached; with `fp_fits`, the step's layers are fitted to the
     unquantized block's outputs."""
 
-    def __init__(self, job: BlockJob, layers: dict[str, nn.Linear], fp_fits: dict[str, tuple[FpFit, torch.Tensor]],
-                 done: set[str]):
+    def __init__(
+        self,
+        job: BlockJob,
+        layers: dict[str, nn.Linear],
+        fp_fits: dict[str, tuple[FpFit, torch.Tensor]],
+        done: set[str],
+    ):
         self.job = job
         self.names = {m: n for n, m in layers.items()}
         self.fp_fits = fp_fits  # first layer of a step -> fit, unquantized input
@@ -268,8 +286,13 @@ class StepStatistics:
         self.x = self.shared = self.fp_input = None
 
 
-def _quantize_in_one_pass(block: nn.Module, states: list[torch.Tensor], kwargs_list: list[dict], job: BlockJob,
-                          fp_states: list[torch.Tensor] | None):
+def _quantize_in_one_pass(
+    block: nn.Module,
+    states: list[torch.Tensor],
+    kwargs_list: list[dict],
+    job: BlockJob,
+    fp_states: list[torch.Tensor] | None,
+):
     layers = linears(block)
     done: set[str] = set()
     fp_fits: dict[str, tuple[FpFit, torch.Tensor]] = {}
@@ -291,9 +314,19 @@ def _quantize_in_one_pass(block: nn.Module, states: list[torch.Tensor], kwargs_l
     return (outputs, fp_outputs) if fp_states is not None else outputs
 
 
-def _quantize_step(step: list[str], block: nn.Module, layers: dict[str, nn.Linear], states, kwargs_list, job: BlockJob,
-                   true_sequential: bool, fp_block: nn.Module | None, fp_layers: dict[str, nn.Linear], fp_states,
-                   done: set[str]) -> None:
+def _quantize_step(
+    step: list[str],
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    states,
+    kwargs_list,
+    job: BlockJob,
+    true_sequential: bool,
+    fp_block: nn.Module | None,
+    fp_layers: dict[str, nn.Linear],
+    fp_states,
+    done: set[str],
+) -> None:
     """Sum one step's statistics over all batches, then quantize its layers."""
     fit = FpFit(layers, step) if fp_block is not None else None
     stats = StepStatistics(step, layers, fit, stop_when_done=true_sequential)
@@ -324,8 +357,14 @@ def _quantize_step(step: list[str], block: nn.Module, layers: dict[str, nn.Linea
         done.add(n)
 
 
-def _quantize_step_by_step(block: nn.Module, states: list[torch.Tensor], kwargs_list: list[dict], job: BlockJob,
-                           true_sequential: bool, fp_states: list[torch.Tensor] | None):
+def _quantize_step_by_step(
+    block: nn.Module,
+    states: list[torch.Tensor],
+    kwargs_list: list[dict],
+    job: BlockJob,
+    true_sequential: bool,
+    fp_states: list[torch.Tensor] | None,
+):
     # The statistics of a step are summed over the batches before its layers are quantized. With fp_states,
     # an unquantized copy of the block gives each batch's targets.
     layers = linears(block)
@@ -337,8 +376,9 @@ def _quantize_step_by_step(block: nn.Module, states: list[torch.Tensor], kwargs_
     else:
         steps = [list(layers)]  # every layer sees the unquantized block
     for step in steps:
-        _quantize_step(step, block, layers, states, kwargs_list, job, true_sequential, fp_block, fp_layers, fp_states,
-                       done)
+        _quantize_step(
+            step, block, layers, states, kwargs_list, job, true_sequential, fp_block, fp_layers, fp_states, done
+        )
     for n, h in white_hessians(layers, layers, done).items():  # Linears no forward pass reached
         job.quantize_linear(n, layers[n], job.prepare(h, n))
         done.add(n)
@@ -351,8 +391,14 @@ def _quantize_step_by_step(block: nn.Module, states: list[torch.Tensor], kwargs_
 
 
 @torch.no_grad()
-def quantize_block(block: nn.Module, states: list[torch.Tensor], kwargs_list: list[dict], job: BlockJob,
-                   true_sequential: bool, fp_states: list[torch.Tensor] | None = None):
+def quantize_block(
+    block: nn.Module,
+    states: list[torch.Tensor],
+    kwargs_list: list[dict],
+    job: BlockJob,
+    true_sequential: bool,
+    fp_states: list[torch.Tensor] | None = None,
+):
     """Quantize every Linear of one block in place; returns the block's outputs (the next block's inputs).
 
     With `fp_states` (the same calibration windows through the unquantized model; needs true_sequential),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -12,8 +12,9 @@ from ..errors import CalibrationError
 from .forward import StopForward
 
 
-def calibration_windows(tokenizer, *, files: Sequence[str | Path] = (), texts: Sequence[str] = (),
-                        nsamples: int = 128, seq_len: int = 2048) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, *, files: Sequence[str | Path] = (), texts: Sequence[str] = (), nsamples: int = 128, seq_len: int = 2048
+) -> torch.Tensor:
     """[nsamples, seq_len] token ids: non-overlapping windows spread evenly over the concatenated texts.
 
     Documents are joined with the EOS token (when the tokenizer has one), as they would be in pre-training.
@@ -55,12 +56,20 @@ def calibration_windows(tokenizer, *, files: Sequence[str | Path] = (), texts: S
         )
     stride = len(ids) // nsamples
     t = torch.tensor(ids, dtype=torch.long)
-    return torch.stack([t[k * stride:k * stride + seq_len] for k in range(nsamples)])
+    return torch.stack([t[k * stride : k * stride + seq_len] for k in range(nsamples)])
 
 
 @torch.no_grad()
-def capture_block_inputs(model, blocks: nn.ModuleList, parent: nn.Module, attr: str, windows: torch.Tensor,
-                         batch_size: int, device: torch.device, dtype: torch.dtype):
+def capture_block_inputs(
+    model,
+    blocks: nn.ModuleList,
+    parent: nn.Module,
+    attr: str,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+):
     """The hidden states and keyword arguments the model hands its first block, one entry per batch."""
     setattr(parent, attr, nn.ModuleList())  # keep the blocks where they are while the rest moves
     home_dtype = next(model.parameters()).dtype
@@ -83,7 +92,7 @@ def capture_block_inputs(model, blocks: nn.ModuleList, parent: nn.Module, attr: 
     try:
         for start in range(0, windows.shape[0], batch_size):
             try:
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
             except StopForward:
                 pass
     finally:

@@ -64,7 +64,7 @@ class Hessian:
         x = x.detach().reshape(-1, self.columns)
         edges = self._edges
         for start in range(0, x.shape[0], self.rows_per_step):
-            part = x[start:start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
+            part = x[start : start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
             for a, b in zip(edges[:-1], edges[1:]):
                 self.sum[a:b, a:] += (part[:, a:b].t() @ part[:, a:]).to(torch.float64)
         self.count += x.shape[0]
@@ -94,8 +94,7 @@ class CrossMoment:
     The statistic that fits a layer to targets other than its own outputs (`quantize`'s fp_targets).
     """
 
-    def __init__(self, columns: int, outputs: int, device: torch.device | str | None = None,
-                 rows_per_step: int = 8192):
+    def __init__(self, columns: int, outputs: int, device: torch.device | str | None = None, rows_per_step: int = 8192):
         self.columns, self.outputs = columns, outputs
         self.device = device
         self.sum: torch.Tensor | None = None  # allocated by the first batch (a block's later steps wait)
@@ -112,8 +111,8 @@ class CrossMoment:
                 raise ValueError("this statistic's matrix was already taken (matrix(consume=True))")
             self.sum = torch.zeros(self.columns, self.outputs, dtype=torch.float64, device=self.device)
         for start in range(0, x.shape[0], self.rows_per_step):
-            xs = x[start:start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
-            ts = t[start:start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
+            xs = x[start : start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
+            ts = t[start : start + self.rows_per_step].to(device=self.sum.device, dtype=torch.float32)
             self.sum += (xs.t() @ ts).to(torch.float64)
         self.count += x.shape[0]
 
@@ -154,8 +153,9 @@ class GPTQResult:
     dead_columns: int  # inputs that were always zero in calibration (their weights are set to zero)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float = 1.0,
-                           where: str = "layer") -> tuple[torch.Tensor, float]:
+def inverse_hessian_factor(
+    hessian: torch.Tensor, damp: float, max_damp: float = 1.0, where: str = "layer"
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, increasing damp until it exists.
 
     Computed in float64: with float32 here (what other GPTQ implementations use) end-to-end perplexities
@@ -173,8 +173,10 @@ def _factor_reversed(h: torch.Tensor, damp: float, max_damp: float, where: str) 
     from a copy of the diagonal for the next try) and L^-1 is solved into h's own memory.
     """
     if not bool(torch.isfinite(h.sum())):  # an inf or NaN anywhere makes the sum non-finite
-        raise GPTQBridgeError(f"{where}: the Hessian of the calibration inputs has inf/NaN entries "
-                              "(activations overflowed; quantize from float32 or bfloat16 weights)")
+        raise GPTQBridgeError(
+            f"{where}: the Hessian of the calibration inputs has inf/NaN entries "
+            "(activations overflowed; quantize from float32 or bfloat16 weights)"
+        )
     diagonal = h.diagonal().clone()
     mean_diag = float(diagonal.flip(0).mean())  # summed in H's own order, as it always was
     if mean_diag <= 0:
@@ -191,13 +193,16 @@ def _factor_reversed(h: torch.Tensor, damp: float, max_damp: float, where: str) 
             del lower
             upper = inverse.to(torch.float32)
             if not bool(torch.isfinite(upper).all()):  # h is spent, so no retry with more damping
-                raise GPTQBridgeError(f"{where}: the inverse Hessian factor overflows float32 with damp_percent "
-                                      f"{d:g}; raise damp_percent")
+                raise GPTQBridgeError(
+                    f"{where}: the inverse Hessian factor overflows float32 with damp_percent {d:g}; raise damp_percent"
+                )
             return upper.flip(0, 1), d
         del lower
         d *= 2
-    raise GPTQBridgeError(f"{where}: the Hessian is not positive definite even with damp_percent {d / 2:g} "
-                          "(the calibration inputs may be degenerate; try more or other calibration text)")
+    raise GPTQBridgeError(
+        f"{where}: the Hessian is not positive definite even with damp_percent {d / 2:g} "
+        "(the calibration inputs may be degenerate; try more or other calibration text)"
+    )
 
 
 def _range_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, sym: bool, min_zero: int):
@@ -216,8 +221,9 @@ def _range_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, sym: bool, min_
     return scale, zero
 
 
-def _group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-                 col_weight: torch.Tensor) -> torch.Tensor:
+def _group_error(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, col_weight: torch.Tensor
+) -> torch.Tensor:
     """Weighted squared rounding error per output row; w [out, n], scale/zero [out, 1]. In place, one pass."""
     x = torch.div(w, scale)
     x.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale).sub_(w)
@@ -225,8 +231,15 @@ def _group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq:
     return x @ col_weight
 
 
-def find_params(w: torch.Tensor, bits: int, sym: bool, *, min_zero: int = 0,
-                col_weight: torch.Tensor | None = None, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    *,
+    min_zero: int = 0,
+    col_weight: torch.Tensor | None = None,
+    clip: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per output row for the group w [out, n].
 
     With `clip`, the min/max range is shrunk by the factor (searched per row) that minimises the
@@ -285,8 +298,9 @@ class PreparedHessian:
         return (U.t() @ (U @ walk))[self.invperm.to(rhs.device)]
 
 
-def prepare_hessian(hessian: torch.Tensor | Hessian, *, desc_act: bool, damp_percent: float,
-                    where: str = "layer") -> PreparedHessian:
+def prepare_hessian(
+    hessian: torch.Tensor | Hessian, *, desc_act: bool, damp_percent: float, where: str = "layer"
+) -> PreparedHessian:
     """Dead inputs, act-order permutation and the damped inverse factor of H.
 
     Given a `Hessian` (rather than its matrix), its running sum is consumed: the float64 matrix is then made
@@ -309,8 +323,9 @@ def prepare_hessian(hessian: torch.Tensor | Hessian, *, desc_act: bool, damp_per
     H = H.index_select(0, reverse)
     H = H.index_select(1, reverse)
     U, damp = _factor_reversed(H, damp_percent, 1.0, where)
-    return PreparedHessian(desc_act=desc_act, perm=perm, invperm=torch.argsort(perm), upper=U, damp=damp,
-                           dead=dead, hessian=original)
+    return PreparedHessian(
+        desc_act=desc_act, perm=perm, invperm=torch.argsort(perm), upper=U, damp=damp, dead=dead, hessian=original
+    )
 
 
 def _block_size(block_size: int, group_size: int) -> int:
@@ -386,16 +401,54 @@ def gptq_quantize(
     """
     if weight.device.type == "cpu":
         with one_thread():
-            return _gptq_quantize(weight, hessian, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-                                  static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
-                                  clip=clip, refit=refit, min_zero=min_zero, where=where)
-    return _gptq_quantize(weight, hessian, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-                          static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
-                          clip=clip, refit=refit, min_zero=min_zero, where=where)
+            return _gptq_quantize(
+                weight,
+                hessian,
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+                desc_act=desc_act,
+                static_groups=static_groups,
+                damp_percent=damp_percent,
+                block_size=block_size,
+                clip=clip,
+                refit=refit,
+                min_zero=min_zero,
+                where=where,
+            )
+    return _gptq_quantize(
+        weight,
+        hessian,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        static_groups=static_groups,
+        damp_percent=damp_percent,
+        block_size=block_size,
+        clip=clip,
+        refit=refit,
+        min_zero=min_zero,
+        where=where,
+    )
 
 
-def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_groups, damp_percent, block_size,
-                   clip, refit, min_zero, where) -> GPTQResult:
+def _gptq_quantize(
+    weight,
+    hessian,
+    *,
+    bits,
+    group_size,
+    sym,
+    desc_act,
+    static_groups,
+    damp_percent,
+    block_size,
+    clip,
+    refit,
+    min_zero,
+    where,
+) -> GPTQResult:
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, not {bits}")
     out_features, in_features = weight.shape
@@ -428,8 +481,9 @@ def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_g
         cw_orig = col_weight[invperm]
         for g in range(groups):
             cols = slice(g * gs, min((g + 1) * gs, in_features))
-            scales[g], zeros[g] = find_params(W_orig[:, cols], bits, sym, min_zero=min_zero,
-                                              col_weight=cw_orig[cols], clip=clip)
+            scales[g], zeros[g] = find_params(
+                W_orig[:, cols], bits, sym, min_zero=min_zero, col_weight=cw_orig[cols], clip=clip
+            )
         del W_orig
         col_group = g_idx.to(device).long()[perm]  # group of each column in walk order
     block = _block_size(block_size, gs) if dynamic else block_size
@@ -453,9 +507,10 @@ def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_g
                     g = j // gs
                     end = min(j + gs, in_features)
                     # at a block start Wt is current (all earlier blocks applied); inside a block, W1 is
-                    cols = Wt[j:end] if i == 0 else W1[i:i + end - j]
-                    scales[g], zeros[g] = find_params(cols.t(), bits, sym, min_zero=min_zero,
-                                                      col_weight=col_weight[j:end], clip=clip)
+                    cols = Wt[j:end] if i == 0 else W1[i : i + end - j]
+                    scales[g], zeros[g] = find_params(
+                        cols.t(), bits, sym, min_zero=min_zero, col_weight=col_weight[j:end], clip=clip
+                    )
                     s, z = scales[g], zeros[g]
             else:
                 g = int(col_group[j])
@@ -467,7 +522,7 @@ def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_g
             Err1[i] = err
             loss.addcmul_(err, err)
             if i + 1 < i2 - i1:
-                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
         if i2 < in_features:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
@@ -477,5 +532,6 @@ def _gptq_quantize(weight, hessian, *, bits, group_size, sym, desc_act, static_g
         w0 = w0.masked_fill(prepared.dead.to(device).unsqueeze(0), 0.0)
         layer = refit_scales(layer, w0, prepared.hessian)
     layer = IntLayer(q=layer.q.cpu(), zeros=layer.zeros.cpu(), scales=layer.scales.cpu(), g_idx=layer.g_idx.cpu())
-    return GPTQResult(layer=layer, damp=prepared.damp, loss=float(loss.double().sum()),
-                      dead_columns=int(prepared.dead.sum()))
+    return GPTQResult(
+        layer=layer, damp=prepared.damp, loss=float(loss.double().sum()), dead_columns=int(prepared.dead.sum())
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -37,7 +37,7 @@ def heap_policy(reuse: bool) -> Iterator[None]:
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
-            libc.gnu_get_libc_version  # glibc only (mallopt's parameter numbers are glibc's)
+            _ = libc.gnu_get_libc_version  # glibc only (mallopt's parameter numbers are glibc's)
         except (OSError, AttributeError):
             libc = None
     if libc is None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,8 +39,15 @@ from .block import BlockJob, LayerReport, linears, quantize_block
 from .calibration import calibration_windows, capture_block_inputs
 from .heap import heap_policy, heap_reuse_pays
 from .settings import model_file_base_name, resolve_settings
-from .source import (COPIED_FILES, BlockWeights, find_blocks, load_model_by_blocks, load_source_tokenizer,
-                     load_whole_model, open_source)
+from .source import (
+    COPIED_FILES,
+    BlockWeights,
+    find_blocks,
+    load_model_by_blocks,
+    load_source_tokenizer,
+    load_whole_model,
+    open_source,
+)
 
 
 @dataclass
@@ -116,14 +124,24 @@ def quantize(
     """
     t0 = time.perf_counter()
     report = _stderr_progress if progress is True else (progress or (lambda p: None))
-    s = resolve_settings(preset, bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
-                         static_groups=static_groups, damp_percent=damp_percent, true_sequential=true_sequential,
-                         checkpoint_format=checkpoint_format)
+    s = resolve_settings(
+        preset,
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        static_groups=static_groups,
+        damp_percent=damp_percent,
+        true_sequential=true_sequential,
+        checkpoint_format=checkpoint_format,
+    )
     if fp_targets is None:
         fp_targets = bool(s.true_sequential)
     elif fp_targets and not s.true_sequential:
-        raise QuantizeError("fp_targets needs true_sequential (each layer is fitted on the outputs of the "
-                            "already-quantized layers before it)")
+        raise QuantizeError(
+            "fp_targets needs true_sequential (each layer is fitted on the outputs of the "
+            "already-quantized layers before it)"
+        )
     out = Path(out).expanduser()
     if out.exists():
         raise QuantizeError(f"{out}: already exists; choose a new output directory")
@@ -153,18 +171,46 @@ def quantize(
         source_dir = Path(str(source)) if Path(str(source)).is_dir() else None
     model.eval()
     try:
-        return _quantize_loaded(model, weights, tokenizer, windows, out, s, source=source, source_dir=source_dir,
-                                dev=dev, batch_size=batch_size, clip=clip, refit=refit, fp_targets=fp_targets,
-                                report=report, t0=t0)
+        return _quantize_loaded(
+            model,
+            weights,
+            tokenizer,
+            windows,
+            out,
+            s,
+            source=source,
+            source_dir=source_dir,
+            dev=dev,
+            batch_size=batch_size,
+            clip=clip,
+            refit=refit,
+            fp_targets=fp_targets,
+            report=report,
+            t0=t0,
+        )
     finally:
         if weights is not None:
             weights.close()
 
 
-def _quantize_loaded(model: nn.Module, weights: BlockWeights | None, tokenizer, windows: torch.Tensor, out: Path,
-                     s: QuantizeConfig, *, source, source_dir: Path | None, dev: torch.device, batch_size: int,
-                     clip: bool, refit: bool, fp_targets: bool, report: Callable[[Progress], None],
-                     t0: float) -> QuantizeResult:
+def _quantize_loaded(
+    model: nn.Module,
+    weights: BlockWeights | None,
+    tokenizer,
+    windows: torch.Tensor,
+    out: Path,
+    s: QuantizeConfig,
+    *,
+    source,
+    source_dir: Path | None,
+    dev: torch.device,
+    batch_size: int,
+    clip: bool,
+    refit: bool,
+    fp_targets: bool,
+    report: Callable[[Progress], None],
+    t0: float,
+) -> QuantizeResult:
     """Calibrate, quantize block by block (reading each block from `weights` when given), stream the output."""
     compute = torch.float32
     nsamples, seq_len = windows.shape
@@ -172,8 +218,13 @@ def _quantize_loaded(model: nn.Module, weights: BlockWeights | None, tokenizer, 
     blocks_name, blocks = find_blocks(model)
     parent_name, _, attr = blocks_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    report(Progress("calibrate", f"{nsamples} windows x {seq_len} tokens, {len(blocks)} blocks, "
-                                 f"{s.bits}-bit group {s.group_size}{' act-order' if s.desc_act else ''}"))
+    report(
+        Progress(
+            "calibrate",
+            f"{nsamples} windows x {seq_len} tokens, {len(blocks)} blocks, "
+            f"{s.bits}-bit group {s.group_size}{' act-order' if s.desc_act else ''}",
+        )
+    )
     # the calibration states between blocks are stored in the model's own dtype (computed in float32)
     store = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta)
     with CheckpointWriter(out) as writer, heap_policy(reuse=dev.type == "cpu" and heap_reuse_pays(blocks)):
@@ -206,9 +257,16 @@ def _quantize_loaded(model: nn.Module, weights: BlockWeights | None, tokenizer, 
             done = i + 1
             per_block = (time.perf_counter() - t_blocks) / done
             remaining = per_block * (len(blocks) - done)
-            report(Progress("block", f"block {done}/{len(blocks)} done in {time.perf_counter() - tb:.1f}s, "
-                                     f"~{_seconds(remaining)} left", block=done, blocks=len(blocks),
-                            elapsed_s=time.perf_counter() - t0, remaining_s=remaining))
+            report(
+                Progress(
+                    "block",
+                    f"block {done}/{len(blocks)} done in {time.perf_counter() - tb:.1f}s, ~{_seconds(remaining)} left",
+                    block=done,
+                    blocks=len(blocks),
+                    elapsed_s=time.perf_counter() - t0,
+                    remaining_s=remaining,
+                )
+            )
         del states, fp_states
 
         block_keys = f"{blocks_name}."
@@ -222,8 +280,13 @@ def _quantize_loaded(model: nn.Module, weights: BlockWeights | None, tokenizer, 
             seen[ident] = key
             writer.add(key, value.detach().to(torch.float16).cpu())
 
-        config = s.model_copy(update=dict(model_name_or_path=str(out), quant_method="gptq",
-                                          model_file_base_name=model_file_base_name(s.bits, s.group_size)))
+        config = s.model_copy(
+            update=dict(
+                model_name_or_path=str(out),
+                quant_method="gptq",
+                model_file_base_name=model_file_base_name(s.bits, s.group_size),
+            )
+        )
         hf_config = copy.deepcopy(model.config)
         hf_config.dtype = torch.float16  # what the non-quantized tensors are stored as
         extra: dict[str, str | bytes] = {}

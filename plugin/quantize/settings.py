@@ -19,8 +19,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gptq-3bit-128g-actorder_True": dict(bits=3, group_size=128, desc_act=True, sym=True, damp_percent=0.1),
 }
 # Without a preset (AutoGPTQ's BaseQuantizeConfig defaults, except group 128 which everyone passes).
-DEFAULTS: dict[str, Any] = dict(bits=4, group_size=128, desc_act=False, sym=True, static_groups=False,
-                                damp_percent=0.01, true_sequential=True, checkpoint_format="gptq")
+DEFAULTS: dict[str, Any] = dict(
+    bits=4,
+    group_size=128,
+    desc_act=False,
+    sym=True,
+    static_groups=False,
+    damp_percent=0.01,
+    true_sequential=True,
+    checkpoint_format="gptq",
+)
 
 
 def model_file_base_name(bits: int, group_size: int) -> str:

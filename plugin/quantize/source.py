@@ -23,10 +23,18 @@ from ..errors import CheckpointError, ConfigError, QuantizeError
 from ..skeleton import IGNORED_SUFFIXES, build_skeleton, load_hf_config, materialize_buffers
 
 # Files copied verbatim from a source directory (the tokenizer is also saved through transformers).
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                "chat_template.json")
-
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @dataclass
@@ -47,14 +55,16 @@ def open_source(source: str | Path, *, revision: str | None = None) -> Source:
     path = Path(str(source)).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise QuantizeError(f"{source}: a file source must be a GGUF file (.gguf); otherwise give a model "
-                                "directory or a hub id")
+            raise QuantizeError(
+                f"{source}: a file source must be a GGUF file (.gguf); otherwise give a model directory or a hub id"
+            )
         for module, why in (("gguf", "reading GGUF files"), ("accelerate", "loading GGUF files in transformers")):
             try:
                 __import__(module)
             except ImportError:
-                raise QuantizeError(f"{source}: the '{module}' package is needed for {why}; "
-                                    f"pip install {module}") from None
+                raise QuantizeError(
+                    f"{source}: the '{module}' package is needed for {why}; pip install {module}"
+                ) from None
         return Source(text=str(source), path=path, gguf=True)
 
     from ..plugins import resolve
@@ -62,8 +72,9 @@ def open_source(source: str | Path, *, revision: str | None = None) -> Source:
     model_dir = resolve(str(source), revision=revision).path
     for name in ("quantize_config.json", "quant_config.json"):
         if (model_dir / name).is_file():
-            raise QuantizeError(f"{model_dir / name}: the source is already a GPTQ checkpoint; quantize from the "
-                                "fp16/bf16/fp32 model")
+            raise QuantizeError(
+                f"{model_dir / name}: the source is already a GPTQ checkpoint; quantize from the fp16/bf16/fp32 model"
+            )
     if not (model_dir / "config.json").is_file():
         raise QuantizeError(f"{model_dir}: config.json is missing; is this a transformers model directory?")
     try:
@@ -72,8 +83,10 @@ def open_source(source: str | Path, *, revision: str | None = None) -> Source:
         raise QuantizeError(f"{model_dir / 'config.json'}: not a valid JSON object") from None
     if quantized:
         method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
-        raise QuantizeError(f"{model_dir / 'config.json'}: the source is already quantized (quant_method "
-                            f"{method!r}); quantize from the fp16/bf16/fp32 model")
+        raise QuantizeError(
+            f"{model_dir / 'config.json'}: the source is already quantized (quant_method "
+            f"{method!r}); quantize from the fp16/bf16/fp32 model"
+        )
     return Source(text=str(source), path=model_dir, gguf=False)
 
 
@@ -86,8 +99,9 @@ def load_source_tokenizer(src: Source, trust_remote_code: bool = False):
             return AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
         return AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many kinds; all mean "no usable tokenizer"
-        raise QuantizeError(f"{src.path}: the tokenizer cannot be loaded ({str(exc).splitlines()[0]}); "
-                            "calibration text needs it") from None
+        raise QuantizeError(
+            f"{src.path}: the tokenizer cannot be loaded ({str(exc).splitlines()[0]}); calibration text needs it"
+        ) from None
 
 
 def load_whole_model(src: Source, trust_remote_code: bool = False) -> nn.Module:
@@ -96,19 +110,23 @@ def load_whole_model(src: Source, trust_remote_code: bool = False) -> nn.Module:
 
     try:
         if src.gguf:
-            model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
-                                                         dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src.path.parent), gguf_file=src.path.name, dtype=torch.float32
+            )
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype="auto",
-                                                         trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src.path), dtype="auto", trust_remote_code=trust_remote_code
+            )
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise QuantizeError(f"{src.path}: transformers cannot load this model: {str(exc).splitlines()[0]}") from None
     quantizer = getattr(model, "hf_quantizer", None)
     if src.gguf and quantizer is not None:  # the "gguf" marker would make the model unserializable
         quantizer.remove_quantization_config(model)
     elif getattr(model.config, "quantization_config", None):
-        raise QuantizeError(f"{src.path / 'config.json'}: the source is already quantized "
-                            f"({str(model.config.quantization_config)[:60]}); quantize from the fp16/bf16/fp32 model")
+        raise QuantizeError(
+            f"{src.path / 'config.json'}: the source is already quantized "
+            f"({str(model.config.quantization_config)[:60]}); quantize from the fp16/bf16/fp32 model"
+        )
     return model
 
 
@@ -145,8 +163,10 @@ class BlockWeights:
                     self._files[path] = SafetensorsFile(path)
                 f = self._files[path]
                 if tuple(f.shape(key)) != tuple(t.shape):
-                    raise QuantizeError(f"{path}: tensor {key!r} has shape {list(f.shape(key))}, but the model "
-                                        f"described by config.json expects {list(t.shape)}")
+                    raise QuantizeError(
+                        f"{path}: tensor {key!r} has shape {list(f.shape(key))}, but the model "
+                        f"described by config.json expects {list(t.shape)}"
+                    )
                 value = f.read(key).to(t.dtype)
                 if is_param:
                     mod._parameters[attr] = nn.Parameter(value, requires_grad=False)

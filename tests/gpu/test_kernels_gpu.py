@@ -21,11 +21,11 @@ pytest.importorskip("triton")
 
 import gptq_bridge  # noqa: E402
 from gptq_bridge.config import QuantizeConfig  # noqa: E402
-from gptq_bridge.quantize.gptq_layer import IntLayer, group_index, pack_layer  # noqa: E402
-from gptq_bridge.kernels.torch_ref import TorchQuantLinear  # noqa: E402
-from gptq_bridge.kernels.triton_gptq import TritonQuantLinear  # noqa: E402
 from gptq_bridge.errors import KernelError  # noqa: E402
 from gptq_bridge.kernels import exllama  # noqa: E402
+from gptq_bridge.kernels.torch_ref import TorchQuantLinear  # noqa: E402
+from gptq_bridge.kernels.triton_gptq import TritonQuantLinear  # noqa: E402
+from gptq_bridge.quantize.gptq_layer import IntLayer, group_index, pack_layer  # noqa: E402
 
 HAVE_EXLLAMA = exllama.kernel_spec().check_available() is None
 from gptq_bridge.types import LayerShape  # noqa: E402
@@ -53,12 +53,13 @@ def random_layer(k, n, bits, group_size, act_order, sym, gen) -> IntLayer:
         zeros = torch.full((groups, n), (maxq + 1) // 2, device=DEV)
     else:
         zeros = torch.randint(1, maxq + 1, (groups, n), generator=gen, device=DEV)
-    scales = (torch.rand(groups, n, generator=gen, device=DEV) * 0.02 + 0.002)
+    scales = torch.rand(groups, n, generator=gen, device=DEV) * 0.02 + 0.002
     return IntLayer(q=q, zeros=zeros, scales=scales, g_idx=g_idx)
 
 
-def make_modules(k, n, bits, group_size=128, act_order=True, sym=False, fmt="gptq", seed=0, kernel=TritonQuantLinear,
-                 device=DEV):
+def make_modules(
+    k, n, bits, group_size=128, act_order=True, sym=False, fmt="gptq", seed=0, kernel=TritonQuantLinear, device=DEV
+):
     """(`kernel` module prepared on `device`, float32 reference weight [in, out] there, generator on DEV) for a
     fresh random layer."""
     gen = torch.Generator(device=DEV).manual_seed(SEED + seed)
@@ -123,12 +124,18 @@ def test_4bit_g128_act_order_layer_shapes(k, n):
     check_paths(tri, weight, gen, (1, 3, 8, 16, 32, 512))
 
 
-SETTINGS = [(b, g, a, s, f) for b in (2, 3, 4, 8) for g, a, s, f in ((128, True, False, "gptq"), (32, True, True, "gptq_v2"),
-                                                                      (-1, False, False, "gptq_v2"))]
+SETTINGS = [
+    (b, g, a, s, f)
+    for b in (2, 3, 4, 8)
+    for g, a, s, f in ((128, True, False, "gptq"), (32, True, True, "gptq_v2"), (-1, False, False, "gptq_v2"))
+]
 
 
-@pytest.mark.parametrize("bits,group_size,act_order,sym,fmt", SETTINGS,
-                         ids=[f"{b}bit-g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for b, g, a, s, f in SETTINGS])
+@pytest.mark.parametrize(
+    "bits,group_size,act_order,sym,fmt",
+    SETTINGS,
+    ids=[f"{b}bit-g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for b, g, a, s, f in SETTINGS],
+)
 @pytest.mark.parametrize("k,n", [(4096, 11008), (28672, 8192)], ids=["7b-up", "70b-down"])
 def test_every_bit_width(k, n, bits, group_size, act_order, sym, fmt):
     tri, weight, gen = make_modules(k, n, bits, group_size, act_order, sym, fmt, seed=bits)
@@ -156,12 +163,16 @@ def test_whole_model_logits_agree(tmp_path, bits):
     from tiny_checkpoints import build, llama_config
 
     hf_config = llama_config(hidden=4096, intermediate=11008, layers=2, vocab=512)  # 7B's Linear shapes
-    ck = build(tmp_path / "ck", bits=bits, group_size=128, desc_act=True, sym=False, hf_config=hf_config,
-               seed=SEED % 1000)
+    ck = build(
+        tmp_path / "ck", bits=bits, group_size=128, desc_act=True, sym=False, hf_config=hf_config, seed=SEED % 1000
+    )
     from gptq_bridge.kernels.cuda import mma as cuda_gptq
 
-    kernels = ["triton", "torch"] + (["exllama"] if HAVE_EXLLAMA and bits == 4 else []) + (
-        ["mma"] if cuda_gptq.kernel_spec().check_available() is None else [])
+    kernels = (
+        ["triton", "torch"]
+        + (["exllama"] if HAVE_EXLLAMA and bits == 4 else [])
+        + (["mma"] if cuda_gptq.kernel_spec().check_available() is None else [])
+    )
     models = {k: gptq_bridge.load_model(str(ck.path), kernel=k, device="cuda", dtype=torch.float16) for k in kernels}
     assert all(m.kernel == k for k, m in models.items())
     reference = ck.reference.to(DEV)
@@ -173,7 +184,9 @@ def test_whole_model_logits_agree(tmp_path, bits):
             fp = reference(ids).logits
             assert relative_error(want, fp) < 2e-2
             # triton does the reference's arithmetic (float32 sums): it must agree closely
-            assert relative_error(models["triton"].model(ids).logits.float(), want) < 1e-2, f"shape {shape} (seed {SEED})"
+            assert relative_error(models["triton"].model(ids).logits.float(), want) < 1e-2, (
+                f"shape {shape} (seed {SEED})"
+            )
             # every kernel is as close to the float model as the reference kernel must be; exllama sums in
             # float16 (cuBLAS half for m > 32), measured 1.3e-2 from the reference's logits at (2, 300)
             for name in kernels[2:]:
@@ -196,17 +209,25 @@ def test_decode_with_outlier_activations():
 # --- exllama (exllamav2's kernel; skipped where the package is missing) -------------------------------------
 
 needs_exllama = pytest.mark.skipif(not HAVE_EXLLAMA, reason=f"exllama: {exllama.kernel_spec().check_available()}")
-EXLLAMA_SETTINGS = [(128, True, False, "gptq"), (32, True, True, "gptq_v2"), (128, False, False, "gptq"),
-                    (-1, False, True, "gptq")]
+EXLLAMA_SETTINGS = [
+    (128, True, False, "gptq"),
+    (32, True, True, "gptq_v2"),
+    (128, False, False, "gptq"),
+    (-1, False, True, "gptq"),
+]
 
 
 @needs_exllama
-@pytest.mark.parametrize("group_size,act_order,sym,fmt", EXLLAMA_SETTINGS,
-                         ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for g, a, s, f in EXLLAMA_SETTINGS])
+@pytest.mark.parametrize(
+    "group_size,act_order,sym,fmt",
+    EXLLAMA_SETTINGS,
+    ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for g, a, s, f in EXLLAMA_SETTINGS],
+)
 @pytest.mark.parametrize("k,n", LLAMA2_7B + LLAMA2_70B, ids=[f"{k}x{n}" for k, n in LLAMA2_7B + LLAMA2_70B])
 def test_exllama_matches_reference(k, n, group_size, act_order, sym, fmt):
-    ex, weight, gen = make_modules(k, n, 4, group_size, act_order, sym, fmt, seed=k + n + 1,
-                                   kernel=exllama.ExllamaQuantLinear)
+    ex, weight, gen = make_modules(
+        k, n, 4, group_size, act_order, sym, fmt, seed=k + n + 1, kernel=exllama.ExllamaQuantLinear
+    )
     for m in (1, 3, 8, 32, 64, 512):
         x = torch.randn(m, k, generator=gen, device=DEV).half()
         got = ex(x)
@@ -223,7 +244,9 @@ def test_exllama_refuses_a_v2_zero_of_zero():
     layer = random_layer(4096, 4096, 4, 128, True, False, gen)
     layer.zeros[0, 0] = 0
     config = QuantizeConfig(bits=4, group_size=128, desc_act=True, sym=False, checkpoint_format="gptq_v2")
-    module = exllama.ExllamaQuantLinear(LayerShape(name="l", in_features=4096, out_features=4096), config, torch.float16)
+    module = exllama.ExllamaQuantLinear(
+        LayerShape(name="l", in_features=4096, out_features=4096), config, torch.float16
+    )
     for key, value in pack_layer(layer, 4, "gptq_v2").items():
         setattr(module, key, value.half() if value.is_floating_point() else value)
     module.fill_missing()
@@ -247,8 +270,13 @@ from gptq_bridge.kernels.cuda import mma as cuda_gptq  # noqa: E402
 
 CUDA_REASON = cuda_gptq.kernel_spec().check_available()
 needs_cuda_kernel = pytest.mark.skipif(CUDA_REASON is not None, reason=f"cuda kernel: {CUDA_REASON}")
-CUDA_SETTINGS = [(128, True, False, "gptq"), (32, True, True, "gptq_v2"), (64, False, False, "gptq"),
-                 (-1, False, True, "gptq"), (48, True, False, "gptq")]  # 48: padded to 64 slots a group
+CUDA_SETTINGS = [
+    (128, True, False, "gptq"),
+    (32, True, True, "gptq_v2"),
+    (64, False, False, "gptq"),
+    (-1, False, True, "gptq"),
+    (48, True, False, "gptq"),
+]  # 48: padded to 64 slots a group
 
 
 def check_cuda(mod, weight, gen, ms, bias=None):
@@ -265,13 +293,17 @@ def check_cuda(mod, weight, gen, ms, bias=None):
 
 
 @needs_cuda_kernel
-@pytest.mark.parametrize("group_size,act_order,sym,fmt", CUDA_SETTINGS,
-                         ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for g, a, s, f in CUDA_SETTINGS])
+@pytest.mark.parametrize(
+    "group_size,act_order,sym,fmt",
+    CUDA_SETTINGS,
+    ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}-{f}" for g, a, s, f in CUDA_SETTINGS],
+)
 @pytest.mark.parametrize("k,n", LLAMA2_7B + LLAMA2_70B, ids=[f"{k}x{n}" for k, n in LLAMA2_7B + LLAMA2_70B])
 @pytest.mark.parametrize("bits", [4, 3], ids=["4bit", "3bit"])
 def test_cuda_matches_reference(k, n, group_size, act_order, sym, fmt, bits):
-    mod, weight, gen = make_modules(k, n, bits, group_size, act_order, sym, fmt, seed=k + n + 7 + bits,
-                                    kernel=cuda_gptq.CudaQuantLinear)
+    mod, weight, gen = make_modules(
+        k, n, bits, group_size, act_order, sym, fmt, seed=k + n + 7 + bits, kernel=cuda_gptq.CudaQuantLinear
+    )
     check_cuda(mod, weight, gen, (1, 3, 8, 9, 16, 17, 32, 33, 300))
 
 
@@ -309,8 +341,10 @@ def test_cuda_split_counts_agree():
 
 
 @needs_cuda_kernel
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability(DEV) != (9, 0),
-                    reason="q4_many_rows (wgmma) needs compute capability 9.0")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability(DEV) != (9, 0),
+    reason="q4_many_rows (wgmma) needs compute capability 9.0",
+)
 def test_cuda_many_rows_every_block_and_split():
     """q4_many_rows at each rows-a-block setting and several split counts, splitting every tile or only the last
     ones, row counts that are no multiple of the block, with a bias, both bit widths: each matches the reference,
@@ -346,8 +380,9 @@ def test_cuda_kernel_on_a_second_device():
     for bits in (4, 3):
         mods = []
         for dev in (second, DEV):
-            mod, weight, gen = make_modules(4096, 1024, bits, 128, True, seed=25 + bits, kernel=cuda_gptq.CudaQuantLinear,
-                                            device=dev)
+            mod, weight, gen = make_modules(
+                4096, 1024, bits, 128, True, seed=25 + bits, kernel=cuda_gptq.CudaQuantLinear, device=dev
+            )
             mods.append((mod, weight, gen))
         for m in (1, 8, 40):
             for mod, weight, gen in mods + mods[:1]:

@@ -112,7 +112,8 @@ def library() -> ctypes.CDLL:
 def check(code: int, what: str) -> None:
     """Raise with CUDA's own words when a launch returned an error."""
     if code == -1:
-        raise ValueError(f"{what}: sizes or a bit width the kernel does not take, or a library built without it "
-                         "for this GPU")
+        raise ValueError(
+            f"{what}: sizes or a bit width the kernel does not take, or a library built without it for this GPU"
+        )
     if code:
         raise RuntimeError(f"{what}: {library().gb_error_string(code).decode()} (CUDA error {code})")

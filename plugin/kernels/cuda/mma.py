@@ -28,10 +28,10 @@ from ...errors import KernelError
 from ...hookspecs import hookimpl
 from ...packing import unpack
 from ...types import KernelSpec, LayerShape
-from . import build as cuda_build
 from ..base import GPTQLinear, scratch, scratch_lock, split_k_workspace
 from ..measured import MEASURED_US
 from ..slot_layout import sort_rows_by_group, zero_points
+from . import build as cuda_build
 
 FEW_ROWS_MAX_M = 32  # q4_few_rows handles up to 4 tiles of 8 rows
 MANY_ROWS_COLS = 128  # q4_many_rows' block: 128 columns of 64, 128 or 256 rows (many_rows_tile)
@@ -41,7 +41,8 @@ BATCH_CHUNKS = 4  # chunks (64 slots each) q4_few_rows loads together; chunks an
 # The current stream's handle as an int: torch's own fast path (what Triton's launcher uses), ~7 us less per call
 # than torch.cuda.current_stream(device).cuda_stream on the H100 machine (bench/host_overhead.py).
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
-    lambda index: torch.cuda.current_stream(index).cuda_stream)
+    lambda index: torch.cuda.current_stream(index).cuda_stream
+)
 _SHUFFLE_COLUMNS = 1024
 _SLOT_ORDER = [0, 2, 1, 3]  # nibble pair p (bits 8p..8p+7, interleaved by column half) holds slot offset this
 
@@ -200,12 +201,12 @@ class CudaQuantLinear(GPTQLinear):
         self.register_buffer("cu_words", words, persistent=False)
         self.register_buffer("cu_sz", sz, persistent=False)
         self.register_buffer("cu_xidx", xidx, persistent=False)  # slot -> input row (-1: pad), for the gather
-        wgmma = (dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
-                 and K <= WGMMA_MAX_IN_FEATURES)  # q4_many_rows serves this layer (else dequantize + cuBLAS)
+        wgmma = (
+            dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0) and K <= WGMMA_MAX_IN_FEATURES
+        )  # q4_many_rows serves this layer (else dequantize + cuBLAS)
         self.register_buffer("cu_xidx_wgmma", wgmma_x_index(xidx) if wgmma else None, persistent=False)
         self.register_buffer("cu_perm", perm, persistent=False)  # None: slot == row
-        self.register_buffer("cu_counters", torch.zeros(-(-N // 64), dtype=torch.int32, device=dev),
-                             persistent=False)
+        self.register_buffer("cu_counters", torch.zeros(-(-N // 64), dtype=torch.int32, device=dev), persistent=False)
         self.chunks, self.slots, self.slots_per_group = chunks, layout.slots, P
         self._identity = perm is None and chunks * 64 == K  # x can be read as it is (when aligned)
         self._ready = True
@@ -225,7 +226,8 @@ class CudaQuantLinear(GPTQLinear):
         elif m <= FEW_ROWS_MAX_M:
             out = self.forward_few_rows(x2)
         elif self.cu_xidx_wgmma is not None and self._many_rows_wins(
-                plan := self._many_rows_plan(m, x2.device), m):  # one plan lookup a call, passed on
+            plan := self._many_rows_plan(m, x2.device), m
+        ):  # one plan lookup a call, passed on
             out = self.forward_many_rows(x2, plan)
         else:
             out = x2 @ self.dequantize()
@@ -251,12 +253,31 @@ class CudaQuantLinear(GPTQLinear):
         with scratch_lock(x.device):
             xs = None if direct else scratch(x.device, M * self.chunks * 64, torch.float16)
             ws = split_k_workspace(x.device, ws_numel) if splits > 1 else out
-            cuda_build.check(cuda_build.library().gb_q4_few_rows(
-                self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0),
-                None if direct else self.cu_xidx.data_ptr(), None if direct else xs.data_ptr(),
-                None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
-                self.cu_counters.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, splits, per_split,
-                device, _raw_stream(device)), "q4_few_rows")
+            cuda_build.check(
+                cuda_build.library().gb_q4_few_rows(
+                    self.cu_words.data_ptr(),
+                    self.cu_sz.data_ptr(),
+                    x.data_ptr(),
+                    x.stride(0),
+                    None if direct else self.cu_xidx.data_ptr(),
+                    None if direct else xs.data_ptr(),
+                    None if self.bias is None else self.bias.data_ptr(),
+                    out.data_ptr(),
+                    ws.data_ptr(),
+                    self.cu_counters.data_ptr(),
+                    self.bits,
+                    M,
+                    N,
+                    self.chunks,
+                    self.slots_per_group,
+                    N,
+                    splits,
+                    per_split,
+                    device,
+                    _raw_stream(device),
+                ),
+                "q4_few_rows",
+            )
         return out
 
     def forward_many_rows(self, x: torch.Tensor, plan: ManyRowsPlan | None = None) -> torch.Tensor:
@@ -271,11 +292,33 @@ class CudaQuantLinear(GPTQLinear):
         with scratch_lock(x.device):
             xs = scratch(x.device, -(-M // plan.rows) * plan.rows * self.chunks * 64, torch.float16)
             ws = split_k_workspace(x.device, plan.ws_numel) if plan.ws_numel else out
-            cuda_build.check(cuda_build.library().gb_q4_many_rows(
-                self.cu_words.data_ptr(), self.cu_sz.data_ptr(), x.data_ptr(), x.stride(0), self.in_features,
-                self.cu_xidx_wgmma.data_ptr(), xs.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
-                out.data_ptr(), ws.data_ptr(), self.bits, M, N, self.chunks, self.slots_per_group, N, plan.rows,
-                plan.whole, plan.splits, plan.per_split, device, _raw_stream(device)), "q4_many_rows")
+            cuda_build.check(
+                cuda_build.library().gb_q4_many_rows(
+                    self.cu_words.data_ptr(),
+                    self.cu_sz.data_ptr(),
+                    x.data_ptr(),
+                    x.stride(0),
+                    self.in_features,
+                    self.cu_xidx_wgmma.data_ptr(),
+                    xs.data_ptr(),
+                    None if self.bias is None else self.bias.data_ptr(),
+                    out.data_ptr(),
+                    ws.data_ptr(),
+                    self.bits,
+                    M,
+                    N,
+                    self.chunks,
+                    self.slots_per_group,
+                    N,
+                    plan.rows,
+                    plan.whole,
+                    plan.splits,
+                    plan.per_split,
+                    device,
+                    _raw_stream(device),
+                ),
+                "q4_many_rows",
+            )
         return out
 
     def _many_rows_wins(self, plan: ManyRowsPlan, M: int) -> bool:
@@ -335,9 +378,22 @@ class CudaQuantLinear(GPTQLinear):
         w = torch.empty(self.in_features, self.out_features, dtype=torch.float16, device=self.cu_words.device)
         perm = self.cu_perm.data_ptr() if self.cu_perm is not None else None
         device = w.get_device()
-        cuda_build.check(cuda_build.library().gb_q4_dequantize(
-            self.cu_words.data_ptr(), self.cu_sz.data_ptr(), perm, w.data_ptr(), self.bits, self.out_features,
-            self.chunks, self.slots_per_group, self.slots, device, _raw_stream(device)), "q4_dequantize")
+        cuda_build.check(
+            cuda_build.library().gb_q4_dequantize(
+                self.cu_words.data_ptr(),
+                self.cu_sz.data_ptr(),
+                perm,
+                w.data_ptr(),
+                self.bits,
+                self.out_features,
+                self.chunks,
+                self.slots_per_group,
+                self.slots,
+                device,
+                _raw_stream(device),
+            ),
+            "q4_dequantize",
+        )
         return w
 
 
@@ -364,7 +420,7 @@ def kernel_spec() -> KernelSpec:
         name="mma",
         aliases=frozenset({"cuda"}),  # its name until it was told apart from exllama (CUDA too)
         description="gptq-bridge's CUDA kernel (gptq_mma.cu): 3- and 4-bit, tensor-core (mma) decode up to 32 rows, "
-                    "above that wgmma on Hopper, else dequantize + cuBLAS; built with nvcc on first use",
+        "above that wgmma on Hopper, else dequantize + cuBLAS; built with nvcc on first use",
         bits=frozenset(BITS),
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16}),
