@@ -313,7 +313,7 @@ def test_chat_in_a_terminal_ctrl_c_stops_the_answer_not_the_program(model_dir):
     try:
         term.read_until(r"/reset forgets")
         term.read_until(r"> $")
-        time.sleep(0.5)  # let input() reach its wait: a signal just before it is only seen at the next key
+        time.sleep(2)  # let input() reach its wait: a signal just before it is only seen at the next key
         term.send("\x03")  # Ctrl-C at the prompt: a fresh prompt
         term.read_until(r"> \s*\r?\n> $")
         mark = len(term.seen)

@@ -738,11 +738,18 @@ def test_cli_interrupted_by_ctrl_c_leaves_nothing(tmp_path, calib_file):
     src, _ = make_source(tmp_path / "deep", seed=2, layers=8)
     out = tmp_path / "q"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # each block then takes at least a second, so the Ctrl-C sent after block 1 lands mid-run however slowly
+    # this process reads the progress lines (on a loaded machine the 8 blocks took 1.5 s in all)
+    slow_blocks = (
+        "import sys, time; import gptq_bridge.quantize.pipeline as p; real = p.quantize_block; "
+        "p.quantize_block = lambda *a, **k: (real(*a, **k), time.sleep(1))[0]; "
+        "from gptq_bridge.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "gptq_bridge.cli",
+            "-c",
+            slow_blocks,
             "quantize",
             str(src),
             str(out),
