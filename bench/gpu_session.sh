@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# Everything the GPU side needs, in one device call (docs/PERFORMANCE.md): tests/gpu, then bench/kernels.py.
+# Everything the GPU side needs, in one command on a CUDA machine (docs/PERFORMANCE.md): tests/gpu, then
+# bench/kernels.py with the arguments given:
 #
-#   run(command="bash bench/gpu_session.sh --bits 4,3 --ms 1,8,32,512 --torch-ref --exllama --cuda",
-#       carry=[".whl", ".device-carry"])
+#   bash bench/gpu_session.sh --bits 4,3 --ms 1,8,32,512 --torch-ref --exllama --cuda
 #
-# The cuda kernel's library is built with the device's nvcc before the tests (7 s; cached in ~/.cache for the
-# rest of the call).
-# .whl holds the wheels the device lacks (pydantic and its three dependencies, exllamav2). .device-carry holds
-# a built exllamav2_ext.so when one is here: the device then imports it instead of compiling exllamav2's
-# extension (126 s on an H100). Without it the script compiles and sends the .so back in 15 MB parts (the
-# device returns files of at most 16 MiB): `cat exl/exllamav2_ext.so.part* > .device-carry/exllamav2_ext.so`.
-# Logs and the benchmark's JSON come back under $OUT.
+# The mma kernel's library is built with the machine's nvcc before the tests (7 s; cached in ~/.cache).
+# For a machine without network: wheels in .whl (pydantic and its three dependencies, exllamav2) are installed
+# first, and a built exllamav2_ext.so in .device-carry is imported instead of compiling exllamav2's extension
+# (126 s on an H100); without one, the compiled .so is left under $OUT/exl in 15 MB parts
+# (`cat exl/exllamav2_ext.so.part* > .device-carry/exllamav2_ext.so`). Logs and the benchmark's JSON go to $OUT.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-session}
