@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # versions) is today's, and prepared again otherwise.
 _TEST_CACHE = os.environ.get("GPTQ_BRIDGE_TEST_CACHE")
 _QUALITY_REPORT: list[str] = []
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child that a test interrupts with SIGINT: a test run started in the background of a
+    non-interactive shell inherits SIGINT ignored, and so would the child, where the test needs Ctrl-C's
+    default behaviour."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture

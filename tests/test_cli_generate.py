@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from conftest import default_sigint
 from gen_models import one_thread  # noqa: F401  (autouse fixture)
 from tiny_checkpoints import build
 
@@ -270,6 +271,7 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: run the command with the pty as its controlling terminal
             env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal's shell starts it (see conftest)
             os.execve(sys.executable, [sys.executable, "-m", "gptq_bridge.cli", *argv], env)
         self.seen = ""
 
@@ -364,6 +366,7 @@ def test_ctrl_c_stops_generate_with_the_text_so_far(model_dir):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        preexec_fn=default_sigint,
     )
     try:
         first = proc.stdout.read(1)  # the answer has begun

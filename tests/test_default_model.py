@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import default_sigint
 
 import gptq_bridge
 from gptq_bridge import default_model as dm
@@ -144,6 +145,7 @@ def test_changed_calibration_prepares_again_and_an_interruption_keeps_the_old_mo
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     models = cache / "models"
     deadline = time.monotonic() + 240

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import default_sigint
 from gen_models import one_thread  # noqa: F401  (autouse fixture: tiny tensors, one thread)
 from safetensors import safe_open
 from tiny_checkpoints import LINEARS, WORDS, build, llama_config, tiny_tokenizer
@@ -770,6 +771,7 @@ def test_cli_interrupted_by_ctrl_c_leaves_nothing(tmp_path, calib_file):
         stdout=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_sigint,
     )
     lines = []
     for line in proc.stderr:
