@@ -177,7 +177,7 @@ def run_plugins_command(site, env_value: str | None, *extra_paths) -> subprocess
 @pytest.mark.parametrize(
     "env_value,loaded",
     [
-        (None, {"demo", "textgen"}),  # unset: every entry point
+        (None, {"demo", "textgen", "serve"}),  # unset: every entry point (the package's own two among them)
         ("", set()),  # none: the built-ins only
         ("demo", {"demo"}),
         (" textgen , demo ", {"demo", "textgen"}),
@@ -192,6 +192,7 @@ def test_load_plugins_variable_chooses_the_entry_point_plugins(tmp_path, env_val
     assert {e["name"]: e["loaded"] for e in report["entry_points"]} == {
         "demo": "demo" in loaded,
         "textgen": "textgen" in loaded,
+        "serve": "serve" in loaded,
     }
     builtins = [p for p in report["plugins"] if p["builtin"]]
     assert [p["name"] for p in builtins] == list(DEFAULT_PLUGINS)

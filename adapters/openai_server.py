@@ -1,0 +1,454 @@
+"""`gptq-bridge serve`: an OpenAI-compatible HTTP server, so frontends that speak the OpenAI API use gptq-bridge.
+
+    gptq-bridge serve --model TheBloke/Nous-Hermes-Llama2-70B-GPTQ --port 8000
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with and without
+`stream`, server-sent events ending in `data: [DONE]`). Each request is one generation of the loaded model; on
+Llama-family models they share the decode engine's batch. Errors are OpenAI error objects with 4xx codes.
+Needs the `server` extra (FastAPI and uvicorn).
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the routes' annotations (`Request`, imported inside
+# create_app because FastAPI is an optional extra) as objects
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import GPTQBridgeError
+from ..hookspecs import hookimpl
+
+MAX_BODY_BYTES = 1 << 20
+UNSUPPORTED = {  # fields a frontend may send that this server does not implement, and why
+    "tools": "tools are not supported",
+    "tool_choice": "tools are not supported",
+    "functions": "functions are not supported",
+    "function_call": "functions are not supported",
+    "logprobs": "logprobs are not supported",
+    "top_logprobs": "logprobs are not supported",
+    "logit_bias": "logit_bias is not supported",
+    "response_format": "response_format is not supported",
+    "echo": "echo is not supported",
+    "suffix": "suffix is not supported",
+    "best_of": "best_of is not supported",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type, self.headers = (
+            status,
+            message,
+            param,
+            code,
+            type_,
+            headers or {},
+        )
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- requests --------------------------------------------------------------------------------------------------
+
+
+def _number(body: dict, name: str, kind: type, low: float | None = None, high: float | None = None):
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok:
+        raise APIError(400, f"{name}: expected {'a number' if kind is float else 'an integer'}, got {value!r}", name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise APIError(400, f"{name}: {value!r} is outside [{low}, {high}]", name)
+    return kind(value)
+
+
+def _text(content: Any, where: str) -> str:
+    """Message content: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(400, f"{where}: only text content parts are supported, got {kind!r}", where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise APIError(400, f"{where}: expected a string or a list of text parts", where)
+
+
+def generation_kwargs(body: dict, context: int | None) -> dict:
+    """The sampling parameters of an OpenAI request as gptq-bridge keywords; errors name the field."""
+    for name, why in UNSUPPORTED.items():
+        if body.get(name) not in (None, False, [], 0) or (name == "logprobs" and body.get(name) not in (None, False)):
+            raise APIError(400, f"{name}: {why} by this server", name)
+    n = _number(body, "n", int)
+    if n not in (None, 1):
+        raise APIError(400, f"n: only n = 1 is supported, got {n}", "n")
+    kwargs: dict = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        max_tokens = _number({field: max_tokens}, field, int, 1, context)
+        kwargs["max_new_tokens"] = max_tokens
+    temperature = _number(body, "temperature", float, 0, 2)
+    if temperature is not None:
+        kwargs["temperature"] = temperature
+    top_p = _number(body, "top_p", float, 0, 1)
+    if top_p is not None:
+        if top_p == 0:
+            raise APIError(400, "top_p: must be more than 0", "top_p")
+        kwargs["top_p"] = top_p
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _number(body, name, float, -2, 2)
+        if value is not None:
+            kwargs[name] = value
+    seed = _number(body, "seed", int, 0)
+    if seed is not None:
+        kwargs["seed"] = seed
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+            raise APIError(400, "stop: expected a non-empty string or a list of up to 4 of them", "stop")
+        kwargs["stop"] = stops
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise APIError(400, "user: expected a string", "user")
+    return kwargs
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages: expected a non-empty list of messages", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where}: expected an object with role and content", where)
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"{where}.role: {role!r} is not one of system, user, assistant", f"{where}.role")
+        out.append({"role": role, "content": _text(m.get("content"), f"{where}.content")})
+    return out
+
+
+def completion_prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt: expected a string (one prompt per request)", "prompt")
+    return prompt
+
+
+# --- the app ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerOptions:
+    model_name: str
+    api_key: str | None = None
+    max_queue: int = 64  # requests generating or waiting at once; more get 429
+    max_body_bytes: int = MAX_BODY_BYTES
+    timeout_s: float | None = None  # a generation running longer is cancelled (finish_reason "length")
+
+
+def finish_reason(reason: str) -> str:
+    return "length" if reason in ("length", "cancelled") else "stop"
+
+
+def create_app(lm, options: ServerOptions):
+    """The FastAPI app serving `lm` (a LoadedModel)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="gptq-bridge", docs_url=None, redoc_url=None, openapi_url=None)
+    state = {"active": 0}
+    lock = threading.Lock()
+    context = None
+    try:
+        from ..generation import model_context_length
+
+        context = model_context_length(lm)
+    except Exception:  # noqa: BLE001 - a model without a known context takes any max_tokens the generator accepts
+        context = None
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):  # unknown routes and methods, as OpenAI error objects
+        error = APIError(exc.status_code, str(exc.detail), type_="invalid_request_error")
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    def authorize(request: Request) -> None:
+        """Every /v1 route checks the API key when one is set, and the body's declared size."""
+        if options.api_key is not None and request.headers.get("authorization", "") != f"Bearer {options.api_key}":
+            raise APIError(
+                401,
+                "a valid API key is required (Authorization: Bearer KEY)",
+                code="invalid_api_key",
+                type_="authentication_error",
+            )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > options.max_body_bytes:
+            raise APIError(413, f"the request body is over {options.max_body_bytes} bytes")
+
+    async def read_json(request: Request) -> dict:
+        authorize(request)
+        raw = await request.body()
+        if len(raw) > options.max_body_bytes:
+            raise APIError(413, f"the request body is over {options.max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != options.model_name:
+            raise APIError(
+                404,
+                f"model {model!r} is not served here; this server serves {options.model_name!r}",
+                "model",
+                "model_not_found",
+            )
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise APIError(400, "stream: expected true or false", "stream")
+        return body
+
+    def admit():
+        with lock:
+            if state["active"] >= options.max_queue:
+                raise APIError(
+                    429,
+                    f"{options.max_queue} requests are in progress; try again shortly",
+                    code="rate_limit_exceeded",
+                    type_="rate_limit_error",
+                    headers={"Retry-After": "1"},
+                )
+            state["active"] += 1
+
+    def release():
+        with lock:
+            state["active"] -= 1
+
+    def start(prompt, kwargs):
+        """A GenerationStream for the request; bad parameters are a 400 naming them."""
+        cancel = threading.Event()
+        try:
+            stream = lm.stream(prompt, cancel=cancel, **kwargs)
+        except GPTQBridgeError as exc:
+            raise APIError(400, str(exc)) from None
+        if options.timeout_s:
+            timer = threading.Timer(options.timeout_s, cancel.set)
+            timer.daemon = True
+            timer.start()
+        return stream
+
+    async def chunks_of(stream):
+        """The stream's chunks, produced in a thread of its own; cancels the generation if the consumer stops."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        def pump():
+            try:
+                for chunk in stream:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                loop.call_soon_threadsafe(queue.put_nowait, end)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        worker = threading.Thread(target=pump, name="gptq-bridge-request", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stream.cancel()
+
+    def usage_of(result) -> dict:
+        u = result.usage
+        return {
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+        }
+
+    async def respond(body: dict, prompt, chat: bool):
+        kwargs = generation_kwargs(body, context)
+        include_usage = (
+            bool((body.get("stream_options") or {}).get("include_usage"))
+            if isinstance(body.get("stream_options"), dict)
+            else False
+        )
+        admit()
+        try:
+            stream = start(prompt, kwargs)
+        except BaseException:
+            release()
+            raise
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if not body.get("stream"):
+            try:
+                async for _ in chunks_of(stream):
+                    pass
+            finally:
+                release()
+            result = stream.result
+            choice = {"index": 0, "finish_reason": finish_reason(result.finish_reason)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": result.text}
+            else:
+                choice["text"], choice["logprobs"] = result.text, None
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": kind,
+                    "created": created,
+                    "model": options.model_name,
+                    "choices": [choice],
+                    "usage": usage_of(result),
+                }
+            )
+
+        def event(choice: dict | None, usage: dict | None = None) -> str:
+            payload = {
+                "id": rid,
+                "object": f"{kind}.chunk" if chat else kind,
+                "created": created,
+                "model": options.model_name,
+                "choices": [choice] if choice is not None else [],
+            }
+            if usage is not None:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload)}\n\n"
+
+        def piece(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"index": 0, "delta": delta, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        async def events():
+            try:
+                if chat:
+                    yield event(piece(None, None, first=True))
+                async for chunk in chunks_of(stream):
+                    yield event(piece(chunk.text, None))
+                result = stream.result
+                yield event(piece(None, finish_reason(result.finish_reason)))
+                if include_usage:
+                    yield event(None, usage_of(result))
+                yield "data: [DONE]\n\n"
+            finally:
+                release()
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": options.model_name, "active_requests": state["active"]}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {
+            "object": "list",
+            "data": [{"id": options.model_name, "object": "model", "created": 0, "owned_by": "gptq-bridge"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        return await respond(body, chat_messages(body), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        return await respond(body, completion_prompt(body), chat=False)
+
+    return app
+
+
+# --- the command -----------------------------------------------------------------------------------------------
+
+
+def _cmd_serve(args) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise GPTQBridgeError('serve needs the server extra: pip install "gptq-bridge[server]"') from None
+    from ..commands import open_model, progress
+    from .common import model_display_name
+
+    api_key = args.api_key or os.environ.get("GPTQ_BRIDGE_API_KEY")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        progress(
+            args,
+            f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
+            "(set --api-key or GPTQ_BRIDGE_API_KEY)",
+        )
+    lm = open_model(args)
+    options = ServerOptions(
+        model_name=args.served_model_name or model_display_name(lm),
+        api_key=api_key,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+    )
+    progress(args, f"serving {options.model_name} on http://{args.host}:{args.port}/v1")
+    uvicorn.run(create_app(lm, options), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+@hookimpl
+def gptq_register_commands(subparsers):
+    from ..commands import add_engine_arguments
+    from ..explain import add_source_arguments
+
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", "-m", default=None, metavar="SOURCE", help="model directory or hub id org/name[:branch]")
+    add_source_arguments(p)
+    add_engine_arguments(p)
+    p.add_argument("--prompt-format", default=None, metavar="NAME", help="prompt format for chat messages")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or GPTQ_BRIDGE_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests at once; more get 429 (default 64)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="cancel a generation after this")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: from the source)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_cmd_serve)
