@@ -27,6 +27,8 @@ sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("bench")]  # be
 
 import torch  # noqa: E402
 
+from gptq_bridge.generation import attention_backends  # noqa: E402
+
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, bits
     "7b": (4096, 11008, 32, 32, 32, 32000, 4),
     "7b-3bit": (4096, 11008, 32, 32, 32, 32000, 3),
@@ -216,16 +218,9 @@ def ours(
     return res
 
 
-def no_cudnn_attention():
-    """scaled_dot_product_attention off the cuDNN backend: on an H100 it costs ~1.7 ms of host time per call
-    when the sequence length changes (every decode step), which would measure the backend, not the peer."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 def exllama(path: Path, contexts: list[int], prefills: list[int], new: int) -> dict:
-    with no_cudnn_attention():
+    # off the cuDNN attention backend, as gptq-bridge runs: it costs exllamav2 ~1.7 ms of host time a step
+    with attention_backends(torch.device("cuda")):
         return _exllama(path, contexts, prefills, new)
 
 
@@ -275,7 +270,7 @@ def hf_eager(shape: str, contexts: list[int], new: int) -> dict:
         model = LlamaForCausalLM(hf_config(shape)).half().eval()
     res: dict = {}
     vocab = SHAPES[shape][5]
-    with torch.inference_mode(), no_cudnn_attention():
+    with torch.inference_mode(), attention_backends(torch.device("cuda")):
         for ctx in contexts:
             ids = torch.randint(3, vocab, (1, ctx - new), device="cuda")
             cache = DynamicCache(config=model.config)

@@ -225,7 +225,7 @@ def new_cache(hf_model):
         return DynamicCache()
 
 
-def _attention_backends(device: torch.device):
+def attention_backends(device: torch.device):
     """On CUDA, keep scaled_dot_product_attention off the cuDNN backend: it costs ~10 ms of host time per call
     when the sequence length changes, i.e. at every decode step (docs/TRAPS: measured on the H100)."""
     if device.type != "cuda":
@@ -249,7 +249,7 @@ class Decoder:
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with torch.inference_mode(), _attention_backends(self.device):
+        with torch.inference_mode(), attention_backends(self.device):
             out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self.arg: self.cache})
         return out.logits[0, -1].float()
 

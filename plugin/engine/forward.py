@@ -12,13 +12,12 @@ Two entry points:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..fusion import FusedLinear
+from ..generation import attention_backends
 from . import fused_ops, paged_attention
 from .kv_cache import CacheShape, PagedKVCache
 from .scheduler import Sequence
@@ -180,16 +179,6 @@ class LlamaFamilyForward:
 
         h = self._layers(tokens, positions, write, attend)
         return self.model.lm_head(h[None]).float()[0]
-
-
-def attention_backends(device: torch.device):
-    """On CUDA, keep scaled_dot_product_attention off the cuDNN backend: on an H100 it costs ~10 ms of host
-    time per call whenever the sequence length changes."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def decode_inputs(batch: list[Sequence], block_size: int, rows: int | None = None, table_width: int | None = None):
