@@ -27,6 +27,7 @@ sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("bench")]  # be
 
 import torch  # noqa: E402
 
+from gptq_bridge.engine.forward import decode_inputs  # noqa: E402
 from gptq_bridge.generation import attention_backends  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, bits
@@ -124,35 +125,99 @@ def stream_times(lm, text: str, new: int) -> tuple[float, list[float]]:
     return start, arrivals
 
 
-def profile_step(engine) -> dict:
-    """GPU time of one graphed decode step at batch 1 (context 512), and the kernels of an eager step."""
+def _fill(fwd, n_prompt: int, new: int = 8):
+    """A request with `n_prompt` tokens read into the cache (one prefill chunk), ready to decode."""
     from gptq_bridge.engine.scheduler import Sequence
 
-    fwd = engine.forward
-    seq = Sequence(prompt=list(range(3, 3 + 511)), max_new_tokens=8, sample=None)
+    seq = Sequence(prompt=list(range(3, 3 + n_prompt)), max_new_tokens=new, sample=None)
     seq.blocks = fwd.cache.allocator.allocate(seq.reserve_tokens)
     fwd.clear(seq.blocks)
-    fwd.prefill(seq, 0, 511)
-    seq.cached = 511
+    fwd.prefill(seq, 0, n_prompt)
+    seq.cached = n_prompt
     seq.append(5)
-    out = {}
-    for name, step in (("graph", engine.decode), ("eager", fwd.decode)):
-        step([seq])
-        torch.cuda.synchronize()
-        t, start, end = time.perf_counter(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            step([seq])
-        end.record()
-        end.synchronize()
-        out[f"{name}_gpu_ms"] = round(start.elapsed_time(end) / 50, 3)
-        out[f"{name}_host_ms"] = round(1000 * (time.perf_counter() - t) / 50, 3)
+    return seq
+
+
+def _timed(fn, reps: int) -> tuple[float, float]:
+    """GPU ms and host ms per call of `fn`, after one untimed call."""
+    fn()
+    torch.cuda.synchronize()
+    t, start, end = time.perf_counter(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return round(start.elapsed_time(end) / reps, 3), round(1000 * (time.perf_counter() - t) / reps, 3)
+
+
+def _kernels(fn, title: str, reps: int = 3) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fwd.decode([seq])
+        for _ in range(reps):
+            fn()
         torch.cuda.synchronize()
+    print(f"--- {title}: {reps} calls", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
-    fwd.cache.allocator.free(seq.blocks)
+
+
+def profile_step(engine) -> dict:
+    """Where an engine step's time goes: graphed decode per batch bucket (GPU and host time), an eager step's
+    kernels at batch 1 and 32, and a prompt read in one chunk or in chunks (`engine.scheduler.prefill_chunk`)."""
+    fwd, out = engine.forward, {}
+    seqs = [_fill(fwd, 511) for _ in range(32)]
+    for rows in (1, 8, 16, 32):
+        batch = seqs[:rows]
+        for name, step in (("graph", engine.decode), ("eager", fwd.decode)):
+            gpu, host = _timed(lambda step=step, batch=batch: step(batch), 20)
+            out[f"{name}{rows}_gpu_ms"], out[f"{name}{rows}_host_ms"] = gpu, host
+        out[f"inputs{rows}_host_ms"] = _timed(lambda batch=batch: decode_inputs(batch, fwd.cache.block_size), 20)[1]
+    _kernels(lambda: fwd.decode(seqs[:1]), "eager decode, batch 1")
+    _kernels(lambda: fwd.decode(seqs), "eager decode, batch 32")
+    for seq in seqs:
+        fwd.cache.allocator.free(seq.blocks)
+    for k in (8, 32):  # the engine alone (tokens delivered to a list, no consumer threads): its own step rate
+        from gptq_bridge.engine.scheduler import Sequence
+
+        done = threading.Semaphore(0)
+        batch = [
+            Sequence(
+                prompt=list(range(3 + j, 131 + j)),
+                max_new_tokens=128,
+                sample=lambda logits, s: int(logits.argmax()),
+                greedy=True,
+                deliver=lambda item: done.release() if not isinstance(item, int) else None,
+            )
+            for j in range(k)
+        ]
+        steps, t = engine.steps, time.perf_counter()
+        for seq in batch:
+            engine.submit(seq)
+        for _ in batch:
+            done.acquire()
+        wall = time.perf_counter() - t
+        out[f"engine_only{k}_tok_s"] = round(128 * k / wall, 1)
+        out[f"engine_only{k}_ms_per_step"] = round(1000 * wall / (engine.steps - steps), 3)
+    chunk = engine.scheduler.prefill_chunk
+    for n in (512, 2048):
+        from gptq_bridge.engine.scheduler import Sequence
+
+        seq = Sequence(prompt=list(range(3, 3 + n)), max_new_tokens=1, sample=None)
+        seq.blocks = fwd.cache.allocator.allocate(seq.reserve_tokens)
+
+        def whole(seq=seq, n=n):
+            fwd.prefill(seq, 0, n)
+
+        def chunked(seq=seq, n=n):
+            for a in range(0, n, chunk):
+                fwd.prefill(seq, a, min(a + chunk, n))
+
+        out[f"prefill{n}_whole_gpu_ms"], out[f"prefill{n}_whole_host_ms"] = _timed(whole, 5)
+        out[f"prefill{n}_chunked_gpu_ms"], out[f"prefill{n}_chunked_host_ms"] = _timed(chunked, 5)
+        if n == 512:
+            _kernels(whole, "prefill 512")
+        else:
+            _kernels(chunked, f"prefill 2048 in chunks of {chunk}", reps=1)
+        fwd.cache.allocator.free(seq.blocks)
     return out
 
 
@@ -228,7 +293,7 @@ def _exllama(path: Path, contexts: list[int], prefills: list[int], new: int) -> 
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 
     config = ExLlamaV2Config(str(path))
-    config.max_seq_len = max(contexts) + 64
+    config.max_seq_len = max(contexts + prefills) + 64
     model = ExLlamaV2(config)
     cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
     model.load_autosplit(cache)

@@ -45,24 +45,37 @@ def test_a_request_that_can_never_fit_is_refused_with_the_numbers():
 
 
 def test_a_long_prompt_is_read_one_chunk_per_step_while_others_decode():
-    sched = Scheduler(BlockAllocator(num_blocks=64, block_size=32), prefill_chunk=128)
+    sched = Scheduler(BlockAllocator(num_blocks=64, block_size=32), prefill_chunk=128, prefill_alone=256)
     short, long = seq(8, 100), seq(400, 10)
     sched.submit(short)
     step, _ = sched.plan()
-    assert step.prefill == (short, 0, 8)
+    assert step.prefill == [(short, 0, 8)]
     short.cached = 8
     sched.submit(long)
     ranges = []
     for _ in range(4):
         step, _ = sched.plan()
         assert step.decode == [short]  # the running stream moves at every step
-        s, start, end = step.prefill
+        ((s, start, end),) = step.prefill
         ranges.append((start, end))
         s.cached = end
         short.cached += 1
     assert ranges == [(0, 128), (128, 256), (256, 384), (384, 400)]
     step, _ = sched.plan()
-    assert step.prefill is None and step.decode == [short, long]
+    assert step.prefill == [] and step.decode == [short, long]
+
+
+def test_prompts_are_packed_into_one_chunk_and_a_lone_prompt_gets_a_larger_one():
+    sched = Scheduler(BlockAllocator(num_blocks=128, block_size=32), prefill_chunk=128, prefill_alone=256)
+    a, b, c = seq(100, 4), seq(100, 4), seq(100, 4)
+    for s in (a, b, c):
+        sched.submit(s)
+    step, _ = sched.plan()  # nobody decodes yet: 256 tokens, oldest first, the last one cut
+    assert step.prefill == [(a, 0, 100), (b, 0, 100), (c, 0, 56)]
+    for s, _, end in step.prefill:
+        s.cached = end
+    step, _ = sched.plan()  # a and b decode now: the rest of c fits the 128-token chunk
+    assert step.decode == [a, b] and step.prefill == [(c, 56, 100)]
 
 
 def test_cancelled_requests_leave_at_the_next_step_and_free_their_blocks():
@@ -144,10 +157,10 @@ def test_paged_forward_gives_transformers_logits(name):
         s.blocks = cache.allocator.allocate(s.reserve_tokens)
         cache.clear(s.blocks)
     torch.testing.assert_close(fwd.prefill(a, 0, 33), ref[0, 32])  # a prompt read in two chunks
-    torch.testing.assert_close(fwd.prefill(a, 33, 50), ref[0, 49])
-    a.cached = 50
-    torch.testing.assert_close(fwd.prefill(b, 0, 7), ref[1, 6])
-    b.cached = 7
+    second, whole = fwd.prefill_many([(a, 33, 50), (b, 0, 7)])  # the rest of it packed with another request's
+    torch.testing.assert_close(second, ref[0, 49])
+    torch.testing.assert_close(whole, ref[1, 6])
+    a.cached, b.cached = 50, 7
     for _ in range(30):  # two requests of different lengths in one batch
         a.append(int(ids[0, a.cached]))
         b.append(int(ids[1, b.cached]))

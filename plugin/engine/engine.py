@@ -17,15 +17,25 @@ IDLE_SECONDS = 2.0  # the worker exits after this long without work; the next re
 
 
 class Engine:
-    def __init__(self, forward: LlamaFamilyForward, max_batch: int = 32, prefill_chunk: int = 512, graphs: bool = True):
+    def __init__(
+        self,
+        forward: LlamaFamilyForward,
+        max_batch: int = 32,
+        prefill_chunk: int = 512,
+        prefill_alone: int = 2048,
+        graphs: bool = True,
+    ):
         self.forward = forward
         self.decode = forward.decode
+        self.first_chunk = None
         if graphs and forward.device.type == "cuda":
-            from .graphs import GraphedDecode
+            from .graphs import GraphedDecode, GraphedPrefill
 
             self.decode = GraphedDecode(forward, max_batch)
             self.decode.capture_all()  # once, at the first request: no capture pauses a running batch later
-        self.scheduler = Scheduler(forward.cache.allocator, max_batch=max_batch, prefill_chunk=prefill_chunk)
+            self.first_chunk = GraphedPrefill(forward, pool=self.decode.pool)
+            self.first_chunk.capture_all()
+        self.scheduler = Scheduler(forward.cache.allocator, max_batch, prefill_chunk, prefill_alone)
         self._wake = threading.Condition()
         self._worker: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and stats)
@@ -75,12 +85,16 @@ class Engine:
             seq.deliver(End("cancelled"))
         for seq in step.admitted:
             self.forward.clear(seq.blocks)
-        if step.prefill is not None:
-            seq, start, end = step.prefill
-            logits = self.forward.prefill(seq, start, end)
-            seq.cached = end
-            if seq.prefilled:
-                self._emit(seq, seq.sample(logits, seq))
+        if step.prefill:
+            if len(step.prefill) == 1 and self.first_chunk is not None and self.first_chunk.serves(*step.prefill[0]):
+                seq, _, end = step.prefill[0]
+                logits = self.first_chunk(seq, end)[None]
+            else:
+                logits = self.forward.prefill_many(step.prefill)
+            for (seq, _, end), row in zip(step.prefill, logits):
+                seq.cached = end
+                if seq.prefilled:
+                    self._emit(seq, seq.sample(row, seq))
         if step.decode:
             logits = self.decode(step.decode)
             for seq in step.decode:

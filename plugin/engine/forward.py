@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from ..fusion import FusedLinear
 from ..generation import attention_backends
@@ -141,13 +142,38 @@ class LlamaFamilyForward:
     @torch.inference_mode()
     def prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Read prompt tokens [start, end) of one request; the logits after the last of them ([vocab], float32)."""
-        tokens = seq.context[start:end].to(self.device)
-        positions = torch.arange(start, end, device=self.device)
-        write = self.slots(seq, start, end).to(self.device)
-        read = self.slots(seq, 0, end).to(self.device)
+        return self.prefill_many([(seq, start, end)])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, parts: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """Read a prompt range [start, end) of each of several requests in one forward: the GEMMs see all their
+        tokens as one matrix, attention runs per request. The logits after each part's last token
+        ([parts, vocab], float32)."""
+        tokens = torch.cat([seq.context[start:end] for seq, start, end in parts]).to(self.device)
+        positions = torch.cat([torch.arange(start, end) for _, start, end in parts]).to(self.device)
+        write = torch.cat([self.slots(seq, start, end) for seq, start, end in parts]).to(self.device)
+        spans, row = [], 0  # per part: its rows in the packed matrix, the slots it attends to, its start
+        for seq, start, end in parts:
+            spans.append((row, row + end - start, self.slots(seq, 0, end).to(self.device), start))
+            row += end - start
+
+        def attend(i, q):
+            if len(spans) == 1:
+                return self.attention.prefill(i, q, spans[0][2], spans[0][3])
+            return torch.cat([self.attention.prefill(i, q[a:b], read, start) for a, b, read, start in spans])
+
         with attention_backends(self.device):
-            h = self._layers(tokens, positions, write, lambda i, q: self.attention.prefill(i, q, read, start))
-        return self.model.lm_head(h[None, -1:]).float()[0, 0]  # heads take [batch, seq, hidden], as in transformers
+            h = self._layers(tokens, positions, write, attend)
+        last = torch.tensor([b - 1 for _, b, _, _ in spans], device=self.device)
+        return self.model.lm_head(h[last][None]).float()[0]  # heads take [batch, seq, hidden], as in transformers
+
+    def first_chunk_on(self, tokens, positions, write, last) -> torch.Tensor:
+        """A prompt's first chunk on device tensors (what a prefill graph captures): causal attention over the
+        chunk's own keys and values (its slots are `write`); the logits after row `last` ([1, vocab], float32).
+        Rows after `last` are padding: causal attention keeps them out of the real rows."""
+        with attention_backends(self.device):
+            h = self._layers(tokens, positions, write, lambda i, q: self.attention.prefill(i, q, write, 0))
+        return self.model.lm_head(h[last][None]).float()[0]
 
     @torch.inference_mode()
     def decode(self, batch: list[Sequence]) -> torch.Tensor:
@@ -184,25 +210,24 @@ class LlamaFamilyForward:
 def decode_inputs(batch: list[Sequence], block_size: int, rows: int | None = None, table_width: int | None = None):
     """Host tensors for one decode step: input tokens, positions, write slots, block tables, context lengths.
 
+    Each request's input is its last token (`Sequence.last`), the one sampled after all it has cached.
     `rows` and `table_width` pad the batch to a fixed shape (CUDA graphs): padded rows write into block 0,
     the padding block, and attend to that one slot.
     """
     rows = rows or len(batch)
     width = table_width or max(len(s.blocks) for s in batch)
     assert len(batch) <= rows and all(len(s.blocks) <= width for s in batch)
-    tokens = torch.zeros(rows, dtype=torch.long)
-    positions = torch.zeros(rows, dtype=torch.long)
-    write = torch.zeros(rows, dtype=torch.long)
-    tables = torch.zeros(rows, width, dtype=torch.int32)
-    lengths = torch.ones(rows, dtype=torch.int32)
-    for r, seq in enumerate(batch):
-        p = seq.cached
-        tokens[r] = seq.next_input
-        positions[r] = p
-        write[r] = seq.blocks[p // block_size] * block_size + p % block_size
-        tables[r, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-        lengths[r] = p + 1
-    return tokens, positions, write, tables, lengths
+    pad = rows - len(batch)
+    positions = [s.cached for s in batch]
+    write = [s.blocks[p // block_size] * block_size + p % block_size for s, p in zip(batch, positions)]
+    tables = [s.blocks + [0] * (width - len(s.blocks)) for s in batch] + [[0] * width] * pad
+    return (
+        torch.tensor([s.last for s in batch] + [0] * pad, dtype=torch.long),
+        torch.tensor(positions + [0] * pad, dtype=torch.long),
+        torch.tensor(write + [0] * pad, dtype=torch.long),
+        torch.tensor(tables, dtype=torch.int32).reshape(rows, width),
+        torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32),
+    )
 
 
 class TorchPagedAttention:
@@ -219,20 +244,27 @@ class TorchPagedAttention:
         return kv if group == 1 else kv.repeat_interleave(group, dim=-3)
 
     def prefill(self, layer: int, q: torch.Tensor, read: torch.Tensor, start: int) -> torch.Tensor:
+        """q: [n, heads, D] for positions [start, start + n); read: the slots of positions [0, start + n).
+
+        4-D tensors and a causal mask given as such (no boolean matrix), so flash attention serves it: the
+        chunk's queries are aligned to the end of the keys (lower-right), which is plain causal for a first chunk.
+        """
         fwd = self.fwd
-        k = self._expand(fwd.cache.k[layer][read].transpose(0, 1))  # [heads, L, D]
-        v = self._expand(fwd.cache.v[layer][read].transpose(0, 1))
+        k = self._expand(fwd.cache.k[layer][read].transpose(0, 1))[None]  # [1, heads, L, D]
+        v = self._expand(fwd.cache.v[layer][read].transpose(0, 1))[None]
         n, total = q.shape[0], read.shape[0]
-        if start == 0 and (fwd.window is None or n <= fwd.window):  # a first chunk: plain causal, fast kernels
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, scale=fwd.scale)
-            return out.transpose(0, 1)
+        q4 = q.transpose(0, 1)[None]  # [1, heads, n, D]
+        if fwd.window is None or total <= fwd.window:
+            if start == 0:
+                out = F.scaled_dot_product_attention(q4, k, v, is_causal=True, scale=fwd.scale)
+            else:
+                out = F.scaled_dot_product_attention(q4, k, v, attn_mask=causal_lower_right(n, total), scale=fwd.scale)
+            return out[0].transpose(0, 1)  # [n, heads, D]
         qpos = torch.arange(start, start + n, device=q.device)[:, None]
         kpos = torch.arange(total, device=q.device)[None]
-        allowed = kpos <= qpos
-        if fwd.window is not None:
-            allowed &= kpos > qpos - fwd.window
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=allowed, scale=fwd.scale)
-        return out.transpose(0, 1)  # [n, heads, D]
+        allowed = (kpos <= qpos) & (kpos > qpos - fwd.window)
+        out = F.scaled_dot_product_attention(q4, k, v, attn_mask=allowed, scale=fwd.scale)
+        return out[0].transpose(0, 1)
 
     def decode(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         fwd = self.fwd

@@ -1,12 +1,13 @@
-"""Which requests run at the next step: admission by KV-cache blocks, one prefill chunk, every decode.
+"""Which requests run at the next step: admission by KV-cache blocks, prompt chunks, every decode.
 
 Pure bookkeeping (no tensors, no model), so it is tested on its own. Each step:
 1. requests cancelled since the last step leave, and their blocks are free again;
 2. waiting requests are admitted first come, first served, while a batch row and their whole reservation
    (prompt + max_new_tokens) are free. The oldest waits until it fits; none behind it jumps the queue, so a
    long request is never starved by short ones;
-3. the oldest admitted request that has prompt left to read gets one chunk of it (so a long prompt holds the
-   running streams back by one chunk per step, never by the whole prompt);
+3. admitted requests with prompt left to read get it, oldest first, up to `prefill_chunk` tokens in all
+   (packed into one forward), so a long prompt holds the running streams back by one chunk per step, never by
+   the whole prompt. With no stream decoding nobody waits on the chunk: up to `prefill_alone` tokens are read;
 4. every request whose prompt is read decodes one token.
 """
 
@@ -44,6 +45,7 @@ class Sequence:
         self.context = torch.empty(len(self.prompt) + self.max_new_tokens, dtype=torch.long)
         self.context[: len(self.prompt)] = torch.tensor(self.prompt, dtype=torch.long)
         self.length = len(self.prompt)  # prompt + generated tokens in `context`
+        self.last = self.prompt[-1] if self.prompt else 0  # context[length - 1]: what a decode step reads
 
     @property
     def cancelled(self) -> bool:
@@ -57,13 +59,9 @@ class Sequence:
     def prefilled(self) -> bool:
         return self.cached >= len(self.prompt)
 
-    @property
-    def next_input(self) -> int:
-        """The token whose keys and values the next decode step writes (the last one sampled)."""
-        return int(self.context[self.cached])
-
     def append(self, token: int) -> None:
         self.context[self.length] = token
+        self.last = token
         self.length += 1
         self.generated += 1
 
@@ -78,19 +76,22 @@ class End:
 
 @dataclass
 class Step:
-    prefill: tuple[Sequence, int, int] | None = None  # the sequence and the prompt range [start, end) to read
+    prefill: list[tuple[Sequence, int, int]] = field(default_factory=list)  # requests and prompt ranges to read
     decode: list[Sequence] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)  # given cache blocks at this step
 
     def __bool__(self) -> bool:
-        return self.prefill is not None or bool(self.decode)
+        return bool(self.prefill or self.decode)
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_batch: int = 32, prefill_chunk: int = 512):
+    def __init__(
+        self, allocator: BlockAllocator, max_batch: int = 32, prefill_chunk: int = 512, prefill_alone: int = 2048
+    ):
         self.allocator = allocator
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.prefill_alone = max(prefill_alone, prefill_chunk)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._lock = threading.Lock()
@@ -132,11 +133,15 @@ class Scheduler:
                 self.running.append(seq)
                 admitted.append(seq)
             step = Step(admitted=admitted)
-            reading = next((s for s in self.running if not s.prefilled), None)
-            if reading is not None:
-                start = reading.cached
-                step.prefill = (reading, start, min(start + self.prefill_chunk, len(reading.prompt)))
             step.decode = [s for s in self.running if s.prefilled]
+            budget = self.prefill_chunk if step.decode else self.prefill_alone
+            for seq in self.running:
+                if budget == 0:
+                    break
+                if not seq.prefilled:
+                    end = min(seq.cached + budget, len(seq.prompt))
+                    step.prefill.append((seq, seq.cached, end))
+                    budget -= end - seq.cached
             return step, cancelled
 
     def finish(self, seq: Sequence, reason: str) -> None:

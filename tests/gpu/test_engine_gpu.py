@@ -99,6 +99,34 @@ def test_graph_decode_follows_the_eager_forward_for_200_steps(tmp_path, bits, de
     assert float(err.max()) < 0.02, f"worst relative logit error {float(err.max()):.4f} at step {worst}"
 
 
+def test_graphed_first_chunks_and_packed_prompts_give_the_eager_prefill_logits(tmp_path):
+    from gptq_bridge.engine.scheduler import Sequence
+
+    lm = gptq_bridge.load_model(str(gpu_checkpoint(tmp_path, 4, True)), device="cuda")
+    engine = engine_for(lm)
+    fwd, graphed = engine.forward, engine.first_chunk
+    assert graphed is not None and graphed.buckets[-1] == 512  # the checkpoint's 512 positions
+    g = torch.Generator().manual_seed(0)
+    seqs = [
+        Sequence(prompt=torch.randint(3, 512, (n,), generator=g).tolist(), max_new_tokens=4, sample=None)
+        for n in (5, 16, 100, 250)
+    ]
+    eager, graph = [], []
+    for s in seqs:
+        s.blocks = fwd.cache.allocator.allocate(s.reserve_tokens)
+        fwd.clear(s.blocks)
+        assert graphed.serves(s, 0, len(s.prompt))
+        eager.append(fwd.prefill(s, 0, len(s.prompt)))
+        graph.append(graphed(s, len(s.prompt)).clone())  # padded to 16, 16, 128 and 256 rows
+    packed = fwd.prefill_many([(s, 0, len(s.prompt)) for s in seqs])
+    for s in seqs:
+        fwd.cache.allocator.free(s.blocks)
+    for e, gr, p in zip(eager, graph, packed):
+        scale = e.abs().amax()
+        assert float((gr - e).abs().amax() / scale) < 0.01
+        assert float((p - e).abs().amax() / scale) < 0.01
+
+
 def test_batched_greedy_tokens_are_those_of_requests_alone(tmp_path):
     lm = gptq_bridge.load_model(str(gpu_checkpoint(tmp_path, 4, True)), device="cuda")
     prompts = [" ".join(["the", "a", "of", "to", "and", "in", "is", "it"][: 1 + i % 8] + [f"w{i}"]) for i in range(32)]
