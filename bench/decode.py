@@ -68,10 +68,12 @@ def hf_config(shape: str):
 
 
 def random_checkpoint(shape: str, out: Path) -> Path:
-    """Random packed weights in the GPTQ layout (act-order g_idx, zero point in the middle of the range)."""
+    """Random packed weights in the GPTQ layout (act-order g_idx, zero point in the middle of the range), written
+    tensor by tensor in 4 GiB shards (a 70B checkpoint never sits whole in memory, and needs ~1.1x its size
+    of disk)."""
     from gptq_bridge.config import QuantizeConfig
     from gptq_bridge.packing import pack
-    from gptq_bridge.writer import write_checkpoint
+    from gptq_bridge.writer import CheckpointWriter
 
     hidden, inter, layers, heads, kv, vocab, bits = SHAPES[shape]
     config = QuantizeConfig(bits=bits, group_size=128, desc_act=True, sym=True)
@@ -87,29 +89,32 @@ def random_checkpoint(shape: str, out: Path) -> Path:
     }
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # drawing and packing billions of codes: on the GPU
     gen = torch.Generator(dev).manual_seed(0)
-    tensors: dict[str, torch.Tensor] = {}
-    for i in range(layers):
-        for part, names in LINEARS.items():
-            # projections of one input share their group order, as in real act-order checkpoints (same Hessian)
-            order = {
-                n_in: torch.randperm(n_in, generator=gen, device=dev).cpu() for n_in in {widths[n][0] for n in names}
-            }
-            for name in names:
-                n_in, n_out = widths[name]
-                key = f"model.layers.{i}.{part}.{name}"
-                codes = torch.randint(0, 2**bits, (n_in, n_out), dtype=torch.int32, generator=gen, device=dev)
-                groups = -(-n_in // 128)
-                tensors[f"{key}.qweight"] = pack(codes, bits, dim=0).cpu()
-                zeros = torch.full((groups, n_out), 2 ** (bits - 1) - 1, dtype=torch.int32, device=dev)  # z - 1
-                tensors[f"{key}.qzeros"] = pack(zeros, bits, dim=1).cpu()
-                tensors[f"{key}.scales"] = torch.full((groups, n_out), 2.0 / (2**bits * n_in**0.5), dtype=torch.float16)
-                tensors[f"{key}.g_idx"] = (order[n_in] // 128).to(torch.int32)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"model.layers.{i}.{norm}.weight"] = torch.ones(hidden, dtype=torch.float16)
-    tensors["model.embed_tokens.weight"] = torch.randn(vocab, hidden, generator=gen, device=dev).half().cpu()
-    tensors["model.norm.weight"] = torch.ones(hidden, dtype=torch.float16)
-    tensors["lm_head.weight"] = (torch.randn(vocab, hidden, generator=gen, device=dev) / hidden**0.5).half().cpu()
-    return write_checkpoint(out, hf_config(shape), tensors, config, tokenizer=word_tokenizer(vocab))
+    with CheckpointWriter(out) as writer:
+        for i in range(layers):
+            for part, names in LINEARS.items():
+                # projections of one input share their group order, as in real act-order checkpoints
+                order = {
+                    n_in: torch.randperm(n_in, generator=gen, device=dev).cpu()
+                    for n_in in {widths[n][0] for n in names}
+                }
+                for name in names:
+                    n_in, n_out = widths[name]
+                    key = f"model.layers.{i}.{part}.{name}"
+                    codes = torch.randint(0, 2**bits, (n_in, n_out), dtype=torch.int32, generator=gen, device=dev)
+                    groups = -(-n_in // 128)
+                    writer.add(f"{key}.qweight", pack(codes, bits, dim=0).cpu())
+                    zeros = torch.full((groups, n_out), 2 ** (bits - 1) - 1, dtype=torch.int32, device=dev)  # z - 1
+                    writer.add(f"{key}.qzeros", pack(zeros, bits, dim=1).cpu())
+                    scale = 2.0 / (2**bits * n_in**0.5)
+                    writer.add(f"{key}.scales", torch.full((groups, n_out), scale, dtype=torch.float16))
+                    writer.add(f"{key}.g_idx", (order[n_in] // 128).to(torch.int32))
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                writer.add(f"model.layers.{i}.{norm}.weight", torch.ones(hidden, dtype=torch.float16))
+        writer.add("model.embed_tokens.weight", torch.randn(vocab, hidden, generator=gen, device=dev).half().cpu())
+        writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.float16))
+        head = (torch.randn(vocab, hidden, generator=gen, device=dev) / hidden**0.5).half().cpu()
+        writer.add("lm_head.weight", head)
+        return writer.finish(hf_config(shape), config, tokenizer=word_tokenizer(vocab), max_shard_bytes=4 << 30)
 
 
 def prompt(n: int, vocab: int, seed: int = 0) -> str:

@@ -7,10 +7,12 @@ an interrupted write leaves nothing behind. Tensors can be handed over one at a 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,28 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
             raise OSError(f"copying checkpoint data stopped with {count} bytes left")
         offset += done
         count -= done
+
+
+def _libc_fallocate():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return fn
+
+
+_FALLOCATE = _libc_fallocate()
+_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def _release_range(fd: int, offset: int, count: int) -> bool:
+    """Give the disk blocks of a spool range that has been copied out back to the file system (Linux: punch a
+    hole), so writing a sharded checkpoint needs little more disk than the checkpoint itself. Where the file
+    system cannot, the spool keeps its blocks until it is removed. Returns whether the range was released."""
+    return _FALLOCATE is not None and count > 0 and _FALLOCATE(fd, _PUNCH_HOLE, offset, count) == 0
 
 
 def _owner_alive(partial: Path) -> bool:
@@ -153,6 +177,9 @@ class CheckpointWriter:
             for n in order:
                 _, _, start, nbytes = self._entries[n]
                 _copy_range(self._spool.fileno(), f.fileno(), start, nbytes)
+            for n in order:  # copied (or shared copy-on-write): the spool's blocks are not needed any more
+                _, _, start, nbytes = self._entries[n]
+                _release_range(self._spool.fileno(), start, nbytes)
         return offset
 
     def finish(
