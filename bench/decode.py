@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -356,6 +357,18 @@ def hf_eager(shape: str, contexts: list[int], new: int) -> dict:
     return res
 
 
+def peer_process(name: str, path: Path, args) -> dict:
+    """A peer measured in its own process: the GPU is as empty for it as for gptq-bridge, whatever the allocator
+    or CUDA graphs of the run before it still hold."""
+    cmd = [sys.executable, __file__, "--peer-of", str(path), "--contexts", args.contexts, "--prefills", args.prefills]
+    done = subprocess.run(cmd + ["--new", str(args.new)], capture_output=True, text=True)
+    if done.returncode != 0:  # a peer that cannot run is reported, not fatal
+        print(done.stderr[-3000:], file=sys.stderr, flush=True)
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        return {"error": lines[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="7b")
@@ -368,8 +381,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="time one graphed step and list an eager step's kernels")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--workdir", type=Path, help="where the random checkpoints are written (default: a temp dir)")
+    ap.add_argument("--peer-of", type=Path, help=argparse.SUPPRESS)  # internal: run exllamav2 on this checkpoint
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    if args.peer_of:
+        print(json.dumps(exllama(args.peer_of, ints(args.contexts), ints(args.prefills), args.new)))
+        return
     report = {
         "device": torch.cuda.get_device_name(0),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -387,13 +404,7 @@ def main() -> None:
         )
         print(shape, "gptq-bridge", json.dumps(entry["gptq_bridge"]), flush=True)
         if args.exllama and SHAPES[shape][6] == 4:
-            try:
-                entry["exllamav2"] = exllama(path, ints(args.contexts), ints(args.prefills), args.new)
-            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-                import traceback
-
-                traceback.print_exc()
-                entry["exllamav2"] = {"error": f"{type(exc).__name__}: {exc}"}
+            entry["exllamav2"] = peer_process("exllama", path, args)
             print(shape, "exllamav2", json.dumps(entry["exllamav2"]), flush=True)
         if args.hf and shape in ("7b", "13b", "tiny"):
             entry["transformers_fp16_eager"] = hf_eager(shape, ints(args.contexts), args.new)

@@ -28,6 +28,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SHAPES = [(8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)]
+# the Linears a decode step runs once q/k/v and gate/up are fused at load (fusion.py): qkv, o, gate_up, down
+SHAPE_SETS = {
+    "all": SHAPES,
+    "7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)],
+    "13b": [(5120, 15360), (5120, 5120), (5120, 27648), (13824, 5120)],
+    "70b-fused": [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)],
+}
 LAYER_70B = {(8192, 8192): 2, (8192, 1024): 2, (8192, 28672): 2, (28672, 8192): 1}  # Linears of one decoder layer
 MS = [1, 8, 32, 512]
 L2_BYTES = 50 * 2**20
@@ -172,7 +179,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--shapes", default="all")
+    ap.add_argument(
+        "--shapes",
+        default="all",
+        help="KxN list, or sets: all (70B unfused), 7b, 13b, 70b-fused (q/k/v, gate/up fused)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-decode-up-to", type=int, default=16, help="sweep decode configs for m up to this")
@@ -193,7 +204,9 @@ def main():
         f"# {dev_name}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
         flush=True,
     )
-    shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    shapes = [
+        shape for name in args.shapes.split(",") for shape in SHAPE_SETS.get(name) or [tuple(map(int, name.split("x")))]
+    ]
     ms = [int(m) for m in args.ms.split(",")]
     rows = []
     t_start = time.time()
