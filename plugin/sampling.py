@@ -5,8 +5,10 @@ temperature, top_k, top_p, typical_p, min_p on the probabilities that remain. Ea
 the most likely token, so a draw always has something to draw from. Temperature 0 means greedy: the most
 likely token after penalties and bans.
 
-The draw itself happens on the CPU with a per-call `torch.Generator`, so a seed gives the same tokens
-whatever device computed the logits (up to that device's arithmetic).
+`sample_batch` does all of it for many rows at once on the logits' device (the decode engine's batch; one row
+for the eager generator), with one read back for the whole batch. Each row's draw is inverse-CDF sampling
+with one uniform number from its own CPU `torch.Generator`, so a seed gives the same tokens whatever device
+computed the logits (up to that device's arithmetic) and whichever requests shared the batch.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ def apply_penalties(logits: torch.Tensor, context: torch.Tensor, params: Generat
     rep, pres, freq = params.repetition_penalty, params.presence_penalty, params.frequency_penalty
     if (rep == 1.0 and pres == 0.0 and freq == 0.0) or context.numel() == 0:
         return logits
+    vocab = logits.shape[-1]
     window = context[-params.repetition_penalty_range :] if params.repetition_penalty_range else context
-    counts = torch.bincount(window.to(logits.device), minlength=logits.shape[-1])[: logits.shape[-1]]
+    window = window[window < vocab].to(logits.device)  # (on the host: no device sync)
+    counts = torch.zeros(vocab, dtype=torch.long, device=logits.device).scatter_add_(0, window, torch.ones_like(window))
     seen = counts > 0
     out = logits.clone()
     if rep != 1.0:
@@ -129,7 +133,43 @@ class Sampler:
         return torch.softmax(logits, dim=-1)
 
     def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> int:
-        if self.params.temperature == 0.0:
-            return int(self.process(logits, context).argmax())
-        probs = self.distribution(logits, context).cpu()
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return sample_batch(logits[None], [self], [context])[0]
+
+
+def sample_batch(logits: torch.Tensor, samplers: list[Sampler], contexts: list[torch.Tensor]) -> list[int]:
+    """The next token of each row of `logits` ([rows, vocab]), each with its own sampler and context.
+
+    The same as each row's `Sampler.distribution` followed by a draw, computed for the batch at once on the
+    logits' device: penalties and bans per row, then temperature, top_k, top_p and min_p on rows sorted once
+    (typical_p, which ranks tokens differently, takes its row's own path). Nothing waits on the device until
+    the token ids are read, once."""
+    x = torch.stack([s.process(logits[r], contexts[r]) for r, s in enumerate(samplers)])
+    params = [s.params for s in samplers]
+    greedy = torch.tensor([p.temperature == 0.0 for p in params], device=x.device)
+    drawn = [p.temperature != 0.0 for p in params]
+    if not any(drawn):
+        return x.argmax(dim=-1).tolist()
+    # one uniform number per drawn row, from the row's own generator (greedy rows draw none)
+    u = torch.tensor([float(torch.rand((), generator=s.generator)) if d else 0.0 for s, d in zip(samplers, drawn)])
+    dev, vocab = x.device, x.shape[-1]
+    column = lambda values: torch.tensor(values, dtype=torch.float32, device=dev)[:, None]  # noqa: E731
+    scaled = x / column([p.temperature or 1.0 for p in params])
+    sx, order = torch.sort(scaled, dim=-1, descending=True)
+    k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    sx = sx.masked_fill(sx < sx.gather(1, (k - 1)[:, None]), NEG_INF)  # ties with the k-th are kept
+    top_p = column([p.top_p for p in params])
+    probs = torch.softmax(sx, dim=-1)
+    drop = (torch.cumsum(probs, dim=-1) - probs >= top_p) & (top_p < 1.0)
+    drop[:, 0] = False
+    sx = sx.masked_fill(drop, NEG_INF)
+    min_p = column([p.min_p for p in params])
+    probs = torch.softmax(sx, dim=-1)
+    sx = sx.masked_fill((probs < min_p * probs[:, :1]) & (min_p > 0.0), NEG_INF)
+    probs = torch.softmax(sx, dim=-1)
+    for r, p in enumerate(params):  # typical_p: this row's own distribution, laid out in the sorted order
+        if drawn[r] and p.typical_p < 1.0:
+            probs[r] = samplers[r].distribution(logits[r], contexts[r])[order[r]]
+    cdf = torch.cumsum(probs, dim=-1)
+    point = u.to(dev)[:, None] * cdf[:, -1:]
+    index = torch.searchsorted(cdf, point, right=True).clamp_(max=vocab - 1)
+    return torch.where(greedy, x.argmax(dim=-1), order.gather(1, index)[:, 0]).tolist()

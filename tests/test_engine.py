@@ -201,9 +201,21 @@ def test_greedy_tokens_match_the_eager_path(word_path):
     assert engine.generate("the a", **seeded).token_ids == eager.generate("the a", **seeded).token_ids
 
 
-def test_concurrent_requests_share_the_batch_and_give_the_same_tokens_as_alone(word_path):
+SAMPLED = [  # per prompt: greedy, or drawn with its own settings and seed
+    dict(),
+    dict(temperature=0.8, seed=1),
+    dict(temperature=1.0, top_k=10, seed=2),
+    dict(temperature=1.2, top_p=0.8, min_p=0.05, seed=3),
+    dict(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5, seed=4),
+    dict(temperature=1.0, typical_p=0.7, frequency_penalty=0.3, seed=5),
+]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_concurrent_requests_share_the_batch_and_give_the_same_tokens_as_alone(word_path, sampled):
     lm = gptq_bridge.load_model(str(word_path))
-    alone = {p: lm.generate(p, max_new_tokens=40, ban_eos=True).token_ids for p in PROMPTS}
+    settings = dict(zip(PROMPTS, SAMPLED if sampled else [{}] * len(PROMPTS)))
+    alone = {p: lm.generate(p, max_new_tokens=40, ban_eos=True, **settings[p]).token_ids for p in PROMPTS}
     engine = engine_for(lm)
     steps_before = engine.steps
     results: dict[str, list[int]] = {}
@@ -211,7 +223,7 @@ def test_concurrent_requests_share_the_batch_and_give_the_same_tokens_as_alone(w
 
     def run(p):
         start.wait()
-        results[p] = lm.generate(p, max_new_tokens=40, ban_eos=True).token_ids
+        results[p] = lm.generate(p, max_new_tokens=40, ban_eos=True, **settings[p]).token_ids
 
     threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
     for t in threads:

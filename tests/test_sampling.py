@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.sampling import Sampler, apply_penalties, min_p_filter, top_k_filter, top_p_filter, typical_filter
+from gptq_bridge.sampling import (
+    Sampler,
+    apply_penalties,
+    min_p_filter,
+    sample_batch,
+    top_k_filter,
+    top_p_filter,
+    typical_filter,
+)
 from gptq_bridge.stream import make_params
 from gptq_bridge.types import GenerationParams
 
@@ -143,6 +151,46 @@ def test_draws_follow_the_distribution():
     counts = torch.bincount(torch.tensor([sampler(logits, EMPTY) for _ in range(3000)]), minlength=4)
     assert counts[2] == 0 and counts[3] == 0
     assert abs(counts[0] / 3000 - 2 / 3) < 0.04  # 0.6 / 0.9 after top_k renormalises
+
+
+MIXED = [  # one batch of rows that each sample differently
+    dict(temperature=0),
+    dict(temperature=0.7),
+    dict(temperature=1.0, top_k=5),
+    dict(temperature=1.3, top_p=0.6),
+    dict(temperature=1.0, min_p=0.2),
+    dict(temperature=1.0, typical_p=0.5),
+    dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.4),
+    dict(temperature=0, presence_penalty=2.0),
+]
+
+
+def test_a_batch_draws_for_each_row_what_the_row_draws_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(len(MIXED), 40) * 2
+    context = torch.tensor([3, 3, 7, 1, 39])
+
+    def samplers():
+        return [Sampler(GenerationParams(**p), 40, set(), seed=100 + r) for r, p in enumerate(MIXED)]
+
+    batched, alone = samplers(), samplers()
+    for _ in range(25):
+        together = sample_batch(logits, batched, [context] * len(MIXED))
+        assert together == [s(logits[r], context) for r, s in enumerate(alone)]
+
+
+@pytest.mark.parametrize("params", MIXED)
+def test_batched_draws_follow_each_rows_distribution(params):
+    torch.manual_seed(1)
+    logits = torch.randn(12) * 1.5
+    context = torch.tensor([3, 3, 7])
+    want = Sampler(GenerationParams(**params), 12, set(), seed=0).distribution(logits, context)
+    rows = 500  # 500 requests with these parameters and their own seeds, six steps: 3000 draws
+    samplers = [Sampler(GenerationParams(**params), 12, set(), seed=r) for r in range(rows)]
+    draws = [t for _ in range(6) for t in sample_batch(logits.expand(rows, 12), samplers, [context] * rows)]
+    got = torch.bincount(torch.tensor(draws), minlength=12).float() / len(draws)
+    assert set(torch.nonzero(got).flatten().tolist()) <= set(torch.nonzero(want).flatten().tolist())
+    assert float((got - want).abs().sum()) / 2 < 0.05  # total variation: ~0.02 expected from 3000 draws
 
 
 def test_same_seed_same_draws_other_seed_other_draws():

@@ -10,6 +10,7 @@ import threading
 
 import torch
 
+from ..sampling import sample_batch
 from .forward import LlamaFamilyForward
 from .scheduler import End, Scheduler, Sequence
 
@@ -102,6 +103,9 @@ class Engine:
             self.steps += 1
             if all(s.greedy for s in step.decode):
                 tokens = greedy_tokens(logits, step.decode)
+            elif all(s.sampler is not None for s in step.decode):
+                contexts = [s.context[: s.length] for s in step.decode]
+                tokens = sample_batch(logits, [s.sampler for s in step.decode], contexts)
             else:
                 tokens = [s.sample(row, s) for s, row in zip(step.decode, logits)]
             for seq, token in zip(step.decode, tokens):

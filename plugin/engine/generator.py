@@ -94,6 +94,7 @@ def run(
         prompt=prep.ids,
         max_new_tokens=prep.max_new_tokens,
         sample=lambda logits, s: sampler(logits, s.context[: s.length]),
+        sampler=sampler,
         end_ids=frozenset(prep.eos_ids) | frozenset(prep.stop_token_ids),
         greedy=batch_greedy(sampler),
         banned=sampler.banned.tolist(),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..sampling import Sampler
 from .kv_cache import BlockAllocator, CacheBudgetError
 
 
@@ -30,6 +31,7 @@ class Sequence:
     prompt: list[int]
     max_new_tokens: int
     sample: Callable[[torch.Tensor, Sequence], int]  # logits of the last position -> next token
+    sampler: Sampler | None = None  # when set, decode steps draw this row with the others' (sample_batch)
     end_ids: frozenset[int] = frozenset()  # tokens after which the request is done (EOS, stop tokens)
     greedy: bool = False  # argmax after bans, so a batch of such rows is sampled with one argmax
     banned: list[int] = field(default_factory=list)  # token ids a greedy row never picks

@@ -127,16 +127,19 @@ def test_graphed_first_chunks_and_packed_prompts_give_the_eager_prefill_logits(t
         assert float((p - e).abs().amax() / scale) < 0.01
 
 
-def test_batched_greedy_tokens_are_those_of_requests_alone(tmp_path):
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_batched_tokens_are_those_of_requests_alone(tmp_path, sampled):
     lm = gptq_bridge.load_model(str(gpu_checkpoint(tmp_path, 4, True)), device="cuda")
     prompts = [" ".join(["the", "a", "of", "to", "and", "in", "is", "it"][: 1 + i % 8] + [f"w{i}"]) for i in range(32)]
-    alone = {p: lm.generate(p, max_new_tokens=48, ban_eos=True).token_ids for p in prompts}
+    kinds = [{}, dict(temperature=0.8), dict(temperature=1.0, top_k=8, top_p=0.9), dict(repetition_penalty=1.2)]
+    settings = {p: dict(kinds[i % 4], seed=i) if sampled else {} for i, p in enumerate(prompts)}
+    alone = {p: lm.generate(p, max_new_tokens=48, ban_eos=True, **settings[p]).token_ids for p in prompts}
     results = {}
     barrier = threading.Barrier(len(prompts))
 
     def run(p):
         barrier.wait()
-        results[p] = lm.generate(p, max_new_tokens=48, ban_eos=True).token_ids
+        results[p] = lm.generate(p, max_new_tokens=48, ban_eos=True, **settings[p]).token_ids
 
     threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
     for t in threads:
@@ -144,8 +147,9 @@ def test_batched_greedy_tokens_are_those_of_requests_alone(tmp_path):
     for t in threads:
         t.join()
     same = sum(results[p] == alone[p] for p in prompts)
-    # fp16 GEMMs of different row counts may round differently; a flip needs a near-tie, so nearly all agree
-    assert same >= 30, f"{same}/32 batched requests gave the tokens they give alone"
+    # fp16 GEMMs of different row counts may round differently; a flip needs a near-tie (greedy) or a draw within
+    # that rounding of a boundary of the distribution (sampled: ~1e-3 a token), so nearly all agree
+    assert same >= (28 if sampled else 30), f"{same}/32 batched requests gave the tokens they give alone"
 
 
 def test_cancel_mid_batch_and_the_budget(tmp_path):
