@@ -227,6 +227,30 @@ def profile_step(engine) -> dict:
     return out
 
 
+def concurrent_streams(lm, k: int, vocab: int, new: int) -> dict:
+    """Aggregate tokens/s and latencies of k `lm.stream` calls in k threads at once (128-token prompts)."""
+    texts = [prompt(128, vocab, 100 + j) for j in range(k)]
+    lat: list[float] = [0.0] * k
+    counts = [0] * k
+
+    def worker(j):
+        s, a = stream_times(lm, texts[j], new)
+        lat[j], counts[j] = a[-1] - s, len(a)
+
+    stream_times(lm, texts[0], 4)
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(k)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    return {
+        "aggregate_tok_s": round(sum(counts) / wall, 1),
+        "latency_s": [round(x, 2) for x in sorted(lat)][:: max(1, k // 4)],
+    }
+
+
 def ours(
     shape: str,
     path: Path,
@@ -256,26 +280,7 @@ def ours(
         start, arr = stream_times(lm, prompt(n, vocab, n + 1), 1)
         res[f"prefill{n}_ms"] = round(1000 * (arr[0] - start), 2)
     for k in streams:
-        texts = [prompt(128, vocab, 100 + j) for j in range(k)]
-        lat: list[float] = [0.0] * k
-        counts = [0] * k
-
-        def worker(j, lm=lm):
-            s, a = stream_times(lm, texts[j], new)
-            lat[j], counts[j] = a[-1] - s, len(a)
-
-        stream_times(lm, texts[0], 4)
-        threads = [threading.Thread(target=worker, args=(j,)) for j in range(k)]
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t
-        res[f"streams{k}"] = {
-            "aggregate_tok_s": round(sum(counts) / wall, 1),
-            "latency_s": [round(x, 2) for x in sorted(lat)][:: max(1, k // 4)],
-        }
+        res[f"streams{k}"] = concurrent_streams(lm, k, vocab, new)
     res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     engine = lm.__dict__.get("_engine")
     if profile and engine is not None:
@@ -381,6 +386,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="time one graphed step and list an eager step's kernels")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--workdir", type=Path, help="where the random checkpoints are written (default: a temp dir)")
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        help="sys.setswitchinterval for the concurrent-streams runs (seconds; Python's default is 0.005)",
+    )
     ap.add_argument("--peer-of", type=Path, help=argparse.SUPPRESS)  # internal: run exllamav2 on this checkpoint
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -394,18 +404,23 @@ def main() -> None:
         "torch": torch.__version__,
         "results": {},
     }
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+        report["switch_interval_s"] = args.switch_interval
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gptq-bridge-decode-"))
     for shape in args.shapes.split(","):
         t = time.perf_counter()
         path = random_checkpoint(shape, work / shape)
         entry: dict = {"checkpoint_s": round(time.perf_counter() - t, 1)}
+        torch.cuda.empty_cache()
+        if args.exllama and SHAPES[shape][6] == 4:  # first: this process holds no model yet
+            entry["exllamav2"] = peer_process("exllama", path, args)
+            print(shape, "exllamav2", json.dumps(entry["exllamav2"]), flush=True)
         entry["gptq_bridge"] = ours(
             shape, path, ints(args.contexts), ints(args.prefills), ints(args.streams), args.new, args.profile
         )
         print(shape, "gptq-bridge", json.dumps(entry["gptq_bridge"]), flush=True)
-        if args.exllama and SHAPES[shape][6] == 4:
-            entry["exllamav2"] = peer_process("exllama", path, args)
-            print(shape, "exllamav2", json.dumps(entry["exllamav2"]), flush=True)
+
         if args.hf and shape in ("7b", "13b", "tiny"):
             entry["transformers_fp16_eager"] = hf_eager(shape, ints(args.contexts), args.new)
             print(shape, "transformers", json.dumps(entry["transformers_fp16_eager"]), flush=True)

@@ -99,6 +99,23 @@ def test_graph_decode_follows_the_eager_forward_for_200_steps(tmp_path, bits, de
     assert float(err.max()) < 0.02, f"worst relative logit error {float(err.max()):.4f} at step {worst}"
 
 
+@pytest.mark.parametrize("kernel", ["triton", "exllama"])
+def test_every_gpu_kernel_runs_in_the_graphs(tmp_path, kernel):
+    """The triton and exllama layers captured in the decode and prefill graphs give the eager forward's tokens."""
+    if kernel == "exllama":
+        pytest.importorskip("exllamav2")
+    lm = gptq_bridge.load_model(str(gpu_checkpoint(tmp_path, 4, True)), device="cuda", kernel=kernel)
+    assert lm.kernel == kernel and isinstance(engine_for(lm).decode, GraphedDecode)
+    result = lm.generate("the a of", max_new_tokens=64, ban_eos=True)
+    ids = torch.tensor([lm.tokenizer("the a of", add_special_tokens=True)["input_ids"] + result.token_ids], device=DEV)
+    with torch.inference_mode():
+        ref = lm.model(ids).logits[0, -65:-1].float()
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * ref.abs().amax(dim=-1)
+    assert clear.sum() > 16
+    assert (ref.argmax(-1) == torch.tensor(result.token_ids, device=DEV))[clear].all()
+
+
 def test_graphed_first_chunks_and_packed_prompts_give_the_eager_prefill_logits(tmp_path):
     from gptq_bridge.engine.scheduler import Sequence
 
