@@ -2,6 +2,9 @@
 
 Callers in any thread `submit` a `Sequence` and read its tokens from its `deliver` callback. The worker
 starts with the first request and stops after a short idle time, so an unused model holds no thread.
+
+A step's tokens reach their callers after the next decode step is launched: waking the callers (and their
+Python work on each token) then overlaps the GPU's work instead of delaying the launch.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Engine:
         self._wake = threading.Condition()
         self._worker: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and stats)
+        self._outbox: list[tuple[Sequence, object]] = []  # (request, token or End) not yet delivered, in order
 
     def submit(self, seq: Sequence) -> None:
         """Queue a request (raises CacheBudgetError at once if it could never fit) and make sure a worker runs."""
@@ -52,13 +56,14 @@ class Engine:
 
     def close(self) -> None:
         """End every request (as cancelled) and stop the worker; the engine can be used again afterwards."""
-        for seq in self.scheduler.fail_all():
-            seq.deliver(End("cancelled"))
+        seqs = self.scheduler.fail_all()
         with self._wake:
             worker, self._worker = self._worker, None
             self._wake.notify()
         if worker is not None and worker is not threading.current_thread():
-            worker.join()
+            worker.join()  # it delivers what it holds before it exits
+        for seq in seqs:
+            seq.deliver(End("cancelled"))
 
     def wake(self) -> None:
         """Called after a cancel, so an idle-waiting worker notices it now."""
@@ -73,20 +78,23 @@ class Engine:
                     self._worker = None  # idle: the next submit starts a new worker
                     return
                 if self._worker is not me:  # closed
+                    self._flush()
                     return
             try:
                 self._step()
             except BaseException as exc:  # noqa: BLE001 - every request in flight must hear of it
                 for seq in self.scheduler.fail_all():
-                    seq.deliver(End("error", exc))
+                    self._outbox.append((seq, End("error", exc)))
+                self._flush()
 
     def _step(self) -> None:
         step, cancelled = self.scheduler.plan()
         for seq in cancelled:
-            seq.deliver(End("cancelled"))
+            self._outbox.append((seq, End("cancelled")))
         for seq in step.admitted:
             self.forward.clear(seq.blocks)
         if step.prefill:
+            self._flush()  # the running streams' tokens do not wait for a prompt chunk
             if len(step.prefill) == 1 and self.first_chunk is not None and self.first_chunk.serves(*step.prefill[0]):
                 seq, _, end = step.prefill[0]
                 logits = self.first_chunk(seq, end)[None]
@@ -97,7 +105,8 @@ class Engine:
                 if seq.prefilled:
                     self._emit(seq, seq.sample(row, seq))
         if step.decode:
-            logits = self.decode(step.decode)
+            logits = self.decode(step.decode)  # launched; the device works while the callers get their tokens
+            self._flush()
             for seq in step.decode:
                 seq.cached += 1
             self.steps += 1
@@ -110,10 +119,12 @@ class Engine:
                 tokens = [s.sample(row, s) for s, row in zip(step.decode, logits)]
             for seq, token in zip(step.decode, tokens):
                 self._emit(seq, token)
+        if not any(s.prefilled for s in self.scheduler.running):  # no decode step comes next to flush behind
+            self._flush()
 
     def _emit(self, seq: Sequence, token: int) -> None:
         seq.append(token)
-        seq.deliver(token)
+        self._outbox.append((seq, token))
         if token in seq.end_ids:
             reason = "eos"
         elif seq.generated >= seq.max_new_tokens:
@@ -121,7 +132,12 @@ class Engine:
         else:
             return
         self.scheduler.finish(seq, reason)
-        seq.deliver(End(reason))
+        self._outbox.append((seq, End(reason)))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for seq, item in outbox:
+            seq.deliver(item)
 
 
 def greedy_tokens(logits: torch.Tensor, batch: list[Sequence]) -> list[int]:
