@@ -408,6 +408,10 @@ def create_app(lm, options: ServerOptions):
 
 
 def _cmd_serve(args) -> int:
+    if args.replicas is not None or args.ray_address is not None:  # N replicas under Ray Serve, one endpoint
+        from .ray_serve import serve_command
+
+        return serve_command(args)
     try:
         import uvicorn
     except ImportError:
@@ -450,5 +454,7 @@ def gptq_register_commands(subparsers):
     p.add_argument("--max-queue", type=int, default=64, help="requests at once; more get 429 (default 64)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="cancel a generation after this")
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: from the source)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N", help="N copies under Ray Serve (extra ray)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="with --replicas: join this Ray cluster")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_cmd_serve)
