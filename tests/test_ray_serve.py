@@ -168,7 +168,7 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_and_comes_ba
         text, replica, error = "", "", None
         try:
             raw = c.chat.completions.with_raw_response.create(
-                model=model, messages=LONG, max_tokens=400, temperature=0, stream=True
+                model=model, messages=LONG, max_tokens=100, temperature=0, stream=True
             )
             replica = raw.headers[REPLICA_HEADER]
             first = True
