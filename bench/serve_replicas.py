@@ -67,7 +67,7 @@ async def one_round(url: str, model: str, clients: int, max_tokens: int, round_n
             stream_options={"include_usage": True},
         )
         replica = raw.headers.get("x-gptq-bridge-replica", "-")
-        async for chunk in await raw.parse():
+        async for chunk in raw.parse():
             if chunk.choices and chunk.choices[0].delta.content and first is None:
                 first = time.perf_counter() - start
             if chunk.usage is not None:
@@ -112,8 +112,12 @@ def with_replicas(replicas: int, args) -> dict:
 
     from gptq_bridge.adapters.ray_serve import APP_NAME, ReplicaSettings, build_app
 
+    # Ray gives its workers the driver's sys.path, whose first entry is bench/: there, bench/kernels.py would
+    # stand in for the `kernels` package that transformers imports
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=100 * 1024 * 1024, log_to_driver=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=100 * 1024 * 1024, log_to_driver=args.ray_logs)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -140,6 +144,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.add_argument("--ray-logs", action="store_true", help="show the replicas' logs")
     args = p.parse_args()
     header = {
         "cpu": cpu_model(),

@@ -10,6 +10,8 @@ Process-wide state of gptq-bridge, all of it:
   the same lock guards;
 - the triton JIT cache: compiled kernels per specialization, kept by triton and by each layer's launch plan;
 - the CUDA library handle (`kernels/cuda/build.py`): the mma kernel's library, built and loaded once.
+- in the ingress process of `serve --replicas` (`adapters/ray_serve.py`): the Ray Serve request router of the
+  model deployment, kept by name so the ingress can read its view of the replicas.
 
 Which third-party plugins load is chosen by GPTQ_BRIDGE_LOAD_PLUGINS: unset, every entry point of the
 `gptq_bridge` group; otherwise a comma-separated list of entry-point names or module names, and the empty

@@ -99,6 +99,23 @@ def test_settings_from_serve_run_arguments_name_the_bad_key():
         ReplicaSettings(replicas=0)
 
 
+def test_serve_command_refuses_a_bad_replica_count_before_starting_ray(capsys):
+    from gptq_bridge import cli
+
+    assert cli.main(["serve", "--ray-address", "auto"]) == 1
+    assert "--replicas: expected a whole number of at least 1, got None" in capsys.readouterr().err
+    assert cli.main(["serve", "--replicas", "0"]) == 1
+    assert "--replicas: expected a whole number of at least 1, got 0" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_more_replicas_than_the_cluster_holds_are_refused(url):
+    from gptq_bridge.adapters.ray_serve import check_resources
+
+    with pytest.raises(Exception, match=r"--replicas 3: needs 3 CPUs \(1 each\), the Ray cluster has 2"):
+        check_resources(ReplicaSettings(replicas=3, replica_cpus=1, device="cpu"))
+
+
 def test_16_streaming_clients_get_right_answers_from_both_replicas(url):
     assert health(url)["replicas"]["running"] == 2
     model = client(url).models.list().data[0].id
