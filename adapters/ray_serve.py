@@ -264,10 +264,13 @@ def _open_model(settings: ReplicaSettings):
 
     from ..commands import open_model
 
+    device = settings.device
+    if device is not None and device.startswith("cuda:"):
+        device = "cuda"  # Ray shows a replica only the GPUs it reserved for it, numbered from 0
     args = SimpleNamespace(
         model=settings.model,
         kernel=settings.kernel,
-        device=settings.device,
+        device=device,
         revision=settings.revision,
         trust_remote_code=settings.trust_remote_code,
         allow_pickle=settings.allow_pickle,

@@ -3,12 +3,12 @@
     python bench/serve_replicas.py                         # the embedded default model, 1 and 2 replicas
     python bench/serve_replicas.py --replicas 1 2 4 --clients 16 --max-tokens 64 --model ./my-gptq-model
     python bench/serve_replicas.py --url http://127.0.0.1:8000   # any OpenAI-compatible endpoint, as it is
+    python bench/serve_replicas.py --device cuda --replicas 1 2 --clients 64 --max-tokens 128   # a GPU each
 
 For each replica count it starts a local Ray instance with the app (`gptq_bridge.adapters.ray_serve`), each
 replica with its share of the CPUs (torch threads = CPUs / replicas), then runs `--clients` streaming clients at
-once, `--rounds` times, each asking a different question for `--max-tokens` tokens (greedy, EOS banned where
-the server allows it: it does not, so answers may end early; the tokens counted are the ones received). It
-reports the aggregate tokens/s (generated tokens of all clients / wall time of the round), the median and p90
+once, `--rounds` times, each asking a different question for at most `--max-tokens` tokens (greedy; an answer
+may end early at EOS, and the tokens counted are the completion tokens each stream's usage reports). It reports the aggregate tokens/s (generated tokens of all clients / wall time of the round), the median and p90
 time to first token, and how the requests spread over the replicas. Prints one JSON line per configuration
 and a markdown table at the end; `--out FILE` writes the lines too.
 """
@@ -93,11 +93,12 @@ async def one_round(url: str, model: str, clients: int, max_tokens: int, round_n
 def measure(url: str, clients: int, max_tokens: int, rounds: int) -> dict:
     import httpx
 
+    load = os.getloadavg()[0]  # other work on the machine skews the numbers
     model = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
     asyncio.run(one_round(url, model, min(clients, 4), 8, -1))  # warm-up: engines started, caches made
     runs = [asyncio.run(one_round(url, model, clients, max_tokens, r)) for r in range(rounds)]
     best = max(runs, key=lambda r: r["tok_s"])
-    return {"model": model, "rounds": runs, "best_tok_s": best["tok_s"], "best": best}
+    return {"model": model, "load_average_before": load, "rounds": runs, "best_tok_s": best["tok_s"], "best": best}
 
 
 def free_port() -> int:
@@ -121,14 +122,20 @@ def with_replicas(replicas: int, args) -> dict:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ReplicaSettings(
-            model=args.model, replicas=replicas, device="cpu", replica_cpus=max(1, cpus // replicas)
-        )
+        if args.device == "cpu":
+            settings = ReplicaSettings(
+                model=args.model, replicas=replicas, device="cpu", replica_cpus=max(1, cpus // replicas)
+            )
+        else:  # one GPU and one CPU per replica
+            settings = ReplicaSettings(
+                model=args.model, replicas=replicas, device="cuda", replica_gpus=1, replica_cpus=1
+            )
         started = time.perf_counter()
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
         ready = time.perf_counter() - started
         out = measure(f"http://127.0.0.1:{port}", args.clients, args.max_tokens, args.rounds)
-        out.update(replicas=replicas, threads_per_replica=max(1, cpus // replicas), startup_s=ready)
+        threads = max(1, cpus // replicas) if args.device == "cpu" else 1
+        out.update(replicas=replicas, device=args.device, threads_per_replica=threads, startup_s=ready)
         return out
     finally:
         serve.shutdown()
@@ -139,8 +146,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded default model)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per replica")
     p.add_argument("--url", default=None, help="measure this OpenAI-compatible endpoint instead of starting one")
-    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--clients", type=int, default=16, help="streaming clients at once")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
@@ -153,7 +161,6 @@ def main() -> int:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "clients": args.clients,
         "max_tokens": args.max_tokens,
-        "load_average_before": os.getloadavg()[0],  # other work on the machine skews the numbers
     }
     lines = []
     configs = [("url", None)] if args.url else [("replicas", n) for n in args.replicas]
