@@ -118,6 +118,7 @@ def with_replicas(replicas: int, args) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     cpus = os.cpu_count() or 1
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=100 * 1024 * 1024, log_to_driver=args.ray_logs)
     try:
         port = free_port()

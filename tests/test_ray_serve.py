@@ -51,6 +51,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def url(default_model):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # tests never touch the network
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024, log_to_driver=False)
     try:
         port = free_port()
@@ -217,6 +218,9 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_and_comes_ba
     for text, _, error in others:
         assert error is None, error
         assert len(text) > 0
+
+    # /health shows the loss until the replacement has loaded its model (seconds)
+    wait_for(lambda: health(url)["status"] == "degraded", 30, "/health did not report the lost replica")
 
     # new requests go to the healthy replica while the other comes back
     c = client(url)
