@@ -174,6 +174,37 @@ def test_16_streaming_clients_get_right_answers_from_both_replicas(url):
     assert {r["id"] for r in report["replica_list"]} == served
 
 
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(url):
+    model = client(url).models.list().data[0].id
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+        "max_tokens": 1000,  # the default model counts on past 600 tokens: tens of seconds on a CPU
+        "stream": True,
+    }
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        replica = r.headers[REPLICA_HEADER]
+        words = 0
+        for line in r.iter_lines():
+            words += '"content": "' in line and '"content": ""' not in line
+            if words >= 3:
+                break
+
+    def generated() -> int:
+        text = httpx.get(url + "/metrics", timeout=30).text
+        prefix = f'gptq_bridge_generated_tokens_total{{replica="{replica}"}} '
+        return int(float(next(line for line in text.splitlines() if line.startswith(prefix))[len(prefix) :]))
+
+    def idle():
+        return all(r["running_requests"] == 0 for r in health(url)["replica_list"])
+
+    time.sleep(3)  # the stats /health and /metrics show are up to a second old: let them catch up
+    wait_for(idle, 10, "the replica still runs the request of a client that went away")
+    before = generated()
+    time.sleep(2.5)  # a running generation (1000 tokens, tens of seconds) would add tokens meanwhile
+    assert generated() == before, "the replica went on generating for a client that went away"
+
+
 def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_and_comes_back(url):
     before = {r["id"]: r["pid"] for r in health(url)["replica_list"]}
     model = client(url).models.list().data[0].id
