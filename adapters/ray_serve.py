@@ -779,7 +779,8 @@ def serve_command(args) -> int:
     ray.init(address=args.ray_address, include_dashboard=False if not joined else None, log_to_driver=not args.quiet)
     stop = threading.Event()
     try:
-        check_resources(settings)
+        if not joined:  # a cluster may have an autoscaler that adds the nodes when asked
+            check_resources(settings)
         serve.start(http_options={"host": args.host, "port": args.port})
         progress(args, f"starting {settings.replicas} replicas ...")
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
