@@ -32,9 +32,33 @@ def load_options(
     progress: Callable[[str], None] | None = None,
     engine: str = "auto",
     kv_cache: int | str | None = None,
+    gpu_split=None,
+    max_memory=None,
+    device_map: str | None = None,
 ) -> LoadOptions:
-    """`load_model`'s keywords as `LoadOptions`: the device parsed (None = CUDA if present), the dtype defaulted."""
-    dev = device if isinstance(device, DeviceInfo) else DeviceInfo.parse(device)
+    """`load_model`'s keywords as `LoadOptions`: the device parsed (None = CUDA if present), the dtype defaulted.
+
+    With a split (`gpu_split`, `max_memory`, `device_map="auto"`) the device is the first one of the split
+    (it holds the embeddings), and the dtype float16 when a GPU takes part."""
+    from .placement import budgets_from
+
+    budgets = budgets_from(gpu_split, max_memory)
+    if device_map not in (None, "auto"):
+        raise GPTQBridgeError(f"device_map: {device_map!r}; only 'auto' is supported (or give gpu_split / max_memory)")
+    if device_map == "auto" and budgets is not None:
+        raise GPTQBridgeError("device_map='auto' chooses the budgets itself; leave out gpu_split / max_memory")
+    if (budgets is not None or device_map == "auto") and device is not None:
+        raise GPTQBridgeError(
+            f"device {str(device)!r} and a split across devices both given; a split names its devices itself"
+        )
+    if budgets is not None:
+        for b in budgets:
+            DeviceInfo.parse(b.device)  # a GPU that is not there fails now
+        dev = DeviceInfo.parse(budgets[0].device)
+        if dtype is None and any(b.device.startswith("cuda") for b in budgets):
+            dtype = torch.float16
+    else:
+        dev = device if isinstance(device, DeviceInfo) else DeviceInfo.parse(device)
     if engine not in ("auto", "off"):
         raise GPTQBridgeError(f"engine: {engine!r} is not one of 'auto', 'off'")
     if kv_cache is not None:
@@ -51,6 +75,8 @@ def load_options(
         progress=progress,
         engine=engine,
         kv_cache=kv_cache,
+        budgets=budgets,
+        device_map=device_map,
     )
 
 
@@ -67,6 +93,9 @@ def load_model(
     progress: Callable[[str], None] | None = None,
     engine: str = "auto",
     kv_cache: int | str | None = None,
+    gpu_split: list[float] | str | None = None,
+    max_memory: dict | list | str | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a GPTQ checkpoint (a directory, or a hub id `org/name[:branch]`) ready to run.
 
@@ -77,6 +106,12 @@ def load_model(
     CUDA graphs on a GPU); "off" uses transformers' forward, one generation at a time. `kv_cache` sets the
     engine's cache budget: tokens (8192) or a size ("4GiB"); by default half the free GPU memory, or four
     contexts on the CPU.
+
+    A model too large for one device is split across several, whole decoder layers each (placement.py):
+    `gpu_split=[20, 24]` (GiB per GPU, in order), `max_memory={0: "20GiB", 1: "24GiB", "cpu": "48GiB"}` (GPUs
+    in order, then the CPU; a list of (device, size) pairs keeps its own order), or `device_map="auto"` (from
+    the memory free at load). A budget holds the weights and the KV cache its layers keep; leave room for
+    activations. Layers on the CPU run with a CPU kernel.
     """
     if source is None:
         from .default_model import default_source
@@ -93,6 +128,9 @@ def load_model(
         progress=progress,
         engine=engine,
         kv_cache=kv_cache,
+        gpu_split=gpu_split,
+        max_memory=max_memory,
+        device_map=device_map,
     )
     loaded = get_plugin_manager().hook.gptq_load_model(source=resolved, options=options)
     if loaded is None:

@@ -14,7 +14,7 @@ import threading
 import time
 
 from .errors import GPTQBridgeError
-from .explain import add_source_arguments, describe_settings
+from .explain import add_source_arguments, add_split_arguments, describe_settings, split_options
 from .hookspecs import hookimpl
 
 
@@ -44,7 +44,7 @@ def open_model(args):
         allow_pickle=args.allow_pickle,
         progress=lambda line: progress(args, line),
         engine=args.engine,
-        kv_cache=int(args.kv_cache) if args.kv_cache and args.kv_cache.isdigit() else args.kv_cache,
+        **split_options(args),
     )
     from .prompts import choose_prompt_format
 
@@ -52,7 +52,11 @@ def open_model(args):
     choice = choose_prompt_format(lm.tokenizer, lm.source, explicit)  # an unknown name fails now
     lm.prompt_format = explicit
     fmt = "" if getattr(args, "raw", False) else f"; prompt format {choice.name}: {choice.reason}"
-    progress(args, f"loaded in {time.perf_counter() - start:.1f} s (kernel {lm.kernel} on {lm.device}{fmt})")
+    where = ", ".join(f"{k} on {d}" for d, k in lm.kernels.items()) if lm.placement else f"{lm.kernel} on {lm.device}"
+    progress(args, f"loaded in {time.perf_counter() - start:.1f} s (kernel {where}{fmt})")
+    if lm.placement:
+        for line in lm.placement.describe():
+            progress(args, f"  {line}")
     return lm
 
 
@@ -69,8 +73,9 @@ def add_engine_arguments(p) -> None:
         default=None,
         metavar="BUDGET",
         help="the engine's KV cache: tokens (8192) or a size (4GiB); default: half the free GPU "
-        "memory, or four contexts on the CPU",
+        "memory, or four contexts on the CPU (a split reserves one context, at most 8192 tokens)",
     )
+    add_split_arguments(p)
 
 
 def add_sampling_arguments(p) -> None:
@@ -327,20 +332,6 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def kernel_layer_bytes(module) -> int:
-    """Bytes a quantized layer holds once its kernel has prepared it, found by preparing it on the meta device
-    (shapes only, no data); a kernel whose preparation needs real data is counted as loaded."""
-    fill = getattr(module, "fill_missing", None)
-    try:
-        if fill is not None:
-            fill()
-        module.prepare()
-    except Exception:  # data-dependent preparation: the loaded tensors are the best estimate left
-        pass
-    tensors = {id(t): t for t in list(module.buffers()) + list(module.parameters())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def model_info(
     source: str,
     *,
@@ -350,17 +341,21 @@ def model_info(
     trust_remote_code=False,
     allow_pickle=False,
     prompt_format: str | None = None,
+    **split,
 ) -> dict:
-    """What `info` shows, without reading any weights: settings, kernel, prompt format, size, memory."""
+    """What `info` shows, without reading any weights: settings, kernel, prompt format, size, memory; with a
+    split (`load_model`'s gpu_split, max_memory, device_map, kv_cache), where each part goes."""
     import torch
 
     from .api import load_options
-    from .loader import load_tokenizer, plan_load
+    from .loader import load_tokenizer, plan_load, prepared_bytes
     from .plugins import registered_kernels, resolve
     from .prompts import choose_prompt_format
 
     resolved = resolve(source, revision=revision, allow_pickle=allow_pickle)
-    options = load_options(kernel=kernel, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    options = load_options(
+        kernel=kernel, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **split
+    )
     dev, dtype = options.device, options.dtype
     plan = plan_load(resolved, options)
     tokenizer = load_tokenizer(resolved.path, trust_remote_code)
@@ -381,7 +376,7 @@ def model_info(
     quant_bytes = 0
     with torch.device("meta"):
         for layer in plan.layers:
-            quant_bytes += kernel_layer_bytes(spec.factory(layer, plan.config, dtype))
+            quant_bytes += prepared_bytes(spec.factory(layer, plan.config, dtype))
     cfg = plan.hf_config
     ctx = getattr(cfg, "max_position_embeddings", None)
     layers = getattr(cfg, "num_hidden_layers", 0)
@@ -411,6 +406,10 @@ def model_info(
         "weights_bytes": quant_bytes + other_bytes,
         "kv_cache_bytes_per_token": kv_per_token,
         "kv_cache_bytes_full_context": kv_per_token * (ctx or 0),
+        "placement": plan.placement.to_json() if plan.placement else None,
+        "placement_lines": plan.placement.describe() if plan.placement else None,
+        "kernel_per_device": {d: c.chosen for d, c in plan.choices.items()} if plan.choices else None,
+        "kv_cache_tokens_reserved": plan.kv_tokens,
     }
 
 
@@ -441,6 +440,13 @@ def format_info(i: dict) -> str:
         f"memory:        weights {_human(i['weights_bytes'])} + KV cache {_human(i['kv_cache_bytes_per_token'])}"
         f"/token ({_human(i['kv_cache_bytes_full_context'])} at full context) = about {_human(total)}",
     ]
+    if i.get("placement_lines"):
+        kernels = ", ".join(f"{k} on {d}" for d, k in i["kernel_per_device"].items())
+        lines.append(
+            f"split:         {len(i['placement'])} devices, KV cache of {i['kv_cache_tokens_reserved']} tokens "
+            f"beside each layer (kernels: {kernels})"
+        )
+        lines += [f"               {line}" for line in i["placement_lines"]]
     return "\n".join(lines)
 
 
@@ -453,6 +459,7 @@ def _cmd_info(args) -> int:
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         prompt_format=args.prompt_format,
+        **split_options(args),
     )
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
@@ -484,5 +491,6 @@ def gptq_register_commands(subparsers):
     p.add_argument("source", help="model directory or hub id org/name[:branch]")
     add_source_arguments(p)
     p.add_argument("--prompt-format", default=None, metavar="NAME", help="check this prompt format instead")
+    add_split_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_info)

@@ -75,11 +75,14 @@ def fusable(layers: list[nn.Module]) -> bool:
     )
 
 
-def fuse_projections(model: nn.Module, kernel: KernelSpec, config: QuantizeConfig, dtype: torch.dtype) -> int:
-    """Fuse q/k/v and gate/up of every decoder layer whose tensors allow it (before `prepare()`); returns how
-    many fused layers were made."""
+def fuse_projections(
+    model: nn.Module, kernel: KernelSpec, config: QuantizeConfig, dtype: torch.dtype, blocks: list[int] | None = None
+) -> int:
+    """Fuse q/k/v and gate/up of every decoder layer (or of the `blocks` given) whose tensors allow it (before
+    `prepare()`); returns how many fused layers were made."""
     made = 0
-    for block in getattr(getattr(model, "model", None), "layers", []):
+    layers = list(getattr(getattr(model, "model", None), "layers", []))
+    for block in layers if blocks is None else [layers[i] for i in blocks]:
         for part_name, names, fused_name in GROUPS:
             part = getattr(block, part_name, None)
             layers = [getattr(part, n, None) for n in names]

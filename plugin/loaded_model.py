@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .config import ConfigFile, QuantizeConfig
+from .placement import Placement
 from .stream import GenerationStream, make_request
 from .types import DeviceInfo, GenerationResult, KernelChoice, ResolvedSource
 
@@ -28,6 +29,9 @@ class LoadedModel:
     # the decode engine: "auto" (Llama-family models batch their requests in it) or "off"; its KV-cache budget
     engine: str = "auto"
     kv_cache: int | str | None = None
+    # a split across devices (placement.py): where each decoder layer runs, and the kernel on each device
+    placement: Placement | None = None
+    kernels: dict[str, str] | None = None
     # generations outside the engine run one at a time (they share the weights and, on a GPU, the memory)
     generation_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

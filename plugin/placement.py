@@ -89,7 +89,9 @@ class Placement:
         """One line per slot: its device, what it holds and its bytes."""
         lines = []
         for s in self.slots:
-            parts = (["embeddings"] if s.embed else []) + ([_layer_range(*s.layers)] if s.layers[1] > s.layers[0] else [])
+            parts = (["embeddings"] if s.embed else []) + (
+                [_layer_range(*s.layers)] if s.layers[1] > s.layers[0] else []
+            )
             parts += ["head"] if s.head else []
             lines.append(
                 f"{s.device}: {', '.join(parts)}: weights {human(s.weights_bytes)} + KV cache {human(s.kv_bytes)}"
@@ -255,7 +257,10 @@ def _device_name(key: int | str, what: str) -> str:
 
 def budgets_from(
     gpu_split: Sequence[int | float | str] | str | None = None,
-    max_memory: Mapping[int | str, int | float | str] | Sequence[tuple[int | str, int | float | str]] | str | None = None,
+    max_memory: Mapping[int | str, int | float | str]
+    | Sequence[tuple[int | str, int | float | str]]
+    | str
+    | None = None,
 ) -> list[Budget] | None:
     """The budgets the user asked for, in fill order, or None when neither option is given.
 

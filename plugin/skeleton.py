@@ -7,6 +7,7 @@ Shared by the loader (which fills the skeleton with quantized layers and checkpo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,15 +58,17 @@ def build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn
             ) from None
 
 
-def materialize_buffers(model: nn.Module, device: torch.device) -> None:
-    """Compute the buffers no checkpoint holds (rotary frequencies), as transformers' own loader does."""
-    for module in model.modules():
+def materialize_buffers(model: nn.Module, device: torch.device | Callable[[str], torch.device]) -> None:
+    """Compute the buffers no checkpoint holds (rotary frequencies), as transformers' own loader does; `device`
+    may be a function of the module's name (a model split across devices)."""
+    for module_name, module in model.named_modules():
         names = [
             n
             for n, b in module._buffers.items()
             if b is not None and b.is_meta and n in module._non_persistent_buffers_set
         ]
         for name in names:
-            module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+            where = device(module_name) if callable(device) else device
+            module._buffers[name] = torch.empty_like(module._buffers[name], device=where)
         if names:
             model._init_weights(module)

@@ -153,6 +153,13 @@ class LoadOptions(BaseModel):
     progress: Callable[[str], None] | None = None  # told about each weight file as loading reaches it
     engine: Literal["auto", "off"] = "auto"  # "off": generate with transformers' forward, one call at a time
     kv_cache: int | str | None = None  # the engine's KV-cache budget: tokens (8192) or a size ("4GiB")
+    # a split across devices (placement.py): budgets in fill order, or "auto" (from the free memory at load)
+    budgets: list[Any] | None = None  # placement.Budget
+    device_map: Literal["auto"] | None = None
+
+    @property
+    def split_requested(self) -> bool:
+        return self.budgets is not None or self.device_map == "auto"
 
 
 # --- generation: the contract is fixed here, the generator itself lives in the generation module ---

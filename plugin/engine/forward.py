@@ -12,6 +12,9 @@ Two entry points:
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +67,12 @@ def sliding_window(config) -> int | None:
     return window if isinstance(window, int) and window > 0 else None
 
 
+def on(device: torch.device):
+    """The device's context: kernels (Triton, the mma library) launch on the current device, so a segment on
+    another GPU runs with that GPU current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def project(module: nn.Module, fused_name: str, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The projections of `x`: one GEMM where the loader fused them (fusion.py), else one per projection."""
     fused = getattr(module, fused_name, None)
@@ -72,8 +81,27 @@ def project(module: nn.Module, fused_name: str, names: tuple[str, ...], x: torch
     return tuple(getattr(module, name)(x) for name in names)
 
 
+@dataclass
+class Segment:
+    """Consecutive decoder layers on one device (one slot of a split; the whole model when it is not split)."""
+
+    device: torch.device
+    start: int  # decoder layers [start, end)
+    end: int
+    first: bool  # holds the embeddings: its input is token ids, else the previous segment's (h, delta)
+    last: bool  # holds the final norm and the head
+    ops: type
+    use_kernel: bool  # the paged attention kernel (CUDA), else torch ops
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class LlamaFamilyForward:
-    def __init__(self, hf_model: nn.Module, cache: PagedKVCache, max_positions: int):
+    """`placement` (placement.py) splits the layers into segments, one per device slot: hidden states (h and the
+    residual delta not yet added) move between them at the split points; each segment's layers keep their KV
+    cache on their own device."""
+
+    def __init__(self, hf_model: nn.Module, cache: PagedKVCache, max_positions: int, placement=None):
         self.model = hf_model
         self.cache = cache
         base = hf_model.model
@@ -94,8 +122,30 @@ class LlamaFamilyForward:
         self.max_positions = max_positions
         self.table_width = -(-max_positions // cache.block_size)  # blocks of the longest possible request
         self.attention = TorchPagedAttention(self)
-        self.use_kernel = self.device.type == "cuda" and paged_attention.available()
-        self.ops = fused_ops.TritonOps if self.use_kernel else fused_ops.TorchOps
+        if placement is None:
+            spans = [(self.device, 0, len(self.layers), True, True)]
+        else:
+            spans = [(torch.device(s.device), *s.layers, s.embed, s.head) for s in placement.slots]
+        self.segments = [self._segment_on(*span) for span in spans]
+        self.use_kernel, self.ops = self.segments[0].use_kernel, self.segments[0].ops
+
+    def _segment_on(self, device: torch.device, start: int, end: int, first: bool, last: bool) -> Segment:
+        use_kernel = device.type == "cuda" and paged_attention.available()
+        return Segment(
+            device=device,
+            start=start,
+            end=end,
+            first=first,
+            last=last,
+            ops=fused_ops.TritonOps if use_kernel else fused_ops.TorchOps,
+            use_kernel=use_kernel,
+            cos=self.cos.to(device),
+            sin=self.sin.to(device),
+        )
+
+    @property
+    def split(self) -> bool:
+        return len(self.segments) > 1
 
     def clear(self, blocks: list[int]) -> None:
         self.cache.clear(blocks)
@@ -110,13 +160,16 @@ class LlamaFamilyForward:
 
     # --- the layers --------------------------------------------------------------------------------------------
 
-    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, attend) -> torch.Tensor:
-        """Hidden states after every layer and the final norm, for N tokens (tokens, positions, slots: [N])."""
-        ops, n = self.ops, tokens.shape[0]
-        h = self.embed(tokens)
-        cos, sin = self.cos[positions], self.sin[positions]
-        delta = None
-        for i, layer in enumerate(self.layers):
+    def run_segment(self, seg: Segment, x: torch.Tensor, delta, positions, write, attend):
+        """One segment's layers for N tokens. `x` is token ids [N] on the first segment, else the hidden states
+        [N, hidden] with `delta`, the last layer's output not yet added. Returns (h, delta), or on the last
+        segment the hidden states after the final norm."""
+        ops = seg.ops
+        h = self.embed(x) if seg.first else x
+        n = h.shape[0]
+        cos, sin = seg.cos[positions], seg.sin[positions]
+        for i in range(seg.start, seg.end):
+            layer = self.layers[i]
             norm = layer.input_layernorm
             h, x = ops.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
             attn = layer.self_attn
@@ -137,7 +190,14 @@ class LlamaFamilyForward:
             mlp = layer.mlp
             gate, up = project(mlp, "gate_up_proj", ("gate_proj", "up_proj"), x)
             delta = mlp.down_proj(ops.silu_mul(gate, up))
-        return ops.add_rms_norm(h, delta, self.norm.weight, self.norm.variance_epsilon)[1]
+        if seg.last:
+            return ops.add_rms_norm(h, delta, self.norm.weight, self.norm.variance_epsilon)[1]
+        return h, delta if delta is not None else torch.zeros_like(h)  # h + 0 is h: the next segment adds it
+
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, attend) -> torch.Tensor:
+        """Hidden states after every layer and the final norm, for N tokens of an unsplit model."""
+        assert not self.split
+        return self.run_segment(self.segments[0], tokens, None, positions, write, attend)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
@@ -149,23 +209,31 @@ class LlamaFamilyForward:
         """Read a prompt range [start, end) of each of several requests in one forward: the GEMMs see all their
         tokens as one matrix, attention runs per request. The logits after each part's last token
         ([parts, vocab], float32)."""
-        tokens = torch.cat([seq.context[start:end] for seq, start, end in parts]).to(self.device)
-        positions = torch.cat([torch.arange(start, end) for _, start, end in parts]).to(self.device)
-        write = torch.cat([self.slots(seq, start, end) for seq, start, end in parts]).to(self.device)
+        tokens = torch.cat([seq.context[start:end] for seq, start, end in parts])
+        positions = torch.cat([torch.arange(start, end) for _, start, end in parts])
+        write = torch.cat([self.slots(seq, start, end) for seq, start, end in parts])
         spans, row = [], 0  # per part: its rows in the packed matrix, the slots it attends to, its start
         for seq, start, end in parts:
-            spans.append((row, row + end - start, self.slots(seq, 0, end).to(self.device), start))
+            spans.append((row, row + end - start, self.slots(seq, 0, end), start))
             row += end - start
+        x, delta = tokens, None
+        for seg in self.segments:  # one segment unless the model is split across devices
+            dev = seg.device
+            here = [(a, b, read.to(dev), start) for a, b, read, start in spans]
 
-        def attend(i, q):
-            if len(spans) == 1:
-                return self.attention.prefill(i, q, spans[0][2], spans[0][3])
-            return torch.cat([self.attention.prefill(i, q[a:b], read, start) for a, b, read, start in spans])
+            def attend(i, q, here=here):
+                if len(here) == 1:
+                    return self.attention.prefill(i, q, here[0][2], here[0][3])
+                return torch.cat([self.attention.prefill(i, q[a:b], read, start) for a, b, read, start in here])
 
-        with attention_backends(self.device):
-            h = self._layers(tokens, positions, write, attend)
-        last = torch.tensor([b - 1 for _, b, _, _ in spans], device=self.device)
-        return self.model.lm_head(h[last][None]).float()[0]  # heads take [batch, seq, hidden], as in transformers
+            x, delta = x.to(dev), None if delta is None else delta.to(dev)
+            with on(dev), attention_backends(dev):
+                out = self.run_segment(seg, x, delta, positions.to(dev), write.to(dev), attend)
+            if seg.last:
+                last = torch.tensor([b - 1 for _, b, _, _ in spans], device=dev)
+                return self.model.lm_head(out[last][None]).float()[0]  # heads take [batch, seq, hidden]
+            x, delta = out
+        raise AssertionError("no segment holds the head")
 
     def first_chunk_on(self, tokens, positions, write, last) -> torch.Tensor:
         """A prompt's first chunk on device tensors (what a prefill graph captures): causal attention over the
@@ -178,13 +246,27 @@ class LlamaFamilyForward:
     @torch.inference_mode()
     def decode(self, batch: list[Sequence]) -> torch.Tensor:
         """One token for each request: the logits after it ([batch, vocab], float32)."""
-        inputs = decode_inputs(batch, self.cache.block_size)
-        return self.decode_on(*(t.to(self.device, non_blocking=True) for t in inputs))
+        tokens, *rest = decode_inputs(batch, self.cache.block_size)
+        x, delta = tokens, None
+        for seg in self.segments:
+            dev = seg.device
+            inputs = [t.to(dev, non_blocking=True) for t in rest]
+            with on(dev):
+                out = self.decode_segment(seg, x.to(dev), None if delta is None else delta.to(dev), *inputs)
+            if seg.last:
+                return out
+            x, delta = out
+        raise AssertionError("no segment holds the head")
 
     def decode_on(self, tokens, positions, write, tables, lengths) -> torch.Tensor:
-        """The decode step on device tensors (what a CUDA graph captures): shapes only, no host decisions."""
-        if self.use_kernel:
-            splits = paged_attention.choose_splits(tokens.shape[0], self.kv_heads, tables.shape[1])
+        """The decode step of an unsplit model on device tensors (what a CUDA graph captures)."""
+        return self.decode_segment(self.segments[0], tokens, None, positions, write, tables, lengths)
+
+    def decode_segment(self, seg: Segment, x, delta, positions, write, tables, lengths):
+        """One segment of a decode step on its device's tensors: shapes only, no host decisions (a CUDA graph
+        captures it). Returns (h, delta), or the logits ([batch, vocab], float32) on the last segment."""
+        if seg.use_kernel:
+            splits = paged_attention.choose_splits(x.shape[0], self.kv_heads, tables.shape[1])
 
             def attend(i, q):
                 return paged_attention.paged_decode_attention(
@@ -203,8 +285,8 @@ class LlamaFamilyForward:
             def attend(i, q):
                 return self.attention.decode(i, q, tables, lengths)
 
-        h = self._layers(tokens, positions, write, attend)
-        return self.model.lm_head(h[None]).float()[0]
+        out = self.run_segment(seg, x, delta, positions, write, attend)
+        return self.model.lm_head(out[None]).float()[0] if seg.last else out
 
 
 def decode_inputs(batch: list[Sequence], block_size: int, rows: int | None = None, table_width: int | None = None):

@@ -66,8 +66,13 @@ def build_engine(model) -> Engine:
     shape = cache_shape(model.model, model.dtype)
     budget = getattr(model, "kv_cache", None)
     tokens = budget_tokens(budget, shape) if budget is not None else default_budget(model, context)
-    cache = PagedKVCache(shape, tokens, model.device.torch_device)
-    return Engine(LlamaFamilyForward(model.model, cache, max_positions=min(context, tokens + 1)))
+    placement = getattr(model, "placement", None)
+    if placement is None:
+        cache = PagedKVCache(shape, tokens, model.device.torch_device)
+    else:  # split across devices: each layer's cache beside it
+        cache = PagedKVCache(shape, tokens, [torch.device(placement.layer_device(i)) for i in range(shape.layers)])
+    forward = LlamaFamilyForward(model.model, cache, max_positions=min(context, tokens + 1), placement=placement)
+    return Engine(forward)
 
 
 def batch_greedy(sampler: Sampler) -> bool:

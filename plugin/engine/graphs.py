@@ -8,6 +8,10 @@ a batch smaller than its bucket is padded with rows that write into the padding 
 The same holds for reading a short prompt (a 512-token chunk of a 7B model: ~29 ms of host time for ~14 ms
 of GPU work, measured on an H100): a request's first chunk, alone in its step, replays a graph per length
 bucket, padded at the end (causal attention keeps the padding out of the real rows).
+
+A model split across devices has one decode graph per segment (a graph belongs to one device) for each bucket:
+each segment's graph reads the previous one's hidden states, copied into its input buffers between replays.
+A segment on the CPU runs eagerly in between. Its prompts are read eagerly (no prefill graphs).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .forward import LlamaFamilyForward, decode_inputs
+from .forward import LlamaFamilyForward, Segment, decode_inputs
 from .scheduler import Sequence
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -30,12 +34,24 @@ class _Captured:
     logits: torch.Tensor
 
 
+@dataclass
+class _SegmentGraph:
+    graph: torch.cuda.CUDAGraph | None  # None: a CPU segment, run eagerly
+    inputs: tuple[torch.Tensor, ...]  # (tokens or h, [delta], positions, write, tables, lengths) on its device
+    outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None  # (h, delta), or the logits on the last
+
+
 class GraphedDecode:
     def __init__(self, forward: LlamaFamilyForward, max_batch: int):
         self.forward = forward
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
-        self.captured: dict[int, _Captured] = {}
-        self.pool = None
+        self.captured: dict[int, list[_SegmentGraph]] = {}
+        self.pools: dict[torch.device, object] = {}  # one graph memory pool per device
+
+    @property
+    def pool(self):
+        """The memory pool of the first device's graphs (the prefill graphs share it)."""
+        return self.pools.get(self.forward.device)
 
     def capture_all(self) -> None:
         for rows in self.buckets:
@@ -47,31 +63,65 @@ class GraphedDecode:
 
     @torch.inference_mode()
     def __call__(self, batch: list[Sequence]) -> torch.Tensor:
-        rows = self.bucket(len(batch))
-        entry = self.captured.get(rows) or self._capture(rows)
-        host = decode_inputs(batch, self.forward.cache.block_size, rows=rows, table_width=self.forward.table_width)
-        for buffer, value in zip(entry.inputs, host):
-            buffer.copy_(value, non_blocking=True)
-        entry.graph.replay()
-        return entry.logits[: len(batch)]
-
-    def _capture(self, rows: int) -> _Captured:
         fwd = self.forward
-        inputs = tuple(t.to(fwd.device) for t in decode_inputs([], fwd.cache.block_size, rows, fwd.table_width))
-        side = torch.cuda.Stream(fwd.device)
-        side.wait_stream(torch.cuda.current_stream(fwd.device))
-        with torch.cuda.stream(side):  # warm-up: kernels pick their configs and scratch grows outside the capture
-            for _ in range(2):
-                fwd.decode_on(*inputs)
-        torch.cuda.current_stream(fwd.device).wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA call (a model being freed, another engine) must not end the capture
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = fwd.decode_on(*inputs)
-        entry = self.captured[rows] = _Captured(graph, inputs, logits)
-        return entry
+        rows = self.bucket(len(batch))
+        entries = self.captured.get(rows) or self._capture(rows)
+        tokens, *rest = decode_inputs(batch, fwd.cache.block_size, rows=rows, table_width=fwd.table_width)
+        carried: tuple[torch.Tensor, ...] = (tokens,)  # what the next segment reads: tokens, then (h, delta)
+        for seg, entry in zip(fwd.segments, entries):
+            if entry.graph is None:  # a CPU segment
+                here = [t.to(seg.device) for t in (*carried, *rest)]
+                out = fwd.decode_segment(seg, here[0], here[1] if len(carried) == 2 else None, *here[len(carried) :])
+            else:
+                for buffer, value in zip(entry.inputs, (*carried, *rest)):
+                    buffer.copy_(value, non_blocking=True)
+                entry.graph.replay()
+                out = entry.outputs
+            if seg.last:
+                return out[: len(batch)]
+            carried = out
+        raise AssertionError("no segment holds the head")
+
+    def _capture(self, rows: int) -> list[_SegmentGraph]:
+        fwd = self.forward
+        host = decode_inputs([], fwd.cache.block_size, rows, fwd.table_width)
+        hidden = fwd.model.config.hidden_size
+        entries = []
+        for seg in fwd.segments:
+            if seg.first:
+                carried = (host[0],)
+            else:
+                carried = tuple(torch.zeros(rows, hidden, dtype=fwd.dtype) for _ in range(2))
+            inputs = tuple(t.to(seg.device) for t in (*carried, *host[1:]))
+            if seg.device.type != "cuda":
+                entries.append(_SegmentGraph(None, inputs, None))
+                continue
+            entries.append(self._capture_segment(seg, inputs))
+        self.captured[rows] = entries
+        return entries
+
+    def _capture_segment(self, seg: Segment, inputs: tuple[torch.Tensor, ...]) -> _SegmentGraph:
+        fwd = self.forward
+
+        def step():
+            if seg.first:
+                return fwd.decode_segment(seg, inputs[0], None, *inputs[1:])
+            return fwd.decode_segment(seg, inputs[0], inputs[1], *inputs[2:])
+
+        with torch.cuda.device(seg.device):
+            side = torch.cuda.Stream(seg.device)
+            side.wait_stream(torch.cuda.current_stream(seg.device))
+            with torch.cuda.stream(side):  # warm-up: kernels pick their configs and scratch grows outside the capture
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(seg.device).wait_stream(side)
+            if seg.device not in self.pools:
+                self.pools[seg.device] = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA call (a model being freed, another engine) must not end the capture
+            with torch.cuda.graph(graph, pool=self.pools[seg.device], capture_error_mode="thread_local"):
+                outputs = step()
+        return _SegmentGraph(graph, inputs, outputs)
 
 
 class GraphedPrefill:
@@ -80,7 +130,8 @@ class GraphedPrefill:
     def __init__(self, forward: LlamaFamilyForward, pool=None, buckets: tuple[int, ...] = PREFILL_BUCKETS):
         self.forward = forward
         limit = forward.max_positions
-        self.buckets = [b for b in buckets if b <= limit]
+        # a model split across devices reads its prompts eagerly: a graph belongs to one device
+        self.buckets = [] if forward.split else [b for b in buckets if b <= limit]
         self.captured: dict[int, _Captured] = {}
         self.pool = pool
 

@@ -112,22 +112,44 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """The pool itself: per layer, keys and values as [slots, kv_heads, head_dim] (slot = block * size + offset)."""
+    """The pool itself: per layer, keys and values as [slots, kv_heads, head_dim] (slot = block * size + offset).
 
-    def __init__(self, shape: CacheShape, tokens: int, device: torch.device, block_size: int = BLOCK_SIZE):
+    `device` is one device, or one per layer (a model split across devices): each layer's cache then sits
+    beside its layer, one allocation per run of consecutive layers on a device, all sharing one block table."""
+
+    def __init__(
+        self, shape: CacheShape, tokens: int, device: torch.device | list[torch.device], block_size: int = BLOCK_SIZE
+    ):
         self.shape = shape
         self.block_size = block_size
         self.num_blocks = math.ceil(tokens / block_size) + 1  # + the padding block
         slots = self.num_blocks * block_size
-        size = (shape.layers, slots, shape.kv_heads, shape.head_dim)
-        try:
-            self.k = torch.empty(size, dtype=shape.dtype, device=device)
-            self.v = torch.empty(size, dtype=shape.dtype, device=device)
-        except torch.OutOfMemoryError:
-            raise CacheBudgetError(
-                f"kv_cache: {tokens} tokens ({tokens * shape.bytes_per_token / 2**30:.2f} GiB) "
-                f"do not fit in {device}'s free memory; give a smaller kv_cache"
-            ) from None
+        devices = [torch.device(d) for d in device] if isinstance(device, (list, tuple)) else [device] * shape.layers
+        if len(devices) != shape.layers:
+            raise GPTQBridgeError(f"kv_cache: {len(devices)} layer devices given for {shape.layers} layers")
+        runs: list[tuple[torch.device, int]] = []  # (device, layers) of each run of consecutive layers
+        for d in devices:
+            if runs and runs[-1][0] == d:
+                runs[-1] = (d, runs[-1][1] + 1)
+            else:
+                runs.append((d, 1))
+        self.pools: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for d, n in runs:
+            size = (n, slots, shape.kv_heads, shape.head_dim)
+            try:
+                self.pools.append(
+                    (torch.empty(size, dtype=shape.dtype, device=d), torch.empty(size, dtype=shape.dtype, device=d))
+                )
+            except torch.OutOfMemoryError:
+                raise CacheBudgetError(
+                    f"kv_cache: {tokens} tokens ({tokens * shape.bytes_per_token * n / shape.layers / 2**30:.2f} GiB "
+                    f"for {n} layers) do not fit in {d}'s free memory; give a smaller kv_cache"
+                ) from None
+        if len(self.pools) == 1:
+            self.k, self.v = self.pools[0]  # [layers, slots, kv_heads, head_dim]
+        else:
+            self.k = [layer for k, _ in self.pools for layer in k.unbind(0)]
+            self.v = [layer for _, v in self.pools for layer in v.unbind(0)]
         self.allocator = BlockAllocator(self.num_blocks, block_size)
         self.clear([0])
 
@@ -137,10 +159,11 @@ class PagedKVCache:
             return
         bs = self.block_size
         slots = (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)).flatten()
-        slots = slots.to(self.k.device)
-        self.k.index_fill_(1, slots, 0)
-        self.v.index_fill_(1, slots, 0)
+        for k, v in self.pools:
+            here = slots.to(k.device)
+            k.index_fill_(1, here, 0)
+            v.index_fill_(1, here, 0)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(k.nbytes + v.nbytes for k, v in self.pools)
