@@ -13,11 +13,12 @@ def source_or_default(source: str | None) -> str:
     return default_source()
 
 
-def shared_model(source: str | None, *, kernel: str = "auto", device: str | None = None) -> LoadedModel:
-    """The process-wide loaded model for `source`: adapters naming the same checkpoint share one copy."""
+def shared_model(source: str | None, *, kernel: str = "auto", device: str | None = None, **split) -> LoadedModel:
+    """The process-wide loaded model for `source`: adapters naming the same checkpoint share one copy. `split`:
+    `load_model`'s gpu_split / max_memory / device_map (a model split across devices)."""
     from ..model_cache import get_model
 
-    return get_model(source_or_default(source), kernel=kernel, device=device)
+    return get_model(source_or_default(source), kernel=kernel, device=device, **split)
 
 
 def model_display_name(loaded: LoadedModel) -> str:

@@ -32,6 +32,8 @@ params: dict[str, Any] = {
     "model": "",  # GPTQ source: directory or org/name[:branch]; empty = the embedded default model
     "kernel": "auto",  # a kernel name (gptq-bridge explain lists them) or auto
     "device": "",  # cpu, cuda, cuda:N; empty = cuda if present
+    "gpu_split": "",  # split across GPUs: GiB each, in order ("20,24"), or "auto"; empty = one device
+    "max_memory": "",  # or a budget per device: "0=20GiB,1=24GiB,cpu=48GiB" (layers on the CPU run there)
     "prompt_format": "",  # the webui formats prompts itself; a format named here adds the stop strings it implies
 }
 
@@ -52,8 +54,22 @@ DIRECT = {
 }
 
 
+def split_settings() -> dict:
+    """The split settings as `load_model` keywords (empty settings: none)."""
+    gpu_split = str(params.get("gpu_split") or "").strip()
+    max_memory = str(params.get("max_memory") or "").strip()
+    if gpu_split.lower() == "auto":
+        return {"device_map": "auto"}
+    return {**({"gpu_split": gpu_split} if gpu_split else {}), **({"max_memory": max_memory} if max_memory else {})}
+
+
 def _loaded():
-    return shared_model(params["model"] or None, kernel=params["kernel"] or "auto", device=params["device"] or None)
+    return shared_model(
+        params["model"] or None,
+        kernel=params["kernel"] or "auto",
+        device=params["device"] or None,
+        **split_settings(),
+    )
 
 
 def setup() -> None:
@@ -192,6 +208,12 @@ def ui() -> None:
             choices=["auto"] + [k.name for k in registered_kernels()], value=params["kernel"], label="Kernel"
         )
         device = gr.Textbox(value=params["device"], label="Device (cpu, cuda, cuda:N; empty = auto)")
+        gpu_split = gr.Textbox(
+            value=params["gpu_split"], label="GPU split (GiB per GPU in order, e.g. 20,24; auto; empty = one device)"
+        )
+        max_memory = gr.Textbox(
+            value=params["max_memory"], label="Max memory per device (e.g. 0=20GiB,cpu=48GiB; empty = none)"
+        )
         fmt = gr.Dropdown(
             choices=[""] + sorted(registered_prompt_formats()),
             value=params["prompt_format"],
@@ -200,12 +222,18 @@ def ui() -> None:
         status = gr.Markdown()
         load = gr.Button("Load")
 
-    def apply(model_v, kernel_v, device_v, fmt_v):
-        params.update(model=model_v, kernel=kernel_v, device=device_v, prompt_format=fmt_v)
+    def apply(model_v, kernel_v, device_v, split_v, memory_v, fmt_v):
+        params.update(
+            model=model_v, kernel=kernel_v, device=device_v, gpu_split=split_v, max_memory=memory_v, prompt_format=fmt_v
+        )
         setup()
-        return f"Loaded **{_webui_shared().model_name}** with kernel `{_loaded().kernel}`."
+        lm = _loaded()
+        where = "; ".join(lm.placement.describe()) if lm.placement else ""
+        return f"Loaded **{_webui_shared().model_name}** with kernel `{lm.kernel}`." + (
+            f" Split: {where}" if where else ""
+        )
 
-    load.click(apply, [model, kernel, device, fmt], status)
+    load.click(apply, [model, kernel, device, gpu_split, max_memory, fmt], status)
 
 
 SCRIPT = '''"""text-generation-webui extension: gptq-bridge. Installed by `gptq-bridge textgen install`."""

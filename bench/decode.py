@@ -10,6 +10,11 @@ tokenizer, loads it with gptq_bridge, and measures through the public API:
 - peak GPU memory.
 Peers in the same run: exllamav2 (its model, cache and forward loop) with --exllama, and transformers fp16
 eager with --hf (random fp16 weights of the same shape, where they fit).
+
+With --gpu-split 20,24 or --max-memory 0=5GiB,cpu=64GiB the same measurements run a second time on the model
+split across devices (layers on the CPU run there), and `split_vs_single` gives each decode speed's ratio:
+    python bench/decode.py --shapes 13b --contexts 512 --prefills 512 --streams 1,8 --new 32 \
+        --max-memory 0=5GiB,cpu=64GiB --out bench/results/decode-split-13b.json
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def hf_config(shape: str):
     )
 
 
-def random_checkpoint(shape: str, out: Path) -> Path:
+def random_checkpoint(shape: str, out: Path, group_size: int = 128) -> Path:
     """Random packed weights in the GPTQ layout (act-order g_idx, zero point in the middle of the range), written
     tensor by tensor in 4 GiB shards (a 70B checkpoint never sits whole in memory, and needs ~1.1x its size
     of disk)."""
@@ -77,7 +82,7 @@ def random_checkpoint(shape: str, out: Path) -> Path:
     from gptq_bridge.writer import CheckpointWriter
 
     hidden, inter, layers, heads, kv, vocab, bits = SHAPES[shape]
-    config = QuantizeConfig(bits=bits, group_size=128, desc_act=True, sym=True)
+    config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=True, sym=True)
     head_dim = hidden // heads
     widths = {
         "q_proj": (hidden, hidden),
@@ -102,13 +107,13 @@ def random_checkpoint(shape: str, out: Path) -> Path:
                     n_in, n_out = widths[name]
                     key = f"model.layers.{i}.{part}.{name}"
                     codes = torch.randint(0, 2**bits, (n_in, n_out), dtype=torch.int32, generator=gen, device=dev)
-                    groups = -(-n_in // 128)
+                    groups = -(-n_in // group_size)
                     writer.add(f"{key}.qweight", pack(codes, bits, dim=0).cpu())
                     zeros = torch.full((groups, n_out), 2 ** (bits - 1) - 1, dtype=torch.int32, device=dev)  # z - 1
                     writer.add(f"{key}.qzeros", pack(zeros, bits, dim=1).cpu())
                     scale = 2.0 / (2**bits * n_in**0.5)
                     writer.add(f"{key}.scales", torch.full((groups, n_out), scale, dtype=torch.float16))
-                    writer.add(f"{key}.g_idx", (order[n_in] // 128).to(torch.int32))
+                    writer.add(f"{key}.g_idx", (order[n_in] // group_size).to(torch.int32))
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 writer.add(f"model.layers.{i}.{norm}.weight", torch.ones(hidden, dtype=torch.float16))
         writer.add("model.embed_tokens.weight", torch.randn(vocab, hidden, generator=gen, device=dev).half().cpu())
@@ -259,18 +264,23 @@ def ours(
     streams: list[int],
     new: int,
     profile: bool = False,
+    split: dict | None = None,
+    lm=None,
 ) -> dict:
+    """Measure a model: loaded here (with `split`, load_model's split keywords), or the loaded `lm` given."""
     import gptq_bridge
 
     vocab = SHAPES[shape][5]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    lm = gptq_bridge.load_model(str(path))
+    lm = lm or gptq_bridge.load_model(str(path), **(split or {}))
     res: dict = {
-        "kernel": lm.kernel,
+        "kernel": lm.kernel if lm.kernels is None else lm.kernels,
         "load_s": round(time.perf_counter() - t0, 1),
         "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
     }
+    if lm.placement is not None:
+        res["placement"] = lm.placement.describe()
     stream_times(lm, prompt(16, vocab), 8)  # warm-up: engine, graphs of batch 1, kernel configs
     for ctx in contexts:
         start, arr = stream_times(lm, prompt(ctx - new, vocab, ctx), new)
@@ -384,6 +394,10 @@ def main() -> None:
     ap.add_argument("--exllama", action="store_true")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="time one graphed step and list an eager step's kernels")
+    ap.add_argument("--gpu-split", default=None, metavar="GIB,GIB", help="also measure the model split: GiB per GPU")
+    ap.add_argument(
+        "--max-memory", default=None, metavar="DEV=SIZE,...", help="also measure the model split: 0=5GiB,cpu=64GiB"
+    )
     ap.add_argument("--out", type=Path)
     ap.add_argument("--workdir", type=Path, help="where the random checkpoints are written (default: a temp dir)")
     ap.add_argument(
@@ -420,6 +434,22 @@ def main() -> None:
             shape, path, ints(args.contexts), ints(args.prefills), ints(args.streams), args.new, args.profile
         )
         print(shape, "gptq-bridge", json.dumps(entry["gptq_bridge"]), flush=True)
+        if args.gpu_split or args.max_memory:
+            split = {"gpu_split": args.gpu_split} if args.gpu_split else {"max_memory": args.max_memory}
+            entry["gptq_bridge_split"] = ours(
+                shape, path, ints(args.contexts), ints(args.prefills), ints(args.streams), args.new, False, split
+            )
+            single, other = entry["gptq_bridge"], entry["gptq_bridge_split"]
+            ratios = {k: round(other[k] / single[k], 3) for k in single if k.startswith("decode_tok_s")}
+            ratios.update(
+                {
+                    f"{k}_aggregate": round(other[k]["aggregate_tok_s"] / single[k]["aggregate_tok_s"], 3)
+                    for k in single
+                    if k.startswith("streams")
+                }
+            )
+            entry["split_vs_single"] = ratios
+            print(shape, "gptq-bridge split", json.dumps(other), json.dumps(ratios), flush=True)
 
         if args.hf and shape in ("7b", "13b", "tiny"):
             entry["transformers_fp16_eager"] = hf_eager(shape, ints(args.contexts), args.new)

@@ -1,7 +1,8 @@
 """Loaded models shared by everything in one process: two adapters naming the same source load it once.
 
 The key is what decides the loaded result: the resolved checkpoint directory (so `./m` and `/abs/m`, or a hub
-id and its cached snapshot, are the same model), the kernel, the device, the dtype and the safety opt-ins.
+id and its cached snapshot, are the same model), the kernel, the device, the dtype, the safety opt-ins and a
+split across devices (its budgets and the KV cache it reserves).
 Loading one key twice at the same time waits for the first load instead of starting a second. A source is
 resolved once per process: adapters ask for their model on every request, and resolving a hub id online
 would cost a round trip to the hub each time.
@@ -37,12 +38,29 @@ class ModelCache:
         revision: str | None = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        gpu_split=None,
+        max_memory=None,
+        device_map: str | None = None,
+        kv_cache: int | str | None = None,
     ) -> tuple:
         spelled = (source, revision, allow_pickle)
         if spelled not in self._paths:
             self._paths[spelled] = str(resolve(source, revision=revision, allow_pickle=allow_pickle).path)
         options = load_options(
-            kernel=kernel, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+            kernel=kernel,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            gpu_split=gpu_split,
+            max_memory=max_memory,
+            device_map=device_map,
+            kv_cache=kv_cache,
+        )
+        split = (
+            None
+            if not options.split_requested
+            else (options.device_map, tuple((b.device, b.bytes) for b in options.budgets or ()), str(kv_cache))
         )
         return (
             self._paths[spelled],
@@ -51,6 +69,7 @@ class ModelCache:
             str(options.dtype),
             trust_remote_code,
             allow_pickle,
+            split,
         )
 
     def get(self, source: str, **options: Any) -> LoadedModel:

@@ -213,3 +213,18 @@ def test_install_into_a_webui_checkout(tmp_path, capsys):
         assert ns["params"] is textgen.params
     assert cli.main(["textgen", "install", str(tmp_path / "nowhere")]) == 1
     assert "not a text-generation-webui checkout" in capsys.readouterr().err
+
+
+def test_split_settings_load_the_model_split_across_devices(webui, monkeypatch):
+    monkeypatch.setitem(textgen.params, "device", "")
+    monkeypatch.setitem(textgen.params, "max_memory", "cpu=4GiB")
+    assert textgen.split_settings() == {"max_memory": "cpu=4GiB"}
+    textgen.setup()
+    loaded = shared_models().get(adapter_source(), max_memory="cpu=4GiB")
+    assert webui.model is loaded.model and loaded.placement is not None
+    assert loaded.placement.devices == ["cpu"] and loaded.placement.slots[0].layers[1] > 0
+    new = list(textgen.custom_generate_reply("the cat", "the cat", state(), [], is_chat=False))
+    assert new[-1] == loaded.generate("the cat", max_new_tokens=12, ban_eos=True, add_bos=True).text
+    monkeypatch.setitem(textgen.params, "max_memory", "")
+    monkeypatch.setitem(textgen.params, "gpu_split", "auto")
+    assert textgen.split_settings() == {"device_map": "auto"}
