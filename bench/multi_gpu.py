@@ -61,23 +61,20 @@ def greedy_tokens(lm, vocab: int) -> list[int]:
 
 
 def measure(shape: str, path: Path, options: dict, streams: list[int], new: int) -> tuple[dict, list[int]]:
-    """decode.ours (batch-1 decode at one context, concurrent streams), plus the greedy tokens."""
+    """The greedy tokens, then decode.ours (batch-1 decode at one context, concurrent streams), on one load."""
     import gptq_bridge
 
+    t = time.perf_counter()
     lm = gptq_bridge.load_model(str(path), **options)
+    load_s = round(time.perf_counter() - t, 1)
     tokens = greedy_tokens(lm, decode.SHAPES[shape][5])
     per_gpu = {f"cuda:{i}": round(torch.cuda.memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())}
-    placement = lm.placement.describe() if lm.placement is not None else None
-    engine = lm.__dict__.get("_engine")
-    if engine is not None:
-        engine.close()
-    del lm, engine
+    res = decode.ours(shape, path, [CONTEXT], [], streams, new, lm=lm)  # closes the engine at the end
+    res["load_s"] = load_s
+    res["gib_per_gpu_after_first_call"] = per_gpu
+    del lm
     gc.collect()
     torch.cuda.empty_cache()
-    res = decode.ours(shape, path, [CONTEXT], [], streams, new, split=options)
-    res["gib_per_gpu_after_load"] = per_gpu
-    if placement:
-        res["placement"] = placement
     return res, tokens
 
 
@@ -146,7 +143,9 @@ def main() -> int:
     }
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gptq-bridge-multi-gpu-"))
     t = time.perf_counter()
-    path = decode.random_checkpoint(shape, work / f"{shape}-4bit-32g", group_size=32)
+    path = work / f"{shape}-4bit-32g"
+    if not (path / "config.json").is_file():  # a checkpoint left by an earlier run in --workdir is reused
+        path = decode.random_checkpoint(shape, path, group_size=32)
     size = sum(f.stat().st_size for f in path.iterdir())
     report["checkpoint_gb"] = round(size / 1e9, 2)
     report["checkpoint_s"] = round(time.perf_counter() - t, 1)

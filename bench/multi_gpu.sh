@@ -23,7 +23,7 @@ fi
 export TORCH_EXTENSIONS_DIR=/tmp/tx MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
 name=multi-gpu
 case " $* " in *" --dry-run "*) name=multi-gpu-dry-run ;; esac
-python3 bench/multi_gpu.py --workdir /tmp/multi-gpu-work --out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
-status=${PIPESTATUS[0]}
-rm -rf /tmp/multi-gpu-work
-exit "$status"
+# the checkpoint stays in /tmp/multi-gpu-work: a second run on the same machine skips writing it
+python3 bench/multi_gpu.py --workdir "/tmp/multi-gpu-work${name#multi-gpu}" --out "$OUT/$name.json" "$@" 2>&1 \
+  | tee "$OUT/$name.log"
+exit "${PIPESTATUS[0]}"

@@ -15,6 +15,7 @@ where each decoder layer goes, and step 4 streams each tensor straight to its ow
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,7 +360,9 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
         _fuse_split(model, plan, options)
     for module in model.modules():
         if isinstance(module, GPTQLinear):
-            module.prepare()
+            where = module.qweight.device
+            with torch.cuda.device(where) if where.type == "cuda" else contextlib.nullcontext():
+                module.prepare()  # a kernel may launch on the current device: make it the layer's
     model.eval()
     if plan.placement is not None:
         from .split import attach_moves, model_parts

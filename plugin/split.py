@@ -133,9 +133,22 @@ def attach_moves(model: nn.Module, parts: ModelParts, devices: dict[str, str]) -
 
     def hook_for(device: torch.device):
         def hook(module, args, kwargs):
+            if device.type == "cuda":  # kernels launch on the current device
+                torch.cuda.set_device(device)
             return _move(args, device), _move(kwargs, device)
 
         return hook
+
+    if any(d.startswith("cuda") for d in devices.values()):  # the caller's current device, restored after
+        saved: list[int] = []
+
+        def save(module, args):
+            saved.append(torch.cuda.current_device())
+
+        def restore(module, args, output):
+            torch.cuda.set_device(saved.pop())
+
+        handles += [model.register_forward_pre_hook(save), model.register_forward_hook(restore)]
 
     def visit(name: str, module: nn.Module) -> None:
         if module is layers:
