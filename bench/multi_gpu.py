@@ -9,7 +9,8 @@ In one run:
 2. loads it on one GPU, takes 64 greedy tokens and measures batch-1 and 8-stream decode;
 3. loads it with gpu_split across two GPUs (half the decoder layers on each), checks its 64 greedy tokens equal
    the single GPU's, and measures the same;
-4. runs exllamav2 with its own gpu_split (batch 1 and a batch of 8), where it imports.
+4. runs exllamav2 with its own gpu_split (batch 1 and a batch of 8) where it imports, first and in its own
+   process, so the GPUs are as empty for it as for gptq-bridge.
 
 --dry-run does all of it on one GPU with a small model: the "split" is two slots of cuda:0 (max_memory as
 (device, size) pairs), so the split path runs (two segments, a CUDA graph each, hidden states handed over);
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -118,6 +120,18 @@ def _exllama_split(path: Path, gpu_split: list[float] | None, streams: list[int]
     return res
 
 
+def exllama_process(path: Path, gpu_split: list[float] | None, args) -> dict:
+    """exllamav2 in its own process (a peer that cannot run is reported, not fatal)."""
+    cmd = [sys.executable, __file__, "--exllama-of", str(path), "--streams", args.streams, "--new", str(args.new)]
+    cmd += ["--exllama-split", ",".join(f"{x:.3f}" for x in gpu_split or [])]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr, flush=True)
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        return {"error": lines[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="one GPU, a small model: checks the script end to end")
@@ -127,8 +141,14 @@ def main() -> int:
     ap.add_argument("--no-exllama", action="store_true")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--workdir", type=Path, help="where the random checkpoint is written (default: a temp dir)")
+    ap.add_argument("--exllama-of", type=Path, help=argparse.SUPPRESS)  # internal: exllamav2 on this checkpoint
+    ap.add_argument("--exllama-split", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     streams = [int(x) for x in args.streams.split(",") if x]
+    if args.exllama_of:
+        split = [float(x) for x in args.exllama_split.split(",") if x] or None
+        print(json.dumps(exllama_split(args.exllama_of, split, streams, args.new)))
+        return 0
     if not args.dry_run and torch.cuda.device_count() < 2:
         print(f"needs two GPUs, torch sees {torch.cuda.device_count()}; --dry-run runs on one", file=sys.stderr)
         return 2
@@ -151,10 +171,15 @@ def main() -> int:
     report["checkpoint_s"] = round(time.perf_counter() - t, 1)
     print(f"checkpoint: {path} ({size / 1e9:.1f} GB in {report['checkpoint_s']} s)", flush=True)
 
+    options = split_options(path, args.dry_run, args.kv_cache)
+    exl = None
+    if not args.no_exllama:
+        gpu_split = None if args.dry_run else options["gpu_split"]
+        exl = exllama_process(path, gpu_split, args)
+        print("exllamav2", json.dumps(exl), flush=True)
     single, want = measure(shape, path, {"device": "cuda:0", "kv_cache": args.kv_cache}, streams, args.new)
     report["single_gpu"] = single
     print("single GPU", json.dumps(single), flush=True)
-    options = split_options(path, args.dry_run, args.kv_cache)
     split, got = measure(shape, path, options, streams, args.new)
     report["split"] = split
     report["split_options"] = {k: v for k, v in options.items()}
@@ -169,28 +194,19 @@ def main() -> int:
     report["split_vs_single"] = ratios
     print("split / single", json.dumps(ratios), flush=True)
 
-    if not args.no_exllama:
-        gpu_split = None if args.dry_run else options["gpu_split"]
-        try:
-            exl = exllama_split(path, gpu_split, streams, args.new)
-            # batch 1: our decode speed between first and last token; batches: aggregate over the whole run (our
-            # figure includes reading the prompts, exllamav2's does not)
-            ours = {
-                f"streams{k}": split[f"decode_tok_s_ctx{CONTEXT}"]
-                if k == 1
-                else split[f"streams{k}"]["aggregate_tok_s"]
-                for k in streams
-            }
-            exl["split_vs_exllamav2"] = {
-                k: round(v / exl[f"{k}_aggregate_tok_s"], 3) for k, v in ours.items() if exl.get(f"{k}_aggregate_tok_s")
-            }
-        except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-            import traceback
-
-            traceback.print_exc()
-            exl = {"error": f"{type(exc).__name__}: {exc}"}
+    if exl is not None and "error" not in exl:
+        # batch 1: our decode speed between first and last token; batches: aggregate over the whole run (our
+        # figure includes reading the prompts, exllamav2's does not)
+        ours = {
+            f"streams{k}": split[f"decode_tok_s_ctx{CONTEXT}"] if k == 1 else split[f"streams{k}"]["aggregate_tok_s"]
+            for k in streams
+        }
+        exl["split_vs_exllamav2"] = {
+            k: round(v / exl[f"{k}_aggregate_tok_s"], 3) for k, v in ours.items() if exl.get(f"{k}_aggregate_tok_s")
+        }
+        print("split / exllamav2 split", json.dumps(exl["split_vs_exllamav2"]), flush=True)
+    if exl is not None:
         report["exllamav2_split"] = exl
-        print("exllamav2", json.dumps(exl), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
