@@ -171,3 +171,29 @@ def test_info_and_explain_show_the_placement_with_bytes_per_device(ckpt, two_cpu
         ).stdout
     )
     assert data["placement"][0]["layers"] == [0, 4] and data["kernel_per_device"] == {"cpu": info["kernel"]}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine 'auto' fills the GPUs first")
+def test_device_map_auto_on_the_cpu_fits_in_the_memory_available(ckpt):
+    lm = gptq_bridge.load_model(str(ckpt), device_map="auto")
+    assert lm.placement.devices == ["cpu"] and not lm.placement.split and lm.placement.slots[0].layers == (0, 4)
+    assert lm.kv_cache is None  # not split: the engine's own default budget
+
+
+def test_a_tied_head_split_from_its_embeddings(tmp_path):
+    config = llama_config(layers=2)
+    config.tie_word_embeddings = True
+    path = build(tmp_path / "tied", hf_config=config, tokenizer=True).path
+    plan = plan_load(resolve(str(path)), load_options(max_memory=[("cpu", "1GiB")], kv_cache=KV))
+    s = plan.sizes["cpu"]
+    assert s.tied
+    first = s.embed + s.layers[0] + s.kv_per_layer
+    slots = [("cpu", f"{first}B"), ("cpu", "1GiB")]
+    split = gptq_bridge.load_model(str(path), max_memory=slots, kv_cache=KV)
+    whole = gptq_bridge.load_model(str(path), device="cpu", kv_cache=KV)
+    head = split.placement.slots[1]
+    assert head.head and head.weights_bytes == s.layers[1] + s.head  # the head counted as a copy beside it
+    for p in ("the a of to", "is it you"):
+        assert split.generate(p, max_new_tokens=12, ban_eos=True).token_ids == (
+            whole.generate(p, max_new_tokens=12, ban_eos=True).token_ids
+        )
