@@ -51,7 +51,7 @@ def split_options(path: Path, dry: bool, kv: int) -> dict:
     plan = plan_load(resolve(str(path)), load_options(max_memory=[(devices[0], "1000GiB")], kv_cache=kv))
     s = plan.sizes[devices[0]]
     half = len(s.layers) // 2
-    first = s.embed + sum(s.layers[:half]) + half * s.kv_per_layer
+    first = s.embed + sum(s.layers[:half]) + half * s.kv_per_layer + 2**20  # 1 MiB over: GiB floats round
     rest = sum(s.layers[half:]) + (len(s.layers) - half) * s.kv_per_layer + s.head
     if dry:
         return {"max_memory": [(devices[0], f"{first}B"), (devices[1], f"{rest + 2**28}B")], "kv_cache": kv}
