@@ -443,7 +443,7 @@ def format_info(i: dict) -> str:
     if i.get("placement_lines"):
         kernels = ", ".join(f"{k} on {d}" for d, k in i["kernel_per_device"].items())
         lines.append(
-            f"split:         {len(i['placement'])} devices, KV cache of {i['kv_cache_tokens_reserved']} tokens "
+            f"split:         {len(i['placement'])} device{'s' if len(i['placement']) > 1 else ''}, KV cache of {i['kv_cache_tokens_reserved']} tokens "
             f"beside each layer (kernels: {kernels})"
         )
         lines += [f"               {line}" for line in i["placement_lines"]]
