@@ -160,7 +160,9 @@ def test_info_and_explain_show_the_placement_with_bytes_per_device(ckpt, two_cpu
         text=True,
         check=True,
     ).stdout
-    assert "split:         1 device, KV cache of 256 tokens" in out and "cpu: embeddings, layers 0-3, head: weights" in out
+    assert (
+        "split:         1 device, KV cache of 256 tokens" in out and "cpu: embeddings, layers 0-3, head: weights" in out
+    )
     assert "KV cache" in out
     data = json.loads(
         subprocess.run(
