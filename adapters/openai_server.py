@@ -14,6 +14,7 @@ Needs the `server` extra (FastAPI and uvicorn).
 import asyncio
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -71,7 +72,7 @@ def _number(body: dict, name: str, kind: type, low: float | None = None, high: f
     if value is None:
         return None
     ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
-    if isinstance(value, bool) or not ok:
+    if isinstance(value, bool) or not ok or value != value:  # value != value: NaN, which JSON parsers accept
         raise APIError(400, f"{name}: expected {'a number' if kind is float else 'an integer'}, got {value!r}", name)
     if (low is not None and value < low) or (high is not None and value > high):
         raise APIError(400, f"{name}: {value!r} is outside [{low}, {high}]", name)
@@ -119,7 +120,7 @@ def generation_kwargs(body: dict, context: int | None) -> dict:
         value = _number(body, name, float, -2, 2)
         if value is not None:
             kwargs[name] = value
-    seed = _number(body, "seed", int, 0)
+    seed = _number(body, "seed", int, 0, 2**63 - 1)
     if seed is not None:
         kwargs["seed"] = seed
     stop = body.get("stop")
@@ -132,6 +133,30 @@ def generation_kwargs(body: dict, context: int | None) -> dict:
     if user is not None and not isinstance(user, str):
         raise APIError(400, "user: expected a string", "user")
     return kwargs
+
+
+CORE_NAMES = {  # gptq-bridge's parameter names in its errors, and the request fields they come from
+    "max_new_tokens": ("max_completion_tokens", "max_tokens"),
+    "temperature": ("temperature",),
+    "top_p": ("top_p",),
+    "seed": ("seed",),
+    "stop": ("stop",),
+    "presence_penalty": ("presence_penalty",),
+    "frequency_penalty": ("frequency_penalty",),
+    "prompt": ("messages", "prompt"),
+    "messages": ("messages",),
+    "kv_cache": ("max_completion_tokens", "max_tokens", "messages", "prompt"),
+}
+
+
+def core_error(exc: Exception, body: dict) -> APIError:
+    """A gptq-bridge error about a request as a 400 whose `param` is the request field at fault."""
+    message = str(exc)
+    name = message.split(":", 1)[0].strip()
+    field = next((f for f in CORE_NAMES.get(name, ()) if f in body), None)
+    if field is not None and field != name and name != "kv_cache":
+        message = f"{field}{message[len(name) :]}"
+    return APIError(400, message, field)
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -198,6 +223,11 @@ def create_app(lm, options: ServerOptions):
     async def api_error(request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):  # a fault of the server, never of the request
+        error = APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):  # unknown routes and methods, as OpenAI error objects
         error = APIError(exc.status_code, str(exc.detail), type_="invalid_request_error")
@@ -225,6 +255,8 @@ def create_app(lm, options: ServerOptions):
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise APIError(400, "the body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         model = body.get("model")
@@ -256,13 +288,13 @@ def create_app(lm, options: ServerOptions):
         with lock:
             state["active"] -= 1
 
-    def start(prompt, kwargs):
+    def start(body, prompt, kwargs):
         """A GenerationStream for the request; bad parameters are a 400 naming them."""
         cancel = threading.Event()
         try:
             stream = lm.stream(prompt, cancel=cancel, **kwargs)
         except GPTQBridgeError as exc:
-            raise APIError(400, str(exc)) from None
+            raise core_error(exc, body) from None
         if options.timeout_s:
             timer = threading.Timer(options.timeout_s, cancel.set)
             timer.daemon = True
@@ -304,7 +336,7 @@ def create_app(lm, options: ServerOptions):
             "total_tokens": u.prompt_tokens + u.completion_tokens,
         }
 
-    async def respond(body: dict, prompt, chat: bool):
+    async def respond(request: Request, body: dict, prompt, chat: bool):
         kwargs = generation_kwargs(body, context)
         include_usage = (
             bool((body.get("stream_options") or {}).get("include_usage"))
@@ -313,18 +345,28 @@ def create_app(lm, options: ServerOptions):
         )
         admit()
         try:
-            stream = start(prompt, kwargs)
+            stream = start(body, prompt, kwargs)
         except BaseException:
             release()
             raise
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+
+        async def watch_disconnect():
+            """Cancel the generation as soon as the client goes, even while no token is due (servers that
+            report a disconnect only when a send fails would otherwise notice it one token late)."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            stream.cancel()
+
         if not body.get("stream"):
+            watcher = asyncio.ensure_future(watch_disconnect())
             try:
                 async for _ in chunks_of(stream):
                     pass
             finally:
+                watcher.cancel()
                 release()
             result = stream.result
             choice = {"index": 0, "finish_reason": finish_reason(result.finish_reason)}
@@ -362,17 +404,24 @@ def create_app(lm, options: ServerOptions):
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
         async def events():
+            watcher = asyncio.ensure_future(watch_disconnect())
             try:
                 if chat:
                     yield event(piece(None, None, first=True))
-                async for chunk in chunks_of(stream):
-                    yield event(piece(chunk.text, None))
+                try:
+                    async for chunk in chunks_of(stream):
+                        yield event(piece(chunk.text, None))
+                except Exception as exc:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+                    error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    return
                 result = stream.result
                 yield event(piece(None, finish_reason(result.finish_reason)))
                 if include_usage:
                     yield event(None, usage_of(result))
                 yield "data: [DONE]\n\n"
             finally:
+                watcher.cancel()
                 release()
 
         return StreamingResponse(
@@ -394,12 +443,12 @@ def create_app(lm, options: ServerOptions):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
-        return await respond(body, chat_messages(body), chat=True)
+        return await respond(request, body, chat_messages(body), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request)
-        return await respond(body, completion_prompt(body), chat=False)
+        return await respond(request, body, completion_prompt(body), chat=False)
 
     return app
 
@@ -433,8 +482,28 @@ def _cmd_serve(args) -> int:
         max_queue=args.max_queue,
         timeout_s=args.timeout,
     )
-    progress(args, f"serving {options.model_name} on http://{args.host}:{args.port}/v1")
-    uvicorn.run(create_app(lm, options), host=args.host, port=args.port, log_level="warning")
+    app = create_app(lm, options)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                progress(args, "stopping: requests in flight finish first (Ctrl-C again to stop now)")
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout
+    )
+    # uvicorn stops listening at the first Ctrl-C or SIGTERM, lets the streams in flight end, then raises the
+    # signal again under the handler it found: these handlers make that a normal end (exit status 0)
+    stopped = []
+    previous = {sig: signal.signal(sig, lambda s, f: stopped.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        progress(args, f"serving {options.model_name} on http://{args.host}:{args.port}/v1")
+        Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    progress(args, "stopped")
     return 0
 
 
@@ -453,6 +522,13 @@ def gptq_register_commands(subparsers):
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or GPTQ_BRIDGE_API_KEY)")
     p.add_argument("--max-queue", type=int, default=64, help="requests at once; more get 429 (default 64)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="cancel a generation after this")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="at Ctrl-C or SIGTERM, wait at most this long for requests in flight (default: until they end)",
+    )
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: from the source)")
     p.add_argument("--replicas", type=int, default=None, metavar="N", help="N copies under Ray Serve (extra ray)")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="with --replicas: join this Ray cluster")
