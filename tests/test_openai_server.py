@@ -12,7 +12,7 @@ import torch
 from gen_models import byte_checkpoint
 
 import gptq_bridge
-from gptq_bridge.adapters.openai_server import ServerOptions, create_app
+from gptq_bridge.adapters.openai_server import ServerOptions, create_app, finish_reason
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -113,44 +113,14 @@ def test_completions_sync_async_and_streamed(server, client, lm):
     assert asyncio.run(run()) == (want.text, want.text)
 
 
-def test_32_streaming_clients_at_once_each_get_their_own_answer(server, lm):
-    prompts = [f"the {'cat ' * (i % 5)}sat on {i}" for i in range(32)]
-    alone = {p: lm.generate(p, max_new_tokens=20, ban_eos=True).text for p in prompts}
-    results: dict[str, str] = {}
-    start = threading.Barrier(len(prompts))
-
-    def run(p):
-        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        start.wait()
-        stream = c.completions.create(model="tiny", prompt=p, max_tokens=20, stream=True, extra_body={})
-        results[p] = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    # greedy answers: batched or alone, the same (ban_eos is not an OpenAI field, so the alone runs may stop
-    # earlier at EOS; compare up to the shorter)
-    for p in prompts:
-        got, want = results[p], alone[p]
-        assert got[: len(want)] == want or want[: len(got)] == got, p
-
-
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, lm):
-    from gptq_bridge.engine.generator import engine_for
-
-    alloc = engine_for(lm).forward.cache.allocator
-    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                break
-        assert alloc.free_blocks < alloc.usable_blocks  # it holds cache blocks while it streams
-    deadline = time.monotonic() + 10
-    while alloc.free_blocks < alloc.usable_blocks:
-        assert time.monotonic() < deadline, "the disconnected request still holds its blocks"
-        time.sleep(0.02)
+def sse_events(lines) -> list:
+    """The JSON payloads of a server-sent event stream, and "[DONE]" for its end marker."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
 
 
 class HeldHead(torch.nn.Module):
@@ -163,6 +133,149 @@ class HeldHead(torch.nn.Module):
     def forward(self, hidden):
         self.go.wait(timeout=60)
         return self.head(hidden)
+
+
+def wait_until(condition, what: str, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_32_streaming_clients_at_once_each_get_their_own_answer(server, lm):
+    """Each of 32 concurrent greedy streams (half chat, half completions) is exactly the same request run alone:
+    same text, same finish_reason, same usage; every stream ends with [DONE] under an id of its own."""
+    from gptq_bridge.adapters.openai_server import chat_messages, completion_prompt, generation_kwargs
+    from gptq_bridge.engine.generator import engine_for
+
+    bodies = []
+    for i in range(32):
+        words = f"the {'cat ' * (i % 5)}sat on {i}"
+        body = {"max_tokens": 8 + i % 13, "stream": True, "stream_options": {"include_usage": True}}
+        if i % 2:
+            body |= {"messages": [{"role": "user", "content": words}]}
+        else:
+            body |= {"prompt": words}
+        bodies.append(body)
+
+    def alone(body):
+        prompt = chat_messages(body) if "messages" in body else completion_prompt(body)
+        return lm.generate(prompt, **generation_kwargs(body, None))
+
+    want = [alone(b) for b in bodies]  # one at a time, through the same engine
+    assert len({w.text for w in want}) > 16  # different answers: a mix-up would show
+
+    engine = engine_for(lm)
+    batch_sizes: list[int] = []
+    decode = engine.decode
+
+    def recording_decode(batch):
+        batch_sizes.append(len(batch))
+        return decode(batch)
+
+    engine.decode = recording_decode
+    head = lm.model.lm_head = HeldHead(lm.model.lm_head)  # the first step waits until all 32 are in
+    results: dict[int, list] = {}
+    go = threading.Barrier(len(bodies))
+
+    def run(i):
+        url = server.url + ("/v1/chat/completions" if "messages" in bodies[i] else "/v1/completions")
+        with httpx.Client(timeout=120) as c:
+            go.wait()
+            with c.stream("POST", url, json=bodies[i]) as r:
+                assert r.status_code == 200
+                results[i] = sse_events(r.iter_lines())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(engine.scheduler.waiting) + len(engine.scheduler.running) == 32, "not all 32 came in")
+        head.go.set()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        head.go.set()
+        engine.decode, lm.model.lm_head = decode, head.head
+    assert sorted(results) == list(range(32)), "a stream was lost"
+    assert max(batch_sizes) >= 8, batch_sizes  # they shared the batch
+    ids = set()
+    completion_total = 0
+    for i, events in results.items():
+        assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+        chunks = events[:-1]
+        assert len({c["id"] for c in chunks}) == 1, f"stream {i} carries more than one id"
+        ids.add(chunks[0]["id"])
+        chat = "messages" in bodies[i]
+        text = "".join(
+            (c["choices"][0]["delta"].get("content") or "") if chat else c["choices"][0]["text"]
+            for c in chunks
+            if c["choices"]
+        )
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        usage = chunks[-1]["usage"]
+        assert text == want[i].text, i
+        assert finish == [finish_reason(want[i].finish_reason)], i
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+            want[i].usage.prompt_tokens,
+            want[i].usage.completion_tokens,
+        ), i
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        completion_total += usage["completion_tokens"]
+    assert len(ids) == 32
+    assert completion_total == sum(w.usage.completion_tokens for w in want)
+
+
+class GatedHead(torch.nn.Module):
+    """The model's own output head, run one call per permit: the test decides when each engine step ends."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.permits, self.calls = head, threading.Semaphore(0), 0
+
+    def forward(self, hidden):
+        assert self.permits.acquire(timeout=60), "no permit for a head call"
+        self.calls += 1
+        return self.head(hidden)
+
+
+def test_a_client_that_disconnects_mid_stream_is_cancelled_within_one_step_and_frees_its_slot(model_path):
+    """The engine is held inside a decode step when the client goes: that step ends, no other runs for it, its
+    cache blocks and batch row are free, and the server's request count is back to 0."""
+    from gptq_bridge.engine.generator import engine_for
+
+    gated = gptq_bridge.load_model(str(model_path))
+    head = GatedHead(gated.model.lm_head)
+    gated.model.lm_head = head
+    engine = engine_for(gated)
+    alloc = engine.forward.cache.allocator
+    s = Server(create_app(gated, ServerOptions(model_name="tiny")))
+    try:
+        body = {"model": "tiny", "prompt": "the cat", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+            for _ in range(6):  # the prefill, then 5 decode steps
+                head.permits.release()
+            wait_until(lambda: head.calls == 6, "the engine did not run 6 head calls")
+            [seq] = engine.scheduler.running
+            assert seq.generated == 6 and alloc.free_blocks < alloc.usable_blocks
+            lines = r.iter_lines()  # one iterator: a dropped one closes the connection
+            assert next(lines).startswith("data: ")  # tokens are streaming
+            assert httpx.get(s.url + "/health").json()["active_requests"] == 1
+            # the engine now waits inside its 7th head call, holding the step
+        wait_until(lambda: seq.cancelled, "the server did not cancel the generation of a gone client")
+        for _ in range(50):
+            head.permits.release()  # the engine could go on for 50 more steps, if it did not stop
+        wait_until(lambda: seq.finish_reason is not None, "the request did not end")
+        assert seq.finish_reason == "cancelled"
+        assert head.calls == 7 and seq.generated == 7  # the step under way ended, and no other ran
+        assert alloc.free_blocks == alloc.usable_blocks and engine.scheduler.running == []
+        wait_until(lambda: httpx.get(s.url + "/health").json()["active_requests"] == 0, "the slot is still held")
+        ok = httpx.post(s.url + "/v1/completions", json={"prompt": "the", "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        for _ in range(500):
+            head.permits.release()
+        s.stop()
 
 
 def test_a_full_queue_answers_429_and_a_wrong_key_401(model_path):
@@ -234,11 +347,22 @@ BAD = [
     ("completions", {"prompt": "a", "echo": True}, 400, "echo"),
     ("completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
     ("completions", {"prompt": "x" * (2 << 20)}, 413, None),
+    ("chat", b"[" * 200_000 + b"]" * 200_000, 400, None),  # nested past the JSON parser's recursion limit
+    ("chat", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature"),
+    ("chat", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}', 400, "max_tokens"),
+    ("chat", b"\xff\xfe{", 400, None),
+    ("chat", b"", 400, None),
+    ("chat", {"messages": MESSAGES, "seed": 2**64}, 400, "seed"),
+    ("chat", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("chat", {"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].role"),
+    ("chat", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("completions", {"prompt": "a", "max_tokens": 256}, 400, "max_tokens"),  # no room left in the context
+    ("completions", {"prompt": ""}, 400, "prompt"),  # nothing to start from: the tokenizer has no BOS
 ]
 
 
 def test_malformed_requests_get_openai_errors_and_the_server_goes_on(server, client):
-    assert len(BAD) >= 30
+    assert len(BAD) >= 40
     for endpoint, body, status, param in BAD:
         url = f"{server.url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}"
         r = (
@@ -248,6 +372,6 @@ def test_malformed_requests_get_openai_errors_and_the_server_goes_on(server, cli
         )
         assert r.status_code == status, (body if isinstance(body, bytes) else json.dumps(body)[:200], r.text[:300])
         err = r.json()["error"]
-        assert err["message"] and err["param"] == param, (body, err)
+        assert err["message"] and err["type"] == "invalid_request_error" and err["param"] == param, (body, err)
     assert httpx.post(server.url + "/v1/nothing-here", json={}).status_code == 404
     assert client.completions.create(model="tiny", prompt="the", max_tokens=3).usage.completion_tokens >= 1
