@@ -1,0 +1,268 @@
+"""What HTTP costs: `gptq-bridge serve` against the decode engine called directly, in one run.
+
+    python bench/serve.py --device cpu --out bench/results/serve-cpu.json              # the default model
+    python bench/serve.py --shape 7b --device cuda --out bench/results/serve-h100.json # a random 7B checkpoint
+    python bench/serve.py --url http://127.0.0.1:8000/v1 [--served-model NAME]         # any OpenAI endpoint
+
+For 1, 8 and 32 concurrent clients (--clients), each asking for --new greedy tokens of its own prompt, it
+measures time to the first token (median and worst over the clients) and aggregate tokens/s (all completion
+tokens over the wall time from the first request to the last token):
+- `engine`: `lm.stream` called from one thread per client, in this process;
+- `http`: `gptq-bridge serve` (started here as a subprocess, on the same model and device) streamed over
+  server-sent events by asyncio clients in this process, requests and usage as any OpenAI client sends them.
+`http_overhead_pct` is how much more time the same tokens take through HTTP: engine tok/s / HTTP tok/s - 1.
+With --url it measures the endpoint given instead of starting a server (and the engine only when --model or
+--shape names what to load). Both sides send the same prompts and parameters, so greedy answers have the same
+lengths. --shape writes a random-weight GPTQ checkpoint with bench/decode.py's writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # bench/kernels.py shadows `kernels`
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+
+def bench_decode():
+    """bench/decode.py, for its random checkpoint writer and word prompts."""
+    spec = importlib.util.spec_from_file_location("bench_decode", HERE / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prompts(count: int, style: str, vocab: int | None) -> list[str]:
+    """Prompts of one length whose greedy continuations run long: counting for a real model (it goes on
+    counting), random words for a random-weight checkpoint."""
+    if style == "words":
+        decode = bench_decode()
+        return [decode.prompt(64, vocab, 1000 + i) for i in range(count)]
+    return [", ".join(str(n) for n in range(10 * i + 1, 10 * i + 11)) + "," for i in range(count)]
+
+
+def summary(ttft: list[float], tokens: int, wall: float) -> dict:
+    return {
+        "aggregate_tok_s": round(tokens / wall, 2),
+        "ttft_median_ms": round(1000 * statistics.median(ttft), 1),
+        "ttft_max_ms": round(1000 * max(ttft), 1),
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 3),
+    }
+
+
+# --- the engine, directly --------------------------------------------------------------------------------------
+
+
+def engine_run(lm, texts: list[str], new: int) -> dict:
+    ttft = [0.0] * len(texts)
+    counts = [0] * len(texts)
+    go = threading.Barrier(len(texts) + 1)
+
+    def client(i):
+        go.wait()
+        start = time.perf_counter()
+        for chunk in lm.stream(texts[i], max_new_tokens=new, temperature=0.0):
+            if counts[i] == 0 and chunk.token_ids:
+                ttft[i] = time.perf_counter() - start
+            counts[i] += len(chunk.token_ids)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return summary(ttft, sum(counts), time.perf_counter() - t0)
+
+
+# --- over HTTP --------------------------------------------------------------------------------------------------
+
+
+async def http_client(client: httpx.AsyncClient, url: str, model: str, text: str, new: int) -> tuple[float, int]:
+    body = {
+        "model": model,
+        "prompt": text,
+        "max_tokens": new,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    ttft, tokens = None, None
+    async with client.stream("POST", url + "/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and event.get("choices") and event["choices"][0].get("text"):
+                ttft = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    if tokens is None:
+        raise RuntimeError(f"{url}: the stream ended without usage (stream_options.include_usage)")
+    return ttft if ttft is not None else time.perf_counter() - start, tokens
+
+
+async def http_run_async(url: str, model: str, texts: list[str], new: int) -> dict:
+    limits = httpx.Limits(max_connections=len(texts) + 4, max_keepalive_connections=len(texts) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await http_client(client, url, model, texts[0], 4)  # warm: a connection and the server's first request
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(http_client(client, url, model, t, new) for t in texts))
+        wall = time.perf_counter() - t0
+    return summary([r[0] for r in results], sum(r[1] for r in results), wall)
+
+
+def http_run(url: str, model: str, texts: list[str], new: int) -> dict:
+    return asyncio.run(http_run_async(url, model, texts, new))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(source: str, device: str | None, max_queue: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gptq_bridge.cli", "serve", "--model", source, "--port", str(port), "--quiet"]
+    cmd += ["--max-queue", str(max_queue)] + (["--device", device] if device else [])
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not start in 900 s")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url + "/v1"
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
+def served_model(url: str) -> str:
+    key = os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(url + "/models", headers=headers, timeout=30).json()["data"][0]["id"]
+
+
+def device_name(device: str | None) -> str:
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return "cpu"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model source (default: the embedded default model)")
+    ap.add_argument("--shape", default=None, help="a random checkpoint of bench/decode.py's shapes (7b, 13b, tiny)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    ap.add_argument("--url", default=None, help="measure this OpenAI-compatible endpoint (…/v1) instead of serving")
+    ap.add_argument("--served-model", default=None, help="the model id at --url (default: its first model)")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--new", type=int, default=64, help="completion tokens per client")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per point; the fastest is kept")
+    ap.add_argument("--prompts", choices=("counting", "words"), default=None, help="default: words for --shape")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    clients = [int(x) for x in args.clients.split(",") if x]
+    report: dict = {
+        "device": device_name(args.device),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python", "bench/serve.py"] + sys.argv[1:]),
+        "torch": torch.__version__,
+        "new_tokens": args.new,
+        "results": {},
+    }
+
+    source, vocab = args.model, None
+    if args.shape:
+        decode = bench_decode()
+        vocab = decode.SHAPES[args.shape][5]
+        t = time.perf_counter()
+        source = str(decode.random_checkpoint(args.shape, Path(tempfile.mkdtemp(prefix="gptq-bridge-serve-")) / "m"))
+        report["checkpoint_s"] = round(time.perf_counter() - t, 1)
+    if source is None and args.url is None:
+        from gptq_bridge.default_model import default_source
+
+        source = default_source()
+    report["model"] = args.shape or source or args.url
+    texts = prompts(max(clients), args.prompts or ("words" if args.shape else "counting"), vocab)
+
+    def best(run) -> dict:
+        runs = [run() for _ in range(args.repeat)]
+        return max(runs, key=lambda r: r["aggregate_tok_s"])
+
+    if source is not None:
+        import gptq_bridge
+
+        lm = gptq_bridge.load_model(source, device=args.device)
+        report["kernel"] = lm.kernel
+        engine_run(lm, texts[:1], 4)  # warm-up: the engine, its graphs, kernel configurations
+        for k in clients:
+            report["results"].setdefault(f"clients{k}", {})["engine"] = best(
+                lambda k=k: engine_run(lm, texts[:k], args.new)
+            )
+            print(f"engine  {k:>2} clients", json.dumps(report["results"][f"clients{k}"]["engine"]), flush=True)
+        engine = lm.__dict__.get("_engine")
+        if engine is not None:
+            engine.close()
+        del lm, engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    proc = None
+    try:
+        if args.url:
+            url, model = args.url.rstrip("/"), args.served_model or served_model(args.url.rstrip("/"))
+        else:
+            proc, url = start_server(source, args.device, max(64, max(clients)))
+            model = served_model(url)
+        report["url"], report["served_model"] = url, model
+        for k in clients:
+            point = report["results"].setdefault(f"clients{k}", {})
+            point["http"] = best(lambda k=k: http_run(url, model, texts[:k], args.new))
+            if "engine" in point:
+                point["http_overhead_pct"] = round(
+                    100 * (point["engine"]["aggregate_tok_s"] / point["http"]["aggregate_tok_s"] - 1), 1
+                )
+            print(f"http    {k:>2} clients", json.dumps(point["http"]), point.get("http_overhead_pct"), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=1) + "\n")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=120)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
