@@ -26,10 +26,6 @@ from ..hookspecs import hookimpl
 
 MAX_BODY_BYTES = 1 << 20
 UNSUPPORTED = {  # fields a frontend may send that this server does not implement, and why
-    "tools": "tools are not supported",
-    "tool_choice": "tools are not supported",
-    "functions": "functions are not supported",
-    "function_call": "functions are not supported",
     "logprobs": "logprobs are not supported",
     "top_logprobs": "logprobs are not supported",
     "logit_bias": "logit_bias is not supported",
@@ -94,11 +90,23 @@ def _text(content: Any, where: str) -> str:
     raise APIError(400, f"{where}: expected a string or a list of text parts", where)
 
 
+def tools(body: dict) -> None:
+    """Tools are offered, never called: under tool_choice "auto" (the default) or "none" a model may always
+    answer in text, so frontends that send their tools with every request (Open WebUI does) work as they are.
+    A request that demands a call (tool_choice "required" or a named function) is a 400."""
+    for offer, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        if body.get(offer) is not None and not isinstance(body[offer], list):
+            raise APIError(400, f"{offer}: expected a list", offer)
+        if body.get(choice) not in (None, "auto", "none"):
+            raise APIError(400, f"{choice}: this server's models do not call tools; use 'auto' or 'none'", choice)
+
+
 def generation_kwargs(body: dict, context: int | None) -> dict:
     """The sampling parameters of an OpenAI request as gptq-bridge keywords; errors name the field."""
     for name, why in UNSUPPORTED.items():
         if body.get(name) not in (None, False, [], 0) or (name == "logprobs" and body.get(name) not in (None, False)):
             raise APIError(400, f"{name}: {why} by this server", name)
+    tools(body)
     n = _number(body, "n", int)
     if n not in (None, 1):
         raise APIError(400, f"n: only n = 1 is supported, got {n}", "n")

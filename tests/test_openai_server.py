@@ -78,6 +78,14 @@ def test_chat_completion_is_the_model_s_own_answer(client, lm):
     assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
 
 
+def test_tools_offered_are_never_called_and_the_answer_is_text(client, lm):
+    """Frontends (Open WebUI) send their tools with every request; under tool_choice auto the answer is text."""
+    want = lm.generate(MESSAGES, max_new_tokens=8)
+    tool = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {}}}}
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, tools=[tool])
+    assert got.choices[0].message.content == want.text and not got.choices[0].message.tool_calls
+
+
 def test_streamed_chat_adds_up_to_the_answer_and_reports_usage(client, lm):
     want = lm.generate(MESSAGES, max_new_tokens=16)
     chunks = list(
@@ -338,7 +346,8 @@ BAD = [
     ("chat", {"messages": MESSAGES, "stop": [""]}, 400, "stop"),
     ("chat", {"messages": MESSAGES, "n": 2}, 400, "n"),
     ("chat", {"messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
-    ("chat", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("chat", {"messages": MESSAGES, "tools": {"type": "function"}}, 400, "tools"),
+    ("chat", {"messages": MESSAGES, "tools": [{"type": "function"}], "tool_choice": "required"}, 400, "tool_choice"),
     ("chat", {"messages": MESSAGES, "stream": "yes"}, 400, "stream"),
     ("chat", {"messages": MESSAGES, "user": 7}, 400, "user"),
     ("completions", {"prompt": 5}, 400, "prompt"),
