@@ -204,6 +204,7 @@ class ServerOptions:
     max_queue: int = 64  # requests generating or waiting at once; more get 429
     max_body_bytes: int = MAX_BODY_BYTES
     timeout_s: float | None = None  # a generation running longer is cancelled (finish_reason "length")
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none unless asked for
 
 
 def finish_reason(reason: str) -> str:
@@ -217,6 +218,15 @@ def create_app(lm, options: ServerOptions):
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="gptq-bridge", docs_url=None, redoc_url=None, openapi_url=None)
+    if options.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     state = {"active": 0}
     lock = threading.Lock()
     context = None
@@ -489,6 +499,7 @@ def _cmd_serve(args) -> int:
         api_key=api_key,
         max_queue=args.max_queue,
         timeout_s=args.timeout,
+        cors_origins=tuple(args.cors_origin or ()),
     )
     app = create_app(lm, options)
 
@@ -536,6 +547,12 @@ def gptq_register_commands(subparsers):
         default=None,
         metavar="SECONDS",
         help="at Ctrl-C or SIGTERM, wait at most this long for requests in flight (default: until they end)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable (default: none)",
     )
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: from the source)")
     p.add_argument("--replicas", type=int, default=None, metavar="N", help="N copies under Ray Serve (extra ray)")

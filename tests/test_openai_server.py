@@ -384,3 +384,35 @@ def test_malformed_requests_get_openai_errors_and_the_server_goes_on(server, cli
         assert err["message"] and err["type"] == "invalid_request_error" and err["param"] == param, (body, err)
     assert httpx.post(server.url + "/v1/nothing-here", json={}).status_code == 404
     assert client.completions.create(model="tiny", prompt="the", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_a_request_past_its_deadline_ends_with_length_and_cors_is_asked_for(model_path):
+    gated = gptq_bridge.load_model(str(model_path))
+    head = GatedHead(gated.model.lm_head)
+    gated.model.lm_head = head
+    options = ServerOptions(model_name="tiny", timeout_s=0.3, cors_origins=("http://localhost:3000",))
+    s = Server(create_app(gated, options))
+    try:
+        for _ in range(4):  # the prefill and 3 tokens, then the engine waits past the deadline
+            head.permits.release()
+        body = {"prompt": "the cat", "max_tokens": 100}
+        threading.Timer(1.0, lambda: [head.permits.release() for _ in range(200)]).start()
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30).json()
+        assert r["choices"][0]["finish_reason"] == "length" and 3 <= r["usage"]["completion_tokens"] < 10, r
+        preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+        ok = httpx.options(s.url + "/v1/chat/completions", headers=preflight)
+        assert ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.options(s.url + "/v1/chat/completions", headers=preflight | {"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        for _ in range(500):
+            head.permits.release()
+        s.stop()
+
+
+def test_cors_is_off_unless_asked_for(server):
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(server.url + "/v1/chat/completions", headers=preflight)
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
