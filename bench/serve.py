@@ -10,9 +10,10 @@ tokens over the wall time from the first request to the last token):
 - `engine`: `lm.stream` called from one thread per client, in this process;
 - `http`: `gptq-bridge serve` (started here as a subprocess, on the same model and device) streamed over
   server-sent events by asyncio clients in this process, requests and usage as any OpenAI client sends them.
+The two take turns (--repeat runs each, the fastest kept), so a drift in the machine's load weighs on both.
 `http_overhead_pct` is how much more time the same tokens take through HTTP: engine tok/s / HTTP tok/s - 1.
 With --url it measures the endpoint given instead of starting a server (and the engine only when --model or
---shape names what to load). Both sides send the same prompts and parameters, so greedy answers have the same
+--shape names what to load); OPENAI_API_KEY, if set, is sent as its key. Both sides send the same prompts and parameters, so greedy answers have the same
 lengths. --shape writes a random-weight GPTQ checkpoint with bench/decode.py's writer.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib.util
 import json
 import os
@@ -125,7 +125,7 @@ async def http_client(client: httpx.AsyncClient, url: str, model: str, text: str
 
 async def http_run_async(url: str, model: str, texts: list[str], new: int) -> dict:
     limits = httpx.Limits(max_connections=len(texts) + 4, max_keepalive_connections=len(texts) + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=auth_headers()) as client:
         await http_client(client, url, model, texts[0], 4)  # warm: a connection and the server's first request
         t0 = time.perf_counter()
         results = await asyncio.gather(*(http_client(client, url, model, t, new) for t in texts))
@@ -163,10 +163,14 @@ def start_server(source: str, device: str | None, max_queue: int) -> tuple[subpr
             time.sleep(0.3)
 
 
-def served_model(url: str) -> str:
+def auth_headers() -> dict:
+    """The endpoint's key, if it needs one: OPENAI_API_KEY, as the openai client reads it."""
     key = os.environ.get("OPENAI_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.get(url + "/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def served_model(url: str) -> str:
+    return httpx.get(url + "/models", headers=auth_headers(), timeout=30).json()["data"][0]["id"]
 
 
 def device_name(device: str | None) -> str:
@@ -215,45 +219,37 @@ def main() -> None:
     report["model"] = args.shape or source or args.url
     texts = prompts(max(clients), args.prompts or ("words" if args.shape else "counting"), vocab)
 
-    def best(run) -> dict:
-        runs = [run() for _ in range(args.repeat)]
-        return max(runs, key=lambda r: r["aggregate_tok_s"])
-
-    if source is not None:
-        import gptq_bridge
-
-        lm = gptq_bridge.load_model(source, device=args.device)
-        report["kernel"] = lm.kernel
-        engine_run(lm, texts[:1], 4)  # warm-up: the engine, its graphs, kernel configurations
-        for k in clients:
-            report["results"].setdefault(f"clients{k}", {})["engine"] = best(
-                lambda k=k: engine_run(lm, texts[:k], args.new)
-            )
-            print(f"engine  {k:>2} clients", json.dumps(report["results"][f"clients{k}"]["engine"]), flush=True)
-        engine = lm.__dict__.get("_engine")
-        if engine is not None:
-            engine.close()
-        del lm, engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    proc = None
+    lm, proc = None, None
     try:
         if args.url:
             url, model = args.url.rstrip("/"), args.served_model or served_model(args.url.rstrip("/"))
-        else:
+        else:  # the server first: on a GPU it sizes its KV cache from the memory free before this process loads
             proc, url = start_server(source, args.device, max(64, max(clients)))
             model = served_model(url)
         report["url"], report["served_model"] = url, model
+        if source is not None:
+            import gptq_bridge
+
+            lm = gptq_bridge.load_model(source, device=args.device)
+            report["kernel"] = lm.kernel
+            engine_run(lm, texts[:1], 4)  # warm-up: the engine, its graphs, kernel configurations
         for k in clients:
-            point = report["results"].setdefault(f"clients{k}", {})
-            point["http"] = best(lambda k=k: http_run(url, model, texts[:k], args.new))
+            # the two sides take turns, run after run, so a machine whose load drifts weighs on both alike;
+            # the fastest run of each is kept
+            runs: dict[str, list] = {"engine": [], "http": []}
+            for _ in range(args.repeat):
+                if lm is not None:
+                    runs["engine"].append(engine_run(lm, texts[:k], args.new))
+                runs["http"].append(http_run(url, model, texts[:k], args.new))
+            point = {side: max(r, key=lambda x: x["aggregate_tok_s"]) for side, r in runs.items() if r}
             if "engine" in point:
                 point["http_overhead_pct"] = round(
                     100 * (point["engine"]["aggregate_tok_s"] / point["http"]["aggregate_tok_s"] - 1), 1
                 )
-            print(f"http    {k:>2} clients", json.dumps(point["http"]), point.get("http_overhead_pct"), flush=True)
+                point["engine_runs_tok_s"] = [r["aggregate_tok_s"] for r in runs["engine"]]
+            point["http_runs_tok_s"] = [r["aggregate_tok_s"] for r in runs["http"]]
+            report["results"][f"clients{k}"] = point
+            print(f"{k:>2} clients", json.dumps(point), flush=True)
             if args.out:
                 args.out.write_text(json.dumps(report, indent=1) + "\n")
     finally:
