@@ -319,30 +319,51 @@ def create_app(lm, options: ServerOptions):
             timer.start()
         return stream
 
-    async def chunks_of(stream):
-        """The stream's chunks, produced in a thread of its own; cancels the generation if the consumer stops."""
+    async def batches_of(stream):
+        """The stream's chunks, produced in a thread of its own, in lists of those that arrived since the consumer
+        last looked: the event loop wakes once per list, not once per token (with many streams, per-token
+        wake-ups would take the host time the engine needs). Cancels the generation if the consumer stops."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        arrived: list = []
+        guard = threading.Lock()
+        ready = asyncio.Event()
         end = object()
+
+        def put(item):
+            with guard:
+                arrived.append(item)
+                first = len(arrived) == 1
+            if first:  # the consumer takes everything at once: only the first item since then wakes it
+                loop.call_soon_threadsafe(ready.set)
 
         def pump():
             try:
                 for chunk in stream:
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                loop.call_soon_threadsafe(queue.put_nowait, end)
+                    put(chunk)
+                put(end)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                put(exc)
 
         worker = threading.Thread(target=pump, name="gptq-bridge-request", daemon=True)
         worker.start()
         try:
             while True:
-                item = await queue.get()
-                if item is end:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                await ready.wait()
+                ready.clear()
+                with guard:
+                    items = arrived[:]
+                    arrived.clear()
+                chunks = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is end:
+                        if chunks:
+                            yield chunks
+                        return
+                    chunks.append(item)
+                if chunks:
+                    yield chunks
         finally:
             stream.cancel()
 
@@ -381,7 +402,7 @@ def create_app(lm, options: ServerOptions):
         if not body.get("stream"):
             watcher = asyncio.ensure_future(watch_disconnect())
             try:
-                async for _ in chunks_of(stream):
+                async for _ in batches_of(stream):
                     pass
             finally:
                 watcher.cancel()
@@ -427,8 +448,8 @@ def create_app(lm, options: ServerOptions):
                 if chat:
                     yield event(piece(None, None, first=True))
                 try:
-                    async for chunk in chunks_of(stream):
-                        yield event(piece(chunk.text, None))
+                    async for chunks in batches_of(stream):  # one write for all the tokens that are ready
+                        yield "".join(event(piece(chunk.text, None)) for chunk in chunks)
                 except Exception as exc:  # noqa: BLE001 - the headers are sent: the error goes in the stream
                     error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error")
                     yield f"data: {json.dumps(error.body())}\n\n"

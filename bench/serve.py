@@ -12,6 +12,9 @@ tokens over the wall time from the first request to the last token):
   server-sent events by asyncio clients in this process, requests and usage as any OpenAI client sends them.
 The two take turns (--repeat runs each, the fastest kept), so a drift in the machine's load weighs on both.
 `http_overhead_pct` is how much more time the same tokens take through HTTP: engine tok/s / HTTP tok/s - 1.
+`cpu_ms_per_token` is the CPU time spent per token: by this process for the engine (the model and its callers),
+by this process and the server's for HTTP (when the server is ours), so the difference is what HTTP costs the host
+even where a loaded machine blurs the wall times.
 With --url it measures the endpoint given instead of starting a server (and the engine only when --model or
 --shape names what to load); OPENAI_API_KEY, if set, is sent as its key. Both sides send the same prompts and parameters, so greedy answers have the same
 lengths. --shape writes a random-weight GPTQ checkpoint with bench/decode.py's writer.
@@ -65,6 +68,26 @@ def summary(ttft: list[float], tokens: int, wall: float) -> dict:
         "completion_tokens": tokens,
         "wall_s": round(wall, 3),
     }
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """CPU time (user + system) a process has used: this one, or another by pid (Linux)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(run, pids: list[int | None]) -> dict:
+    """`run()`'s summary, with the CPU time the processes in `pids` spent per completion token: a cost that a
+    busy machine disturbs far less than the wall time (None: this process)."""
+    before = [process_cpu_s(p) for p in pids]
+    result = run()
+    spent = [process_cpu_s(p) - b for p, b in zip(pids, before)]
+    result["cpu_ms_per_token"] = round(1000 * sum(spent) / result["completion_tokens"], 3)
+    if len(pids) > 1:  # the server's share
+        result["server_cpu_ms_per_token"] = round(1000 * sum(spent[1:]) / result["completion_tokens"], 3)
+    return result
 
 
 # --- the engine, directly --------------------------------------------------------------------------------------
@@ -239,9 +262,14 @@ def main() -> None:
             runs: dict[str, list] = {"engine": [], "http": []}
             for _ in range(args.repeat):
                 if lm is not None:
-                    runs["engine"].append(engine_run(lm, texts[:k], args.new))
-                runs["http"].append(http_run(url, model, texts[:k], args.new))
+                    runs["engine"].append(with_cpu(lambda k=k: engine_run(lm, texts[:k], args.new), [None]))
+                http_pids = [None] + ([proc.pid] if proc is not None else [])  # the clients, and our server
+                runs["http"].append(with_cpu(lambda k=k: http_run(url, model, texts[:k], args.new), http_pids))
             point = {side: max(r, key=lambda x: x["aggregate_tok_s"]) for side, r in runs.items() if r}
+            for side, r in runs.items():  # the least CPU time of any run: the cost without interference
+                for key in ("cpu_ms_per_token", "server_cpu_ms_per_token"):
+                    if r and key in r[0]:
+                        point[side][key] = min(x[key] for x in r)
             if "engine" in point:
                 point["http_overhead_pct"] = round(
                     100 * (point["engine"]["aggregate_tok_s"] / point["http"]["aggregate_tok_s"] - 1), 1
