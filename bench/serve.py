@@ -239,7 +239,7 @@ def main() -> None:
         from gptq_bridge.default_model import default_source
 
         source = default_source()
-    report["model"] = args.shape or source or args.url
+    report["model"] = args.shape or (Path(source).name if source else args.url)  # a name, not this machine's path
     texts = prompts(max(clients), args.prompts or ("words" if args.shape else "counting"), vocab)
 
     lm, proc = None, None
