@@ -128,7 +128,8 @@ def _device_type(device: str) -> str:
 
 def plan_placement(sizes: ModelSizes | Mapping[str, ModelSizes], budgets: Sequence[Budget]) -> Placement:
     """Fill the budgets in order: embeddings on the first, whole decoder layers with their KV cache while they
-    fit, the head with the last layer. `sizes` may differ per device type ({"cuda": ..., "cpu": ...}).
+    fit, the head with the last layer. `sizes` may differ per device ({"cuda:0": ..., "cpu": ...}) or device
+    type ({"cuda": ..., "cpu": ...}).
 
     Raises PlacementError naming what does not fit, how much is missing and what each device holds."""
     if not budgets:
@@ -140,10 +141,10 @@ def plan_placement(sizes: ModelSizes | Mapping[str, ModelSizes], budgets: Sequen
     def size(device: str) -> ModelSizes:
         if isinstance(sizes, ModelSizes):
             return sizes
-        try:
-            return sizes[_device_type(device)]
-        except KeyError:
-            raise PlacementError(f"{device}: no sizes for device type {_device_type(device)!r}") from None
+        found = sizes.get(device) or sizes.get(_device_type(device))  # "cuda:1", else any "cuda"
+        if found is None:
+            raise PlacementError(f"{device}: no sizes for this device or device type {_device_type(device)!r}")
+        return found
 
     first = size(budgets[0].device)
     n = len(first.layers)

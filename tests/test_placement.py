@@ -123,9 +123,10 @@ def test_one_24gib_card_alone_says_how_much_is_missing(branch):
 def test_per_device_sizes_and_a_head_that_moves_on_alone():
     gpu = ModelSizes(embed=10, layers=(20,) * 4, head=30, kv_per_layer=5)
     cpu = ModelSizes(embed=10, layers=(40,) * 4, head=60, kv_per_layer=5)  # a CPU kernel that holds more
-    p = plan_placement({"cuda": gpu, "cpu": cpu}, [Budget("cuda:0", 60), Budget("cpu", 1000)])
-    assert [s.layers for s in p.slots] == [(0, 2), (2, 4)]
-    assert p.slots[1].weights_bytes == 2 * 40 + 60
+    for keys in (("cuda", "cpu"), ("cuda:0", "cpu")):  # by device type, or by device as the loader gives them
+        p = plan_placement(dict(zip(keys, (gpu, cpu))), [Budget("cuda:0", 60), Budget("cpu", 1000)])
+        assert [s.layers for s in p.slots] == [(0, 2), (2, 4)]
+        assert p.slots[1].weights_bytes == 2 * 40 + 60
     # the last layer fits the first device but its head does not: the head goes on alone
     p = plan_placement(gpu, [Budget("cuda:0", 110), Budget("cuda:1", 40)])
     assert p.slots[0].layers == (0, 4) and not p.slots[0].head
