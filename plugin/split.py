@@ -156,7 +156,9 @@ def attach_moves(model: nn.Module, parts: ModelParts, devices: dict[str, str]) -
                 dev = torch.device(devices[f"{parts.layers}.{i}"])
                 handles.append(layer.register_forward_pre_hook(hook_for(dev), with_kwargs=True))
             return
-        inside = {devices[n if not name else f"{name}.{n}" if n else name] for n, _ in module.named_modules()}
+        names = (n if not name else f"{name}.{n}" if n else name for n, _ in module.named_modules())
+        # modules made after placing (fusion.py's qkv_proj, gate_up_proj) sit inside a placed layer: skipped
+        inside = {devices[n] for n in names if n in devices}
         holds_layers = _within(parts.layers, name) if name else True
         if len(inside) == 1 and not holds_layers:
             if name:  # never the whole model: its caller's inputs stay where they are
