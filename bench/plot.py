@@ -3,7 +3,7 @@
 - kernel-bandwidth-4bit.png, kernel-bandwidth-3bit.png: TB/s against rows per call for each kernel on the
   Llama-2-70B layer shapes (bench/kernels.py's newest full run, kernels-full-*.json);
 - decode-vs-peers.png: end-to-end decode against exllamav2 and transformers, and tokens/s by concurrent calls
-  (bench/decode.py's newest run with every peer, decode-engine-*.json);
+  (bench/decode.py's newest H100 run of 7B and 13B with exllamav2, decode-engine-h100-*.json);
 - perplexity-vs-gptqmodel.png: quantizer quality against GPTQModel by setting (quality-*.json).
 
 Needs matplotlib (pip install -e ".[bench]"). Every number drawn comes from those files.
@@ -123,17 +123,15 @@ def bars(ax, labels, values, colors, fmt):
 
 
 def decode_results() -> Path:
-    """The newest bench/decode.py run that measured every peer (exllamav2 and transformers) beside gptq-bridge."""
+    """The newest bench/decode.py run of the 7B and 13B shapes with exllamav2 beside gptq-bridge."""
     runs = [
         f
-        for f in sorted(RESULTS.glob("decode-engine-*.json"))
-        if all(
-            {"gptq_bridge", "exllamav2", "transformers_fp16_eager"} <= set(r)
-            for r in json.loads(f.read_text())["results"].values()
-        )
+        for f in sorted(RESULTS.glob("decode-engine-h100-*.json"))
+        if {"7b", "13b"} <= set(res := json.loads(f.read_text())["results"])
+        and all({"gptq_bridge", "exllamav2"} <= set(r) for r in res.values())
     ]
     if not runs:
-        sys.exit(f"plot.py: no decode-engine-*.json with every peer in {RESULTS}")
+        sys.exit(f"plot.py: no decode-engine-h100-*.json of 7B and 13B with exllamav2 in {RESULTS}")
     return runs[-1]
 
 
@@ -146,12 +144,13 @@ def plot_decode(path: Path) -> Path:
         ("exllamav2", "exllamav2 0.3.2", "C1"),
         ("transformers_fp16_eager", "transformers fp16 eager", "0.5"),
     ]
+    who = [w for w in who if all(w[0] in res[shape] for shape in shapes)]  # the peers this run measured
     fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.8))
     groups = [(shape, ctx) for shape in shapes for ctx in (512, 4096)]
     width = 0.27
     for i, (key, label, color) in enumerate(who):
         vals = [res[shape][key].get(f"decode_tok_s_ctx{ctx}", 0.0) for shape, ctx in groups]
-        xs = [j + (i - 1) * width for j in range(len(groups))]
+        xs = [j + (i - (len(who) - 1) / 2) * width for j in range(len(groups))]
         b = left.bar(xs, vals, width, label=label, color=color)
         for rect, v in zip(b, vals):
             left.annotate(
