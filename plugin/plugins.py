@@ -40,6 +40,7 @@ LOAD_PLUGINS_ENV = "GPTQ_BRIDGE_LOAD_PLUGINS"
 DEFAULT_PLUGINS = (
     "gptq_bridge.sources",
     "gptq_bridge.kernels.torch_ref",
+    "gptq_bridge.kernels.cpu_int4",
     "gptq_bridge.kernels.triton_gptq",
     "gptq_bridge.kernels.exllama",
     "gptq_bridge.kernels.cuda.mma",

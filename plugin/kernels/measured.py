@@ -43,4 +43,5 @@ MEASURED_US: dict[str, dict[tuple[int, int], float]] = {
         (3, 32): 49958.0,
         (3, 512): 49456.6,
     },
+    "cpu-int4": {},
 }
