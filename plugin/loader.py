@@ -5,8 +5,8 @@
 3. find the quantized Linears (those with a `.qweight` tensor), select a kernel (selection.py) and swap
    each Linear for the kernel's module, also on meta;
 4. stream the tensors file by file, checking each name, shape and dtype, straight to the target device;
-5. tie embeddings, check nothing was left unloaded; on CUDA, fuse q/k/v and gate/up (fusion.py);
-   let each kernel module `prepare()` its layout.
+5. tie embeddings, check nothing was left unloaded; for the engine, fuse q/k/v and gate/up (fusion.py);
+   let each kernel module `prepare()` its layout; on the CPU, quantize a float output head (head.py).
 
 A split across devices (gpu_split, max_memory, device_map="auto") is planned in step 3 as well: a kernel is
 selected for each device, every part's size is found on the meta device (split.py), placement.py decides
@@ -26,6 +26,7 @@ from .checkpoint import WeightFiles, find_weight_files, iter_tensors, read_metad
 from .config import ConfigFile, QuantizeConfig, read_quantize_config
 from .errors import CheckpointError, KernelError
 from .fusion import fuse_projections
+from .head import compact_head, measured_head
 from .hookspecs import hookimpl
 from .kernels.base import GPTQLinear
 from .loaded_model import LoadedModel
@@ -353,7 +354,7 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
         raise CheckpointError(f"{files}: missing tensors {shown}")
 
     if plan.placement is None:
-        if options.device.type == "cuda" and options.engine != "off":
+        if options.engine != "off":
             fuse_projections(model, plan.kernel, config, options.dtype)
         model.to(default)
     elif options.engine != "off":
@@ -363,6 +364,7 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
             where = module.qweight.device
             with torch.cuda.device(where) if where.type == "cuda" else contextlib.nullcontext():
                 module.prepare()  # a kernel may launch on the current device: make it the layer's
+    head = compact_head(model, options.head, options.device.torch_device, measured_head(source.path))
     model.eval()
     if plan.placement is not None:
         from .split import attach_moves, model_parts
@@ -382,6 +384,7 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
         kv_cache=plan.kv_tokens if plan.placement is not None and plan.placement.split else options.kv_cache,
         placement=plan.placement,
         kernels={d: c.chosen for d, c in plan.choices.items()} if plan.choices else None,
+        head=head,
     )
 
 
