@@ -35,6 +35,7 @@ def load_options(
     gpu_split=None,
     max_memory=None,
     device_map: str | None = None,
+    head: str = "auto",
 ) -> LoadOptions:
     """`load_model`'s keywords as `LoadOptions`: the device parsed (None = CUDA if present), the dtype defaulted.
 
@@ -65,6 +66,8 @@ def load_options(
         from .engine.kv_cache import parse_budget
 
         parse_budget(kv_cache)
+    from .head import check_head
+
     return LoadOptions(
         kernel=kernel,
         device=dev,
@@ -77,6 +80,7 @@ def load_options(
         kv_cache=kv_cache,
         budgets=budgets,
         device_map=device_map,
+        head=check_head(head),
     )
 
 
@@ -96,6 +100,7 @@ def load_model(
     gpu_split: list[float] | str | None = None,
     max_memory: dict | list | str | None = None,
     device_map: str | None = None,
+    head: str = "auto",
 ) -> LoadedModel:
     """Load a GPTQ checkpoint (a directory, or a hub id `org/name[:branch]`) ready to run.
 
@@ -112,6 +117,8 @@ def load_model(
     in order, then the CPU; a list of (device, size) pairs keeps its own order), or `device_map="auto"` (from
     the memory free at load). A budget holds the weights and the KV cache its layers keep; leave room for
     activations. Layers on the CPU run with a CPU kernel.
+    `head`: the output head on the CPU, "int4" (what "auto" picks there), "int8" or
+    "float"; a float head is quantized at load time, a quantized one is kept (head.py).
     """
     if source is None:
         from .default_model import default_source
@@ -131,6 +138,7 @@ def load_model(
         gpu_split=gpu_split,
         max_memory=max_memory,
         device_map=device_map,
+        head=head,
     )
     loaded = get_plugin_manager().hook.gptq_load_model(source=resolved, options=options)
     if loaded is None:

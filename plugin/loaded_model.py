@@ -32,6 +32,7 @@ class LoadedModel:
     # a split across devices (placement.py): where each decoder layer runs, and the kernel on each device
     placement: Placement | None = None
     kernels: dict[str, str] | None = None
+    head: str = "float"  # the output head as loaded: "float", or "int8"/"int4" quantized at load time (head.py)
     # generations outside the engine run one at a time (they share the weights and, on a GPU, the memory)
     generation_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

@@ -160,6 +160,7 @@ class LoadOptions(BaseModel):
     @property
     def split_requested(self) -> bool:
         return self.budgets is not None or self.device_map == "auto"
+    head: Literal["auto", "float", "int8", "int4"] = "auto"  # the output head on the CPU (head.py)
 
 
 # --- generation: the contract is fixed here, the generator itself lives in the generation module ---
