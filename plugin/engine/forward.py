@@ -281,9 +281,10 @@ class LlamaFamilyForward:
                     self.cache.block_size,
                 )
         else:
+            plan = self.attention.decode_plan(tables, lengths)  # once a step, shared by every layer
 
             def attend(i, q):
-                return self.attention.decode(i, q, tables, lengths)
+                return self.attention.decode(i, q, plan)
 
         out = self.run_segment(seg, x, delta, positions, write, attend)
         return self.model.lm_head(out[None]).float()[0] if seg.last else out
@@ -348,17 +349,38 @@ class TorchPagedAttention:
         out = F.scaled_dot_product_attention(q4, k, v, attn_mask=allowed, scale=fwd.scale)
         return out[0].transpose(0, 1)
 
-    def decode(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def decode_plan(self, tables: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cache slots each row reads ([B, L]) and which it may see ([B, 1, 1, L], None: all of them).
+
+        Host tensors (the CPU) are read here: only the blocks in use are gathered, and a single row reads exactly
+        its context, with no mask. Device tensors keep the whole table (a CUDA graph replays fixed shapes)."""
         fwd = self.fwd
         bs = fwd.cache.block_size
-        offsets = torch.arange(bs, device=q.device, dtype=torch.long)
+        on_host = tables.device.type == "cpu"
+        if on_host:
+            tables = tables[:, : -(-int(lengths.max()) // bs)]
+        offsets = torch.arange(bs, device=tables.device, dtype=torch.long)
         slots = (tables.long()[:, :, None] * bs + offsets).flatten(1)  # [B, L]
-        k = self._expand(fwd.cache.k[layer][slots].transpose(1, 2))  # [B, heads, L, D]
-        v = self._expand(fwd.cache.v[layer][slots].transpose(1, 2))
-        kpos = torch.arange(slots.shape[1], device=q.device)[None]
+        if on_host and slots.shape[0] == 1 and fwd.window is None:
+            return slots[:, : int(lengths[0])], None
+        kpos = torch.arange(slots.shape[1], device=slots.device)[None]
         last = lengths.long()[:, None] - 1
         allowed = kpos <= last
         if fwd.window is not None:
             allowed &= kpos > last - fwd.window
-        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=allowed[:, None, None], scale=fwd.scale)
-        return out[:, :, 0]  # [B, heads, D]
+        return slots, allowed[:, None, None]
+
+    def decode(self, layer: int, q: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """q [B, heads, D] over the slots of `decode_plan`; grouped-query heads read their KV head in place."""
+        fwd = self.fwd
+        slots, allowed = plan
+        b, length = slots.shape
+        flat = slots.reshape(-1)
+        k = fwd.cache.k[layer].index_select(0, flat).view(b, length, fwd.kv_heads, fwd.head_dim).transpose(1, 2)
+        v = fwd.cache.v[layer].index_select(0, flat).view(b, length, fwd.kv_heads, fwd.head_dim).transpose(1, 2)
+        qg = q.reshape(b, fwd.kv_heads, fwd.heads // fwd.kv_heads, fwd.head_dim)  # [B, kv_heads, group, D]
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * fwd.scale  # [B, kv_heads, group, L]
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [B, kv_heads, group, D]
+        return out.reshape(b, fwd.heads, fwd.head_dim)
