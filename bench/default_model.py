@@ -11,6 +11,7 @@ For every variant: the time to quantize, then
 
     python bench/default_model.py --work /tmp/default-model [--variants NAME ...] [--threads 2] [--json OUT]
                                   [--checkpoint LABEL=DIR ...]   # also measure checkpoints made elsewhere
+                                  [--kernels auto,torch-dense] [--heads auto,float,int8,int4]  # ... each way
 """
 
 from __future__ import annotations
@@ -104,8 +105,10 @@ def texts() -> dict[str, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for the float model and the checkpoints")
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kernels", default="auto", help="kernels to measure each --checkpoint with: auto,torch-dense,...")
+    ap.add_argument("--heads", default="auto", help="output heads to measure each --checkpoint with: auto,float,int8,int4")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument(
         "--checkpoint",
@@ -152,11 +155,15 @@ def main() -> int:
     }
     print(json.dumps(results["float"]), flush=True)
     for label, folder in (c.split("=", 1) for c in args.checkpoint):
-        lm = gptq_bridge.load_model(folder, device="cpu")
-        results["variants"][label] = row = dict(
-            checkpoint=folder, **measure(lm.model, lm.tokenizer, questions, float_side)
-        )
-        print(label, json.dumps(row), flush=True)
+        for kernel, head in ((k, h) for k in args.kernels.split(",") for h in args.heads.split(",")):
+            lm = gptq_bridge.load_model(folder, device="cpu", kernel=kernel, head=head)
+            name = " ".join([label] + [f"{k}={v}" for k, v in (("kernel", kernel), ("head", head)) if v != "auto"])
+            results["variants"][name] = row = dict(
+                checkpoint=folder, kernel=lm.kernel, head=lm.head, **measure(lm.model, lm.tokenizer, questions, float_side)
+            )
+            print(name, json.dumps(row), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
     calibration = dm.calibration_texts(tok)
     for name in args.variants:
         settings, windows = VARIANTS[name]
