@@ -2,6 +2,7 @@
 
     python bench/cpu_decode.py --out bench/results/cpu-decode-DATE.json [--threads 1,2] [--reps 3]
                                [--kernel auto] [--head auto] [--no-peer]
+    python bench/cpu_decode.py --kernel-costs   # the CPU numbers of gptq_bridge/kernels/measured.py
 
 Both engines get the same work, each in a fresh process (so load time is measured from nothing):
 - load: until the model can generate (gptq-bridge: `load_model()` of the prepared default; llama.cpp: `Llama()`);
@@ -131,6 +132,49 @@ def worker_peer(threads: int, ids: str, gguf: str) -> dict:
     )
 
 
+def kernel_costs(reps: int) -> dict:
+    """Microseconds (thread CPU time, 1 thread, best of `reps`) of one decoder layer's seven Linears of the
+    default model's shape (hidden 576, intermediate 1536; 4-bit, asymmetric groups of 32), fused as the engine
+    runs them (q/k/v 576x960, o 576x576, gate/up 576x3072, down 1536x576), at 1 and 512 rows: the CPU entries of
+    gptq_bridge/kernels/measured.py."""
+    import torch
+
+    from gptq_bridge.config import QuantizeConfig
+    from gptq_bridge.kernels.cpu_int4 import CpuInt4Linear
+    from gptq_bridge.kernels.torch_ref import TorchDenseLinear
+    from gptq_bridge.packing import pack
+    from gptq_bridge.types import LayerShape
+
+    torch.set_num_threads(1)
+    config = QuantizeConfig(bits=4, group_size=32, sym=False)
+    shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+    gen = torch.Generator().manual_seed(0)
+    out: dict = {}
+    for name, cls in (("torch-dense", TorchDenseLinear), ("cpu-int4", CpuInt4Linear)):
+        layers = []
+        for k, n in shapes:
+            m = cls(LayerShape(name="l", in_features=k, out_features=n), config, torch.float32)
+            m.qweight = pack(torch.randint(0, 16, (k, n), generator=gen), 4, 0)
+            m.qzeros = pack(torch.randint(0, 15, (k // 32, n), generator=gen), 4, 1)
+            m.scales = torch.rand(k // 32, n, generator=gen) / 100
+            m.g_idx = torch.arange(k, dtype=torch.int32) // 32
+            m.prepare()
+            layers.append(m)
+        for rows in (1, 512):
+            xs = [torch.randn(rows, k, generator=gen) for k, _ in shapes]
+            calls = 200 if rows == 1 else 3
+            best = float("inf")
+            with torch.inference_mode():
+                for _ in range(reps):
+                    start = time.thread_time()
+                    for _ in range(calls):
+                        for m, x in zip(layers, xs):
+                            m(x)
+                    best = min(best, (time.thread_time() - start) / calls * 1e6)
+            out.setdefault(name, {})[f"(4, {rows})"] = round(best, 1)
+    return out
+
+
 # --- driver --------------------------------------------------------------------------------------------------
 
 
@@ -153,8 +197,12 @@ def main() -> int:
     ap.add_argument("--head", default="auto")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-python", default=os.environ.get("LLAMACPP_PYTHON", sys.executable))
+    ap.add_argument("--kernel-costs", action="store_true", help="print the CPU costs for kernels/measured.py only")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.kernel_costs:
+        print(json.dumps(kernel_costs(args.reps), indent=1))
+        return 0
     if args.worker:
         kind, threads, *rest = args.worker
         result = worker_ours(int(threads), *rest) if kind == "ours" else worker_peer(int(threads), *rest)

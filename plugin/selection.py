@@ -66,8 +66,9 @@ def why_not(
 # a time, from each kernel's measured microseconds per call (KernelSpec.measured_us).
 WORKLOAD: dict[int, int] = {512: 1, 1: 128}
 WORKLOAD_TEXT = (
-    "one Llama-2-70B decoder layer's Linears for a 512-token prompt plus 128 decoded tokens, from "
-    "bench/kernels.py on the device type it was measured on (gptq_bridge/kernels/measured.py)"
+    "one decoder layer's Linears for a 512-token prompt plus 128 decoded tokens (Llama-2-70B's on CUDA, from "
+    "bench/kernels.py; the default model's on the CPU, from bench/cpu_decode.py), on the device type it was "
+    "measured on (gptq_bridge/kernels/measured.py)"
 )
 
 

@@ -48,7 +48,7 @@ def test_registered_kernel_is_selected_and_used(tmp_path, plugin):
     CountingLinear.calls = 0
     lm = gptq_bridge.load_model(str(ck.path), device="cpu")
     assert lm.kernel == "counting"
-    assert [v.name for v in lm.choice.verdicts][:3] == ["counting", "torch-dense", "torch"]
+    assert [v.name for v in lm.choice.verdicts][:4] == ["counting", "cpu-int4", "torch-dense", "torch"]
     ids = torch.randint(0, 96, (1, 6))
     with torch.no_grad():
         assert relative_error(lm.model(ids).logits, ck.reference(ids).logits) < 1e-4
@@ -91,7 +91,7 @@ def test_loader_plugin_takes_over_before_the_builtin(tmp_path, plugin):
     plugin(Loader())
     ck = build(tmp_path / "ck")
     lm = gptq_bridge.load_model(str(ck.path), device="cpu")
-    assert seen == [ck.path.resolve()] and lm.kernel == "torch-dense"
+    assert seen == [ck.path.resolve()] and lm.kernel == "cpu-int4"
 
     class Taker:
         @hookimpl

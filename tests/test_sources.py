@@ -76,5 +76,5 @@ def test_cli_reads_hub_cache_offline(cache):
         check=True,
     ).stdout
     data = json.loads(out)
-    assert data["chosen"] == "torch-dense" and data["settings"]["group_size"] == 32
+    assert data["chosen"] == "cpu-int4" and data["settings"]["group_size"] == 32
     assert data["config_file"].endswith("quantize_config.json")

@@ -8,7 +8,8 @@ triton, exllama and mma: on an H100 80GB HBM3, 2026-11-28, with `TESTS=none bash
 this table last; every kernel at its default launch configuration), raw numbers in
 bench/results/kernels-full-h100-2026-11-28-0428.{log,json}. torch: the same bench with --torch-ref on the
 same card, 2026-11-27 (bench/results/kernels-h100-2026-11-27.json). docs/PERFORMANCE.md has the tables. A
-third-party kernel registers its own numbers in its KernelSpec.
+third-party kernel registers its own numbers in its KernelSpec. The CPU kernels are measured on a smaller layer
+(below): costs are only compared between kernels measured on the same device type.
 """
 
 MEASURED_US: dict[str, dict[tuple[int, int], float]] = {
@@ -43,5 +44,10 @@ MEASURED_US: dict[str, dict[tuple[int, int], float]] = {
         (3, 32): 49958.0,
         (3, 512): 49456.6,
     },
-    "cpu-int4": {},
+    # CPU (KernelSpec.measured_on="cpu"): one decoder layer of the embedded default model instead (hidden 576,
+    # intermediate 1536, 4-bit asymmetric groups of 32; q/k/v and gate/up fused as the engine runs them), thread CPU
+    # time at 1 thread, on an Intel(R) Xeon(R) Processor (Sapphire Rapids class: AVX-512 BF16, AMX), 2026-12-06,
+    # with `python bench/cpu_decode.py --kernel-costs`
+    "cpu-int4": {(4, 1): 316.8, (4, 512): 17280.7},
+    "torch-dense": {(4, 1): 660.6, (4, 512): 26075.6},
 }
