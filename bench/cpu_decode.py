@@ -113,10 +113,12 @@ def worker_peer(threads: int, ids: str, gguf: str) -> dict:
     def timed(ids: list[int], new: int) -> tuple[float, list[float]]:
         llm.reset()
         t0, arrivals = time.perf_counter(), []
-        for _ in llm.create_completion(
+        for chunk in llm.create_completion(
             ids, max_tokens=new, temperature=0.0, logit_bias={eos: float("-inf")}, stream=True
         ):
-            arrivals.append(time.perf_counter())
+            choice = chunk["choices"][0]
+            if choice["finish_reason"] is None or choice["text"]:  # the closing chunk carries no token
+                arrivals.append(time.perf_counter())
         return t0, arrivals
 
     timed(chat_ids, 8)
@@ -225,7 +227,10 @@ def main() -> int:
         peer = False
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("OMP_NUM_THREADS", None)
-    runs: dict[str, dict[int, list[dict]]] = {"gptq-bridge": {t: [] for t in threads}, "llama.cpp": {t: [] for t in threads}}
+    runs: dict[str, dict[int, list[dict]]] = {
+        "gptq-bridge": {t: [] for t in threads},
+        "llama.cpp": {t: [] for t in threads},
+    }
     for rep in range(args.reps):
         for t in threads:
             got = run_worker(sys.executable, ["ours", str(t), str(ids), args.kernel, args.head], env)

@@ -108,7 +108,9 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kernels", default="auto", help="kernels to measure each --checkpoint with: auto,torch-dense,...")
-    ap.add_argument("--heads", default="auto", help="output heads to measure each --checkpoint with: auto,float,int8,int4")
+    ap.add_argument(
+        "--heads", default="auto", help="output heads to measure each --checkpoint with: auto,float,int8,int4"
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument(
         "--checkpoint",
@@ -159,7 +161,10 @@ def main() -> int:
             lm = gptq_bridge.load_model(folder, device="cpu", kernel=kernel, head=head)
             name = " ".join([label] + [f"{k}={v}" for k, v in (("kernel", kernel), ("head", head)) if v != "auto"])
             results["variants"][name] = row = dict(
-                checkpoint=folder, kernel=lm.kernel, head=lm.head, **measure(lm.model, lm.tokenizer, questions, float_side)
+                checkpoint=folder,
+                kernel=lm.kernel,
+                head=lm.head,
+                **measure(lm.model, lm.tokenizer, questions, float_side),
             )
             print(name, json.dumps(row), flush=True)
             if args.json:

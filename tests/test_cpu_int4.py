@@ -26,7 +26,11 @@ COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("group_size,desc_act,sym", COMBOS, ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}" for g, a, s in COMBOS])
+@pytest.mark.parametrize(
+    "group_size,desc_act,sym",
+    COMBOS,
+    ids=[f"g{g}-{'act' if a else 'noact'}-{'sym' if s else 'asym'}" for g, a, s in COMBOS],
+)
 def test_logits_within_the_reference_kernels_bfloat16_tolerance(tmp_path, group_size, desc_act, sym):
     ck = build(tmp_path / "ck", bits=4, group_size=group_size, desc_act=desc_act, sym=sym, seed=group_size + 3)
     assert explain(str(ck.path), device="cpu").chosen == "cpu-int4"

@@ -46,7 +46,7 @@ def test_registered_kernel_is_selected_and_used(tmp_path, plugin):
     plugin(KernelPlugin())
     ck = build(tmp_path / "ck", bits=4, group_size=32)
     CountingLinear.calls = 0
-    lm = gptq_bridge.load_model(str(ck.path), device="cpu")
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu", engine="off")  # engine off: no fused projections
     assert lm.kernel == "counting"
     assert [v.name for v in lm.choice.verdicts][:4] == ["counting", "cpu-int4", "torch-dense", "torch"]
     ids = torch.randint(0, 96, (1, 6))

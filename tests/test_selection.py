@@ -243,13 +243,16 @@ def test_builtin_measured_table_is_what_the_registered_kernels_carry(monkeypatch
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # register triton as on a GPU machine
     specs = {k.name: k for k in registered_kernels()}
     for name, table in MEASURED_US.items():
-        assert specs[name].measured_us == table and specs[name].measured_on == "cuda"
+        cpu = name in ("cpu-int4", "torch-dense")  # measured on the CPU, the others on the H100
+        assert specs[name].measured_us == table and specs[name].measured_on == ("cpu" if cpu else "cuda")
         assert all(bits in specs[name].bits and m >= 1 and us > 0 for (bits, m), us in table.items())
     for bits in (3, 4):  # the card's variants are costed for triton, mma and the reference, 4-bit for exllama
         assert workload_us(specs["triton"], bits, H100) is not None
         assert workload_us(specs["torch"], bits, H100) is not None
     assert workload_us(specs["exllama"], 4, H100) is not None
     assert workload_us(specs["mma"], 4, H100) is not None and workload_us(specs["mma"], 3, H100) is not None
+    assert workload_us(specs["cpu-int4"], 4, CPU) < workload_us(specs["torch-dense"], 4, CPU)
+    assert workload_us(specs["cpu-int4"], 4, H100) is None  # CPU numbers never rank CUDA kernels
 
 
 def test_builtin_kernels_on_an_h100_pick_mma_for_4_and_3_bit(monkeypatch):
