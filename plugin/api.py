@@ -110,15 +110,14 @@ def load_model(
     `engine`: "auto" generates Llama-family models in the decode engine (batched requests, a paged KV cache,
     CUDA graphs on a GPU); "off" uses transformers' forward, one generation at a time. `kv_cache` sets the
     engine's cache budget: tokens (8192) or a size ("4GiB"); by default half the free GPU memory, or four
-    contexts on the CPU.
+    contexts on the CPU. `head`: the output head on the CPU, "int8", "int4" or "float" (a float head quantized at
+    load time, a quantized one kept); "auto" gives the default model its measured choice, others float (head.py).
 
     A model too large for one device is split across several, whole decoder layers each (placement.py):
     `gpu_split=[20, 24]` (GiB per GPU, in order), `max_memory={0: "20GiB", 1: "24GiB", "cpu": "48GiB"}` (GPUs
     in order, then the CPU; a list of (device, size) pairs keeps its own order), or `device_map="auto"` (from
     the memory free at load). A budget holds the weights and the KV cache its layers keep; leave room for
     activations. Layers on the CPU run with a CPU kernel.
-    `head`: the output head on the CPU, "int4" (what "auto" picks there), "int8" or
-    "float"; a float head is quantized at load time, a quantized one is kept (head.py).
     """
     if source is None:
         from .default_model import default_source

@@ -23,7 +23,7 @@ from .errors import GPTQBridgeError
 from .kernels.cpu_int4 import BLOCK, COMPUTE, PackedInt4
 
 HEADS = ("auto", "float", "int8", "int4")
-DEFAULT_MODEL_HEAD = "int4"  # what "auto" gives the embedded default model on the CPU (measured, see above)
+DEFAULT_MODEL_HEAD = "int8"  # what "auto" gives the embedded default model on the CPU (measured, see above)
 
 
 def measured_head(folder: Path) -> str | None:
@@ -99,4 +99,3 @@ def compact_head(model: nn.Module, head: str, device: torch.device, measured: st
     cls = Int4Head if head == "int4" else Int8Head
     model.lm_head = cls(lm_head.weight, lm_head.bias)
     return head
-
