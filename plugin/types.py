@@ -156,11 +156,11 @@ class LoadOptions(BaseModel):
     # a split across devices (placement.py): budgets in fill order, or "auto" (from the free memory at load)
     budgets: list[Any] | None = None  # placement.Budget
     device_map: Literal["auto"] | None = None
+    head: Literal["auto", "float", "int8", "int4"] = "auto"  # the output head on the CPU (head.py)
 
     @property
     def split_requested(self) -> bool:
         return self.budgets is not None or self.device_map == "auto"
-    head: Literal["auto", "float", "int8", "int4"] = "auto"  # the output head on the CPU (head.py)
 
 
 # --- generation: the contract is fixed here, the generator itself lives in the generation module ---
