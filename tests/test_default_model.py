@@ -16,6 +16,7 @@ from conftest import default_sigint
 
 import gptq_bridge
 from gptq_bridge import default_model as dm
+from gptq_bridge import head
 from gptq_bridge.errors import SourceError
 from gptq_bridge.quality import Question, greedy_answers
 
@@ -79,7 +80,7 @@ def test_generate_answers_the_readme_question_from_the_cache(default_model):
 
 def test_python_api_uses_the_default_model_when_no_source_is_given(default_model):
     lm = gptq_bridge.load_model(device="cpu")
-    assert lm.source.path == default_model and lm.kernel == "cpu-int4" and lm.head == "int4"
+    assert lm.source.path == default_model and lm.kernel == "cpu-int4" and lm.head == head.DEFAULT_MODEL_HEAD == "int8"
     result = lm.generate([{"role": "user", "content": README_QUESTION.text}], max_new_tokens=48)
     assert "Tokyo" in result.text and result.finish_reason == "stop"
 
