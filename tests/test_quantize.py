@@ -450,7 +450,8 @@ def test_quantized_checkpoint_loads_and_beats_rtn_layer_by_layer(source, calib_f
     for key in ("bits", "group_size", "desc_act", "sym", "static_groups", "true_sequential", "checkpoint_format"):
         assert cfg[key] == case[key], key
 
-    lm = gptq_bridge.load_model(str(out), device="cpu", dtype=torch.float32)
+    # each projection's own dequantized weight: the dense kernel, unfused (the engine fuses q/k/v and gate/up)
+    lm = gptq_bridge.load_model(str(out), device="cpu", dtype=torch.float32, kernel="torch-dense", engine="off")
     assert lm.quantize_config.bits == case["bits"]
     windows = calibration_windows(lm.tokenizer, files=[calib_file], nsamples=NSAMPLES, seq_len=SEQ_LEN)
     inputs = linear_inputs(model, windows)
@@ -696,7 +697,9 @@ def test_fp_targets_in_batches_fit_each_layer_to_the_unquantized_outputs(tmp_pat
             progress=False,
             fp_targets=fp,
         )
-        loaded = gptq_bridge.load_model(str(out), device="cpu", dtype=torch.float32).model.model.layers
+        loaded = gptq_bridge.load_model(
+            str(out), device="cpu", dtype=torch.float32, kernel="torch-dense", engine="off"
+        ).model.model.layers  # each projection's own dequantized weight
         q = copy.deepcopy(model)  # the float model with the checkpoint's (dequantized) Linear weights
         w_q = {n: loaded.get_submodule(n).weight(torch.float32).t() for n in fp_in}
         with torch.no_grad():
