@@ -392,7 +392,11 @@ def loaded_bytes(lm) -> int:
         for name, t in own:
             if isinstance(module, GPTQLinear) or name not in module._non_persistent_buffers_set:
                 tensors[id(t)] = t
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    # `info` counts one group index per projection; projections fused for the engine (fusion.py) share one
+    from gptq_bridge.fusion import FusedLinear
+
+    shared = sum((len(m.widths) - 1) * m.linear.g_idx.nbytes for m in lm.model.modules() if isinstance(m, FusedLinear))
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + shared
 
 
 def test_info(capsys, ckpt, model_dir, lm):

@@ -42,10 +42,10 @@ def slot_order(g_idx: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Te
     for group, count in enumerate(counts):
         blocks = -(-count // BLOCK)
         source.append(order[start : start + count])
-        source.append(torch.full((blocks * BLOCK - count,), len(rows), dtype=torch.long))
+        source.append(torch.full((blocks * BLOCK - count,), len(rows), dtype=torch.long, device=rows.device))
         block_group += [group] * blocks
         start += count
-    return torch.cat(source), torch.tensor(block_group, dtype=torch.long)
+    return torch.cat(source), torch.tensor(block_group, dtype=torch.long, device=rows.device)
 
 
 class PackedInt4:
@@ -79,15 +79,28 @@ class PackedInt4:
 
 class CpuInt4Linear(GPTQLinear):
     def prepare(self) -> None:
-        groups = self.scales.shape[0]
-        source, block_group = slot_order(self.g_idx, groups)
-        n_in = self.in_features
-        q = unpack(self.qweight, 4, 0, n_in)  # [in, out]
-        q = torch.cat([q, q.new_zeros(1, self.out_features)])[source]  # slot order; padding slots read 0
-        zeros = unpack(self.qzeros, 4, 1, self.out_features) + self.zero_offset
-        self.weights = PackedInt4(q, self.scales[block_group], zeros[block_group])
-        identity = source.numel() == n_in and torch.equal(source, torch.arange(n_in))
-        self.source = None if identity else source
+        """The layout above, held as buffers (what the model holds is what memory accounting counts). On the
+        meta device (`gptq-bridge info`: sizes only) the natural-order layout's shapes."""
+        groups, n_in, n_out = self.scales.shape[0], self.in_features, self.out_features
+        meta = self.qweight.is_meta
+        source, block_group = slot_order(self.default_g_idx(torch.device("cpu")) if meta else self.g_idx, groups)
+        if meta:
+            slots, blocks = source.numel(), block_group.numel()
+            self.weights = None
+            packed = torch.empty(n_out, slots // 2, dtype=torch.uint8, device="meta")
+            scale_zero = torch.empty(blocks, n_out, 2, dtype=COMPUTE, device="meta")
+            nibbles = torch.empty(slots // 2, n_out, dtype=torch.uint8, device="meta")
+        else:
+            q = unpack(self.qweight, 4, 0, n_in)  # [in, out]
+            q = torch.cat([q, q.new_zeros(1, n_out)])[source]  # slot order; padding slots read 0
+            zeros = unpack(self.qzeros, 4, 1, n_out) + self.zero_offset
+            self.weights = PackedInt4(q, self.scales[block_group], zeros[block_group])
+            packed, scale_zero, nibbles = self.weights.packed, self.weights.scale_zero, self.weights.nibbles
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scale_zero", scale_zero, persistent=False)
+        self.register_buffer("nibbles", nibbles, persistent=False)
+        identity = source.numel() == n_in and torch.equal(source, torch.arange(n_in, device=source.device))
+        self.register_buffer("source", None if identity else source, persistent=False)
         self.qweight = self.qzeros = None  # replaced by the layout above: keep the memory at the 4-bit size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
