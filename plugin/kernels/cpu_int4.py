@@ -12,8 +12,8 @@ block inside one group; a group whose row count is not a multiple of 32 (a parti
 groups of uneven size) gets padding slots that read a zero. When the layout is the identity (natural order,
 no padding: the usual case) the input is used as is, otherwise it is gathered into slot order per call.
 
-Many rows at once (a prompt) are faster as a bfloat16 matmul (AMX/AVX-512 BF16) over weights dequantized for
-that call: the op's cost grows with every row, the dequantization is paid once.
+Many rows at once (a prompt) would be faster as a bfloat16 matmul over weights dequantized for that call
+(`DENSE_FROM_ROWS`), but its rounding differs from the op's, so it is off: every row goes through the op.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from .measured import MEASURED_US
 
 BLOCK = 32  # rows per scale in the packed op (its smallest group size)
 COMPUTE = torch.bfloat16
-DENSE_FROM_ROWS = 64  # from this many rows per call, dequantize and run one bfloat16 matmul (measured crossover)
+# From this many rows per call, dequantize and run one bfloat16 matmul (3x faster at 512 rows). None: off, because
+# the two paths round differently, and a row's result must not depend on the rows beside it (a request answered
+# alone and in a packed batch must agree; tests/test_openai_server.py checks it).
+DENSE_FROM_ROWS: int | None = None
 
 
 def slot_order(g_idx: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +72,7 @@ class PackedInt4:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, slots] in bfloat16 -> [rows, out] in bfloat16."""
-        if x.shape[0] >= DENSE_FROM_ROWS:
+        if DENSE_FROM_ROWS is not None and x.shape[0] >= DENSE_FROM_ROWS:
             return F.linear(x, self.dense_weight())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, BLOCK, self.scale_zero)
 
