@@ -48,6 +48,6 @@ MEASURED_US: dict[str, dict[tuple[int, int], float]] = {
     # intermediate 1536, 4-bit asymmetric groups of 32; q/k/v and gate/up fused as the engine runs them), thread CPU
     # time at 1 thread, on an Intel(R) Xeon(R) Processor (Sapphire Rapids class: AVX-512 BF16, AMX), 2026-12-06,
     # with `python bench/cpu_decode.py --kernel-costs`
-    "cpu-int4": {(4, 1): 316.8, (4, 512): 17280.7},
-    "torch-dense": {(4, 1): 660.6, (4, 512): 26075.6},
+    "cpu-int4": {(4, 1): 307.7, (4, 512): 56425.3},
+    "torch-dense": {(4, 1): 567.6, (4, 512): 25080.0},
 }
