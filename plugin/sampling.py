@@ -6,7 +6,9 @@ the most likely token, so a draw always has something to draw from. Temperature 
 likely token after penalties and bans.
 
 `sample_batch` does all of it for many rows at once on the logits' device (the decode engine's batch; one row
-for the eager generator), with one read back for the whole batch. Each row's draw is inverse-CDF sampling
+for the eager generator), with one read back for the whole batch; `draw_batch` is the same without the read
+back (the engine feeds the tokens to its next step on the device). Values sent from the host go through pinned
+memory without waiting on the device, so drawing never stalls behind the step that is still running. Each row's draw is inverse-CDF sampling
 with one uniform number from its own CPU `torch.Generator`, so a seed gives the same tokens whatever device
 computed the logits (up to that device's arithmetic) and whichever requests shared the batch.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .errors import GPTQBridgeError
+from .transfer import to_device
 from .types import GenerationParams
 
 NEG_INF = float("-inf")
@@ -32,7 +35,7 @@ def apply_penalties(logits: torch.Tensor, context: torch.Tensor, params: Generat
         return logits
     vocab = logits.shape[-1]
     window = context[-params.repetition_penalty_range :] if params.repetition_penalty_range else context
-    window = window[window < vocab].to(logits.device)  # (on the host: no device sync)
+    window = to_device(window[window < vocab], torch.long, logits.device)  # (filtered on the host: no device sync)
     counts = torch.zeros(vocab, dtype=torch.long, device=logits.device).scatter_add_(0, window, torch.ones_like(window))
     seen = counts > 0
     out = logits.clone()
@@ -111,12 +114,26 @@ class Sampler:
             raise GPTQBridgeError("banned_token_ids (with ban_eos) ban every token of the vocabulary")
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
+        self._banned_on: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether the tokens so far change the distribution (penalties): then the last one must be known."""
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+    def banned_on(self, device: torch.device) -> torch.Tensor:
+        """The banned token ids on `device`, copied there once."""
+        ids = self._banned_on.get(device)
+        if ids is None:
+            ids = self._banned_on[device] = to_device(self.banned, torch.long, device)
+        return ids
 
     def process(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Logits after penalties and bans (before temperature)."""
         logits = apply_penalties(logits.float(), context, self.params)
         if self.banned.numel():
-            logits = logits.index_fill(0, self.banned.to(logits.device), NEG_INF)
+            logits = logits.index_fill(0, self.banned_on(logits.device), NEG_INF)
         return logits
 
     def distribution(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -137,25 +154,30 @@ class Sampler:
 
 
 def sample_batch(logits: torch.Tensor, samplers: list[Sampler], contexts: list[torch.Tensor]) -> list[int]:
-    """The next token of each row of `logits` ([rows, vocab]), each with its own sampler and context.
+    """The next token of each row of `logits` ([rows, vocab]), each with its own sampler and context: the
+    token ids of `draw_batch`, read back once."""
+    return draw_batch(logits, samplers, contexts).tolist()
+
+
+def draw_batch(logits: torch.Tensor, samplers: list[Sampler], contexts: list[torch.Tensor]) -> torch.Tensor:
+    """The next token ids ([rows], on the logits' device), each row with its own sampler and context.
 
     The same as each row's `Sampler.distribution` followed by a draw, computed for the batch at once on the
     logits' device: penalties and bans per row, then temperature, top_k, top_p and min_p on rows sorted once
-    (typical_p, which ranks tokens differently, takes its row's own path). Nothing waits on the device until
-    the token ids are read, once."""
+    (typical_p, which ranks tokens differently, takes its row's own path). Nothing waits on the device."""
     x = torch.stack([s.process(logits[r], contexts[r]) for r, s in enumerate(samplers)])
     params = [s.params for s in samplers]
-    greedy = torch.tensor([p.temperature == 0.0 for p in params], device=x.device)
     drawn = [p.temperature != 0.0 for p in params]
     if not any(drawn):
-        return x.argmax(dim=-1).tolist()
+        return x.argmax(dim=-1)
     # one uniform number per drawn row, from the row's own generator (greedy rows draw none)
     u = torch.tensor([float(torch.rand((), generator=s.generator)) if d else 0.0 for s, d in zip(samplers, drawn)])
     dev, vocab = x.device, x.shape[-1]
-    column = lambda values: torch.tensor(values, dtype=torch.float32, device=dev)[:, None]  # noqa: E731
+    column = lambda values: to_device(values, torch.float32, dev)[:, None]  # noqa: E731
+    greedy = to_device([not d for d in drawn], torch.bool, dev)
     scaled = x / column([p.temperature or 1.0 for p in params])
     sx, order = torch.sort(scaled, dim=-1, descending=True)
-    k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    k = to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, dev)
     sx = sx.masked_fill(sx < sx.gather(1, (k - 1)[:, None]), NEG_INF)  # ties with the k-th are kept
     top_p = column([p.top_p for p in params])
     probs = torch.softmax(sx, dim=-1)
@@ -170,6 +192,6 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler], contexts: list[t
         if drawn[r] and p.typical_p < 1.0:
             probs[r] = samplers[r].distribution(logits[r], contexts[r])[order[r]]
     cdf = torch.cumsum(probs, dim=-1)
-    point = u.to(dev)[:, None] * cdf[:, -1:]
+    point = to_device(u, torch.float32, dev)[:, None] * cdf[:, -1:]
     index = torch.searchsorted(cdf, point, right=True).clamp_(max=vocab - 1)
-    return torch.where(greedy, x.argmax(dim=-1), order.gather(1, index)[:, 0]).tolist()
+    return torch.where(greedy, x.argmax(dim=-1), order.gather(1, index)[:, 0])

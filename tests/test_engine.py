@@ -14,7 +14,7 @@ import gptq_bridge
 from gptq_bridge.engine.forward import LlamaFamilyForward, cache_shape, unsupported_reason
 from gptq_bridge.engine.generator import engine_for, engine_status
 from gptq_bridge.engine.kv_cache import BlockAllocator, CacheBudgetError, PagedKVCache, budget_tokens, parse_budget
-from gptq_bridge.engine.scheduler import Scheduler, Sequence
+from gptq_bridge.engine.scheduler import End, Scheduler, Sequence
 from gptq_bridge.errors import GPTQBridgeError
 
 # --- scheduling and the cache's bookkeeping -------------------------------------------------------------------
@@ -189,6 +189,16 @@ def word_path(tmp_path_factory):
 PROMPTS = ["the a of", "to to and in", "is it you that he", "the", "of a", "was for on are with as I"]
 
 
+@pytest.fixture(params=[False, True], ids=["read-in-step", "overlapped"])
+def overlap(request, word_path):
+    """The engine reads each step's tokens before the next launch, or (as on a GPU) launches the next step
+    first and feeds it the tokens on the device."""
+    engine = engine_for(gptq_bridge.load_model(str(word_path)))
+    before, engine.overlap = engine.overlap, request.param
+    yield request.param
+    engine.overlap = before
+
+
 def test_greedy_tokens_match_the_eager_path(word_path):
     eager = gptq_bridge.load_model(str(word_path), engine="off")
     engine = gptq_bridge.load_model(str(word_path))
@@ -212,7 +222,7 @@ SAMPLED = [  # per prompt: greedy, or drawn with its own settings and seed
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_concurrent_requests_share_the_batch_and_give_the_same_tokens_as_alone(word_path, sampled):
+def test_concurrent_requests_share_the_batch_and_give_the_same_tokens_as_alone(word_path, sampled, overlap):
     lm = gptq_bridge.load_model(str(word_path))
     settings = dict(zip(PROMPTS, SAMPLED if sampled else [{}] * len(PROMPTS)))
     alone = {p: lm.generate(p, max_new_tokens=40, ban_eos=True, **settings[p]).token_ids for p in PROMPTS}
@@ -235,7 +245,7 @@ def test_concurrent_requests_share_the_batch_and_give_the_same_tokens_as_alone(w
     assert engine.steps - steps_before < len(PROMPTS) * 39
 
 
-def test_cancel_mid_batch_ends_that_request_only(word_path):
+def test_cancel_mid_batch_ends_that_request_only(word_path, overlap):
     lm = gptq_bridge.load_model(str(word_path))
     cancel = threading.Event()
     other: dict = {}
@@ -255,7 +265,7 @@ def test_cancel_mid_batch_ends_that_request_only(word_path):
     assert engine_for(lm).forward.cache.allocator.free_blocks == engine_for(lm).forward.cache.allocator.usable_blocks
 
 
-def test_stop_strings_free_the_slot_and_leaving_a_stream_early_too(word_path):
+def test_stop_strings_free_the_slot_and_leaving_a_stream_early_too(word_path, overlap):
     lm = gptq_bridge.load_model(str(word_path))
     full = lm.generate("the a", max_new_tokens=12, ban_eos=True)
     word = full.text.split()[3]
@@ -269,6 +279,47 @@ def test_stop_strings_free_the_slot_and_leaving_a_stream_early_too(word_path):
             break
         threading.Event().wait(0.01)
     assert alloc.free_blocks == alloc.usable_blocks
+
+
+def test_an_end_token_ends_the_request_where_it_is_drawn_with_or_without_overlap(word_path, overlap):
+    """With overlap the step after an end token is already launched: its row is dropped, nothing leaks."""
+    lm = gptq_bridge.load_model(str(word_path))
+    engine = engine_for(lm)
+    free = engine.forward.cache.allocator.usable_blocks
+
+    def run(prompt: str, end_ids=frozenset(), new=30) -> tuple[list[int], str]:
+        items, done = [], threading.Event()
+        seq = Sequence(
+            prompt=lm.tokenizer(prompt)["input_ids"],
+            max_new_tokens=new,
+            sample=lambda logits, s: int(logits.argmax()),
+            greedy=True,
+            end_ids=end_ids,
+            deliver=lambda item: (items.append(item), isinstance(item, End) and done.set()),
+        )
+        engine.submit(seq)
+        assert done.wait(60)
+        return [t for t in items if isinstance(t, int)], items[-1].reason
+
+    full, reason = run("the a of")
+    assert reason == "length" and len(full) == 30
+    end = full[7]  # the first time it is drawn ends the request
+    cut = full.index(end)
+    short, reason = run("the a of", frozenset({end}))
+    assert short == full[: cut + 1] and reason == "eos"
+    # beside a longer request, which goes on unchanged
+    results = {}
+    threads = [
+        threading.Thread(target=lambda: results.setdefault("short", run("the a of", frozenset({end})))),
+        threading.Thread(target=lambda: results.setdefault("long", run("to to and in", new=40))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["short"] == (short, "eos")
+    assert results["long"] == run("to to and in", new=40)
+    assert engine.forward.cache.allocator.free_blocks == free and all(not s.pending for s in engine.scheduler.running)
 
 
 def test_a_request_larger_than_the_cache_fails_at_the_call_and_one_that_fits_later_waits(word_path):
@@ -288,7 +339,7 @@ def test_a_request_larger_than_the_cache_fails_at_the_call_and_one_that_fits_lat
     assert len({tuple(r.token_ids) for r in results}) == 1
 
 
-def test_closing_the_engine_cancels_what_runs_and_it_works_again(word_path):
+def test_closing_the_engine_cancels_what_runs_and_it_works_again(word_path, overlap):
     lm = gptq_bridge.load_model(str(word_path))
     stream = lm.stream("the a of", max_new_tokens=200, ban_eos=True)
     it = iter(stream)

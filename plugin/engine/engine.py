@@ -3,21 +3,37 @@
 Callers in any thread `submit` a `Sequence` and read its tokens from its `deliver` callback. The worker
 starts with the first request and stops after a short idle time, so an unused model holds no thread.
 
-A step's tokens reach their callers after the next decode step is launched: waking the callers (and their
-Python work on each token) then overlaps the GPU's work instead of delaying the launch.
+On a GPU the host stays one step ahead of the device. A decode step's tokens are drawn on the device and
+fed to the next step there; the host launches that next step before it reads them, then hands them out while
+the device computes. So the device never idles while the host reads tokens, checks stops and builds the next
+step's inputs. A request whose last token ends it (end of sequence) has one more row computed, which is
+dropped; a request at its token limit is not scheduled past it. Rows whose sampling depends on the tokens so
+far (repetition, presence and frequency penalties) wait for their last token to be read first.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 
-from ..sampling import sample_batch
-from .forward import LlamaFamilyForward
+from ..sampling import draw_batch
+from ..transfer import to_device
+from .forward import Feed, LlamaFamilyForward
 from .scheduler import End, Scheduler, Sequence
 
 IDLE_SECONDS = 2.0  # the worker exits after this long without work; the next request starts it again
+
+
+@dataclass
+class _InFlight:
+    """A launched decode step whose tokens the host has not read yet."""
+
+    batch: list[Sequence]
+    tokens: torch.Tensor  # the step's token ids, on the device (what the next step is fed)
+    host: torch.Tensor  # their copy on the host, filled when `ready` has passed
+    ready: torch.cuda.Event | None
 
 
 class Engine:
@@ -28,8 +44,12 @@ class Engine:
         prefill_chunk: int = 512,
         prefill_alone: int = 2048,
         graphs: bool = True,
+        overlap: bool | None = None,
     ):
         self.forward = forward
+        # launch each decode step before reading the last one's tokens (None: on a GPU)
+        self.overlap = forward.device.type == "cuda" if overlap is None else overlap
+        self._inflight: _InFlight | None = None
         self.decode = forward.decode
         self.first_chunk = None
         if graphs and forward.device.type == "cuda":
@@ -105,22 +125,66 @@ class Engine:
                 if seq.prefilled:
                     self._emit(seq, seq.sample(row, seq))
         if step.decode:
-            logits = self.decode(step.decode)  # launched; the device works while the callers get their tokens
-            self._flush()
-            for seq in step.decode:
+            batch = step.decode
+            if not self.overlap or any(s.sampler is None or s.sampler.needs_context for s in batch):
+                self._land()  # these rows need every token so far on the host
+            logits = self.decode(batch, self._feed(batch))  # launched: the device works while the host goes on
+            for seq in batch:
                 seq.cached += 1
+                seq.pending += 1
             self.steps += 1
-            if all(s.greedy for s in step.decode):
-                tokens = greedy_tokens(logits, step.decode)
-            elif all(s.sampler is not None for s in step.decode):
-                contexts = [s.context[: s.length] for s in step.decode]
-                tokens = sample_batch(logits, [s.sampler for s in step.decode], contexts)
-            else:
-                tokens = [s.sample(row, s) for s, row in zip(step.decode, logits)]
-            for seq, token in zip(step.decode, tokens):
-                self._emit(seq, token)
-        if not any(s.prefilled for s in self.scheduler.running):  # no decode step comes next to flush behind
+            tokens = self._draw(logits, batch)
+            previous, self._inflight = self._inflight, self._read_back(batch, tokens)
+            self._land(previous)
+            if not self.overlap:
+                self._land()
             self._flush()
+        else:
+            self._land()
+        if not any(s.prefilled for s in self.scheduler.running):  # no decode step comes next to flush behind
+            self._land()
+            self._flush()
+
+    def _feed(self, batch: list[Sequence]) -> Feed | None:
+        """The rows whose input token is the in-flight step's, still on the device."""
+        inflight = self._inflight
+        if inflight is None:
+            return None
+        where = {id(s): r for r, s in enumerate(inflight.batch)}
+        rows = [r for r, s in enumerate(batch) if s.pending]
+        if not rows:
+            return None
+        return Feed(rows, [where[id(batch[r])] for r in rows], inflight.tokens)
+
+    def _draw(self, logits: torch.Tensor, batch: list[Sequence]) -> torch.Tensor:
+        """Each row's next token id, on the device, nothing read back."""
+        if all(s.greedy for s in batch):
+            return greedy_draw(logits, batch)
+        if all(s.sampler is not None for s in batch):
+            return draw_batch(logits, [s.sampler for s in batch], [s.context[: s.length] for s in batch])
+        return torch.tensor([s.sample(row, s) for s, row in zip(batch, logits)], device=logits.device)
+
+    def _read_back(self, batch: list[Sequence], tokens: torch.Tensor) -> _InFlight:
+        if tokens.device.type != "cuda":
+            return _InFlight(batch, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(tokens.device))
+        return _InFlight(batch, tokens, host, ready)
+
+    def _land(self, inflight: _InFlight | None = None) -> None:
+        """Read a launched step's tokens (by default the one in flight) and hand them out."""
+        if inflight is None:
+            inflight, self._inflight = self._inflight, None
+            if inflight is None:
+                return
+        if inflight.ready is not None:
+            inflight.ready.synchronize()
+        for seq, token in zip(inflight.batch, inflight.host.tolist()):
+            seq.pending -= 1
+            if seq.finish_reason is None:  # not ended (end of sequence, cancel) while this step ran
+                self._emit(seq, token)
 
     def _emit(self, seq: Sequence, token: int) -> None:
         seq.append(token)
@@ -140,11 +204,12 @@ class Engine:
             seq.deliver(item)
 
 
-def greedy_tokens(logits: torch.Tensor, batch: list[Sequence]) -> list[int]:
-    """The argmax of every row after its bans, with one read back from the device for the whole batch."""
+def greedy_draw(logits: torch.Tensor, batch: list[Sequence]) -> torch.Tensor:
+    """The argmax of every row after its bans, on the device."""
     rows = [r for r, s in enumerate(batch) for _ in s.banned]
     if rows:
         cols = [t for s in batch for t in s.banned]
-        index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-        logits = logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
-    return logits.argmax(dim=-1).tolist()
+        dev = logits.device
+        index = (to_device(rows, torch.long, dev), to_device(cols, torch.long, dev))
+        logits = logits.index_put(index, logits.new_full((), float("-inf")))
+    return logits.argmax(dim=-1)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..fusion import FusedLinear
 from ..generation import attention_backends
+from ..transfer import to_device
 from . import fused_ops, paged_attention
 from .kv_cache import CacheShape, PagedKVCache
 from .scheduler import Sequence
@@ -243,13 +244,18 @@ class LlamaFamilyForward:
         return self.model.lm_head(h[last][None]).float()[0]
 
     @torch.inference_mode()
-    def decode(self, batch: list[Sequence]) -> torch.Tensor:
-        """One token for each request: the logits after it ([batch, vocab], float32)."""
+    def decode(self, batch: list[Sequence], feed: Feed | None = None) -> torch.Tensor:
+        """One token for each request: the logits after it ([batch, vocab], float32). `feed`: rows whose input
+        token is still on the device."""
         tokens, *rest = decode_inputs(batch, self.cache.block_size)
         x, delta = tokens, None
         for seg in self.segments:
             dev = seg.device
-            inputs = [t.to(dev, non_blocking=True) for t in rest]
+            inputs = [to_device(t, t.dtype, dev) for t in rest]
+            if seg.first:
+                x = to_device(x, x.dtype, dev)
+                if feed is not None:
+                    feed.apply(x)
             with on(dev):
                 out = self.decode_segment(seg, x.to(dev), None if delta is None else delta.to(dev), *inputs)
             if seg.last:
@@ -287,6 +293,25 @@ class LlamaFamilyForward:
 
         out = self.run_segment(seg, x, delta, positions, write, attend)
         return self.model.lm_head(out[None]).float()[0] if seg.last else out
+
+
+@dataclass
+class Feed:
+    """Rows of a decode step whose input token is still on the device: sampled by the step before, whose
+    tokens the host has not read yet. Their rows of the host-built token input are overwritten on the device."""
+
+    rows: list[int]  # rows of this step
+    source_rows: list[int]  # the same requests' rows in `tokens`
+    tokens: torch.Tensor  # the previous step's token ids, on the device
+
+    def apply(self, inputs: torch.Tensor) -> None:
+        n = len(self.rows)
+        tokens = self.tokens.to(inputs.device, non_blocking=True)
+        if self.rows == self.source_rows == list(range(n)):  # the same requests in the same order: one copy
+            inputs[:n].copy_(tokens[:n])
+            return
+        rows = to_device(self.rows, torch.long, inputs.device)
+        inputs.index_copy_(0, rows, tokens.index_select(0, to_device(self.source_rows, torch.long, inputs.device)))
 
 
 def decode_inputs(batch: list[Sequence], block_size: int, rows: int | None = None, table_width: int | None = None):

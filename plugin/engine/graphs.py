@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .forward import LlamaFamilyForward, Segment, decode_inputs
+from ..transfer import copy_in
+from .forward import Feed, LlamaFamilyForward, Segment, decode_inputs
 from .scheduler import Sequence
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -62,7 +63,8 @@ class GraphedDecode:
         return next(b for b in self.buckets if b >= rows)
 
     @torch.inference_mode()
-    def __call__(self, batch: list[Sequence]) -> torch.Tensor:
+    def __call__(self, batch: list[Sequence], feed: Feed | None = None) -> torch.Tensor:
+        """The logits of one decode step ([batch, vocab]); `feed`: rows whose input token is on the device."""
         fwd = self.forward
         rows = self.bucket(len(batch))
         entries = self.captured.get(rows) or self._capture(rows)
@@ -71,10 +73,14 @@ class GraphedDecode:
         for seg, entry in zip(fwd.segments, entries):
             if entry.graph is None:  # a CPU segment
                 here = [t.to(seg.device) for t in (*carried, *rest)]
+                if seg.first and feed is not None:
+                    feed.apply(here[0])
                 out = fwd.decode_segment(seg, here[0], here[1] if len(carried) == 2 else None, *here[len(carried) :])
             else:
                 for buffer, value in zip(entry.inputs, (*carried, *rest)):
-                    buffer.copy_(value, non_blocking=True)
+                    copy_in(buffer, value)
+                if seg.first and feed is not None:
+                    feed.apply(entry.inputs[0])
                 entry.graph.replay()
                 out = entry.outputs
             if seg.last:
@@ -150,9 +156,9 @@ class GraphedPrefill:
         entry = self.captured.get(n) or self._capture(n)
         fwd, pad = self.forward, n - end
         tokens, positions, write, last = entry.inputs
-        tokens.copy_(torch.cat([seq.context[:end], torch.zeros(pad, dtype=torch.long)]), non_blocking=True)
-        positions.copy_(torch.cat([torch.arange(end), torch.zeros(pad, dtype=torch.long)]), non_blocking=True)
-        write.copy_(torch.cat([fwd.slots(seq, 0, end), torch.zeros(pad, dtype=torch.long)]), non_blocking=True)
+        copy_in(tokens, torch.cat([seq.context[:end], torch.zeros(pad, dtype=torch.long)]))
+        copy_in(positions, torch.cat([torch.arange(end), torch.zeros(pad, dtype=torch.long)]))
+        copy_in(write, torch.cat([fwd.slots(seq, 0, end), torch.zeros(pad, dtype=torch.long)]))
         last.fill_(end - 1)
         entry.graph.replay()
         return entry.logits[0]

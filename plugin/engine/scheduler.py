@@ -8,7 +8,7 @@ Pure bookkeeping (no tensors, no model), so it is tested on its own. Each step:
 3. admitted requests with prompt left to read get it, oldest first, up to `prefill_chunk` tokens in all
    (packed into one forward), so a long prompt holds the running streams back by one chunk per step, never by
    the whole prompt. With no stream decoding nobody waits on the chunk: up to `prefill_alone` tokens are read;
-4. every request whose prompt is read decodes one token.
+4. every request whose prompt is read decodes one token (unless the token in flight may be its last).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys and values are in the cache
     generated: int = 0
+    pending: int = 0  # tokens drawn on the device that the host has not read yet (0 or 1)
     finish_reason: str | None = None
 
     def __post_init__(self):
@@ -135,7 +136,8 @@ class Scheduler:
                 self.running.append(seq)
                 admitted.append(seq)
             step = Step(admitted=admitted)
-            step.decode = [s for s in self.running if s.prefilled]
+            # a request whose token in flight may be its last one is not run past it
+            step.decode = [s for s in self.running if s.prefilled and s.generated + s.pending < s.max_new_tokens]
             budget = self.prefill_chunk if step.decode else self.prefill_alone
             for seq in self.running:
                 if budget == 0:

@@ -22,6 +22,7 @@ import gptq_bridge  # noqa: E402
 from gptq_bridge.engine.generator import engine_for  # noqa: E402
 from gptq_bridge.engine.graphs import GraphedDecode  # noqa: E402
 from gptq_bridge.engine.paged_attention import paged_decode_attention  # noqa: E402
+from gptq_bridge.engine.scheduler import End, Sequence  # noqa: E402
 from gptq_bridge.errors import GPTQBridgeError  # noqa: E402
 from gptq_bridge.fusion import FusedLinear  # noqa: E402
 
@@ -167,6 +168,39 @@ def test_batched_tokens_are_those_of_requests_alone(tmp_path, sampled):
     # fp16 GEMMs of different row counts may round differently; a flip needs a near-tie (greedy) or a draw within
     # that rounding of a boundary of the distribution (sampled: ~1e-3 a token), so nearly all agree
     assert same >= (28 if sampled else 30), f"{same}/32 batched requests gave the tokens they give alone"
+
+
+def test_overlapped_steps_give_the_tokens_of_steps_read_one_by_one(tmp_path):
+    """On a GPU each step is launched before the last one's tokens are read (fed to it on the device). The
+    tokens are those of reading every step before the next, and an end token ends its request there."""
+    lm = gptq_bridge.load_model(str(gpu_checkpoint(tmp_path, 4, True)), device="cuda")
+    engine = engine_for(lm)
+    assert engine.overlap
+    prompts = ["the a of", "to and", "in is it the a", "of"]
+    overlapped = [lm.generate(p, max_new_tokens=40, ban_eos=True).token_ids for p in prompts]
+    engine.overlap = False
+    try:
+        in_step = [lm.generate(p, max_new_tokens=40, ban_eos=True).token_ids for p in prompts]
+    finally:
+        engine.overlap = True
+    assert overlapped == in_step
+    end = overlapped[0][9]
+    cut = overlapped[0].index(end)
+    items, done = [], threading.Event()
+    seq = Sequence(
+        prompt=lm.tokenizer(prompts[0])["input_ids"],
+        max_new_tokens=40,
+        sample=None,
+        greedy=True,
+        banned=[i for i in [lm.tokenizer.eos_token_id] if i is not None],  # as ban_eos above
+        end_ids=frozenset({end}),
+        deliver=lambda item: (items.append(item), isinstance(item, End) and done.set()),
+    )
+    engine.submit(seq)
+    assert done.wait(60)
+    assert items[:-1] == overlapped[0][: cut + 1] and items[-1].reason == "eos"
+    alloc = engine.forward.cache.allocator
+    assert alloc.free_blocks == alloc.usable_blocks and seq.pending == 0
 
 
 def test_cancel_mid_batch_and_the_budget(tmp_path):
