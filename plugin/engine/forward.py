@@ -327,12 +327,12 @@ def decode_inputs(batch: list[Sequence], block_size: int, rows: int | None = Non
     pad = rows - len(batch)
     positions = [s.cached for s in batch]
     write = [s.blocks[p // block_size] * block_size + p % block_size for s, p in zip(batch, positions)]
-    tables = [s.blocks + [0] * (width - len(s.blocks)) for s in batch] + [[0] * width] * pad
+    tables = torch.stack([s.table_row(width) for s in batch] + [torch.zeros(width, dtype=torch.int32)] * pad)
     return (
         torch.tensor([s.last for s in batch] + [0] * pad, dtype=torch.long),
         torch.tensor(positions + [0] * pad, dtype=torch.long),
         torch.tensor(write + [0] * pad, dtype=torch.long),
-        torch.tensor(tables, dtype=torch.int32).reshape(rows, width),
+        tables,
         torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32),
     )
 

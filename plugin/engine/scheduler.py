@@ -49,6 +49,7 @@ class Sequence:
         self.context[: len(self.prompt)] = torch.tensor(self.prompt, dtype=torch.long)
         self.length = len(self.prompt)  # prompt + generated tokens in `context`
         self.last = self.prompt[-1] if self.prompt else 0  # context[length - 1]: what a decode step reads
+        self._table: tuple[tuple, torch.Tensor] | None = None  # (width, blocks) and the padded block table
 
     @property
     def cancelled(self) -> bool:
@@ -61,6 +62,15 @@ class Sequence:
     @property
     def prefilled(self) -> bool:
         return self.cached >= len(self.prompt)
+
+    def table_row(self, width: int) -> torch.Tensor:
+        """The block table padded to `width` with the padding block 0 (int32), made once per set of blocks."""
+        key = (width, tuple(self.blocks))
+        if self._table is None or self._table[0] != key:
+            row = torch.zeros(width, dtype=torch.int32)
+            row[: len(self.blocks)] = torch.tensor(self.blocks, dtype=torch.int32)
+            self._table = (key, row)
+        return self._table[1]
 
     def append(self, token: int) -> None:
         self.context[self.length] = token
