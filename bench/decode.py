@@ -292,7 +292,7 @@ def ours(
     for k in streams:
         res[f"streams{k}"] = concurrent_streams(lm, k, vocab, new)
     res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    engine = lm.__dict__.get("_engine")
+    engine = lm.decode_engine
     if profile and engine is not None:
         res["profile"] = profile_step(engine)
     if engine is not None:

@@ -35,6 +35,8 @@ class LoadedModel:
     head: str = "float"  # the output head as loaded: "float", or "int8"/"int4" quantized at load time (head.py)
     # generations outside the engine run one at a time (they share the weights and, on a GPU, the memory)
     generation_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # the decode engine itself, made at the first request that uses it (engine/generator.py: engine_for)
+    decode_engine: Any | None = field(default=None, repr=False, compare=False)
 
     @property
     def quantize_config(self) -> QuantizeConfig:

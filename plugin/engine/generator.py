@@ -32,12 +32,12 @@ def engine_for(model) -> Engine | None:
     """The model's engine, made on first use; None when the model does not run in the engine (see `engine_status`)."""
     if engine_status(model) is not None:
         return None
-    engine = model.__dict__.get("_engine")
+    engine = model.decode_engine
     if engine is None:
         with _CREATE:
-            engine = model.__dict__.get("_engine")
+            engine = model.decode_engine
             if engine is None:
-                engine = model.__dict__["_engine"] = build_engine(model)
+                engine = model.decode_engine = build_engine(model)
     return engine
 
 

@@ -114,20 +114,29 @@ class GraphedDecode:
                 return fwd.decode_segment(seg, inputs[0], None, *inputs[1:])
             return fwd.decode_segment(seg, inputs[0], inputs[1], *inputs[2:])
 
-        with torch.cuda.device(seg.device):
-            side = torch.cuda.Stream(seg.device)
-            side.wait_stream(torch.cuda.current_stream(seg.device))
-            with torch.cuda.stream(side):  # warm-up: kernels pick their configs and scratch grows outside the capture
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream(seg.device).wait_stream(side)
-            if seg.device not in self.pools:
-                self.pools[seg.device] = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's CUDA call (a model being freed, another engine) must not end the capture
-            with torch.cuda.graph(graph, pool=self.pools[seg.device], capture_error_mode="thread_local"):
-                outputs = step()
+        if seg.device not in self.pools:
+            self.pools[seg.device] = torch.cuda.graph_pool_handle()
+        graph, outputs = capture(step, seg.device, self.pools[seg.device])
         return _SegmentGraph(graph, inputs, outputs)
+
+
+def capture(step, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:
+    """A CUDA graph of `step()` (which reads and writes fixed buffers) and the outputs it writes.
+
+    Two warm-up calls on a side stream first: kernels pick their configurations and scratch buffers grow
+    outside the capture. The capture is thread-local: another thread's CUDA call (a model being freed, another
+    engine) must not end it."""
+    with torch.inference_mode(), torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = step()
+    return graph, outputs
 
 
 class GraphedPrefill:
@@ -167,16 +176,8 @@ class GraphedPrefill:
         fwd = self.forward
         zeros = torch.zeros(n, dtype=torch.long, device=fwd.device)
         inputs = (zeros, zeros.clone(), zeros.clone(), torch.zeros(1, dtype=torch.long, device=fwd.device))
-        side = torch.cuda.Stream(fwd.device)
-        side.wait_stream(torch.cuda.current_stream(fwd.device))
-        with torch.inference_mode(), torch.cuda.stream(side):  # warm-up outside the capture, as for decode
-            for _ in range(2):
-                fwd.first_chunk_on(*inputs)
-        torch.cuda.current_stream(fwd.device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = fwd.first_chunk_on(*inputs)
+        graph, logits = capture(lambda: fwd.first_chunk_on(*inputs), fwd.device, self.pool)
         entry = self.captured[n] = _Captured(graph, inputs, logits)
         return entry
