@@ -35,6 +35,23 @@ REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a wh
 # --- incremental decoding ------------------------------------------------------------------------------------
 
 
+def backend_decoder(tokenizer):
+    """The `tokenizers` library object behind a fast tokenizer whose class changes nothing in decoding: its
+    `decode` gives the same text as the tokenizer's without cleaning up spaces, for a third of the host time
+    (twice per streamed token). None for any other tokenizer."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    plain = (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls._decode is PreTrainedTokenizerFast._decode
+        and cls.decode is PreTrainedTokenizerFast.decode
+    )
+    return getattr(tokenizer, "_tokenizer", None) if plain else None
+
+
 class IncrementalDecoder:
     """Token ids in, text out, never half a character.
 
@@ -50,8 +67,11 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self.prefix = 0  # window start
         self.read = 0  # end of what has been released
+        self._backend = backend_decoder(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=self.skip)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
     def _delta(self) -> str:

@@ -19,10 +19,11 @@ from gen_models import (
     set_head,
     word_checkpoint,
 )
+from transformers import AutoTokenizer
 
 import gptq_bridge
 from gptq_bridge.errors import GPTQBridgeError
-from gptq_bridge.generation import IncrementalDecoder, prepare
+from gptq_bridge.generation import IncrementalDecoder, backend_decoder, prepare
 from gptq_bridge.stream import make_request
 
 
@@ -201,6 +202,20 @@ def test_incremental_decoding_never_emits_half_a_character():
     assert "".join(pieces) == TEXT
     assert not any("\ufffd" in p for p in pieces)
     assert "" in pieces  # some tokens were only part of a character, and waited
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_the_backend_decoder_gives_the_tokenizers_text(word_path, skip):
+    """Incremental decoding calls the tokenizers library directly for a plain fast tokenizer: the same text."""
+    tok = AutoTokenizer.from_pretrained(str(word_path))
+    assert backend_decoder(tok) is not None
+    gen = torch.Generator().manual_seed(0)
+    specials = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) if i is not None]
+    for _ in range(20):
+        ids = torch.randint(0, len(tok), (30,), generator=gen).tolist() + specials
+        text = tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        dec = IncrementalDecoder(tok, skip)
+        assert "".join([dec.add(i) for i in ids] + [dec.flush()]) == text
 
 
 def test_streamed_utf8_from_the_model(byte_path, load):
