@@ -190,13 +190,16 @@ PROMPTS = ["the a of", "to to and in", "is it you that he", "the", "of a", "was 
 
 
 @pytest.fixture(params=[False, True], ids=["read-in-step", "overlapped"])
-def overlap(request, word_path):
+def overlap(request):
     """The engine reads each step's tokens before the next launch, or (as on a GPU) launches the next step
     first and feeds it the tokens on the device."""
-    engine = engine_for(gptq_bridge.load_model(str(word_path)))
-    before, engine.overlap = engine.overlap, request.param
-    yield request.param
-    engine.overlap = before
+    return request.param
+
+
+def load(word_path, overlap: bool, **kwargs):
+    lm = gptq_bridge.load_model(str(word_path), **kwargs)
+    engine_for(lm).overlap = overlap
+    return lm
 
 
 def test_greedy_tokens_match_the_eager_path(word_path):
@@ -223,10 +226,11 @@ SAMPLED = [  # per prompt: greedy, or drawn with its own settings and seed
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 def test_concurrent_requests_share_the_batch_and_give_the_same_tokens_as_alone(word_path, sampled, overlap):
-    lm = gptq_bridge.load_model(str(word_path))
+    lm = load(word_path, overlap)
     settings = dict(zip(PROMPTS, SAMPLED if sampled else [{}] * len(PROMPTS)))
-    alone = {p: lm.generate(p, max_new_tokens=40, ban_eos=True, **settings[p]).token_ids for p in PROMPTS}
     engine = engine_for(lm)
+    fed_before = engine.fed
+    alone = {p: lm.generate(p, max_new_tokens=40, ban_eos=True, **settings[p]).token_ids for p in PROMPTS}
     steps_before = engine.steps
     results: dict[str, list[int]] = {}
     start = threading.Barrier(len(PROMPTS))
@@ -243,10 +247,12 @@ def test_concurrent_requests_share_the_batch_and_give_the_same_tokens_as_alone(w
     assert results == alone
     # batched: far fewer decode steps than one per token of each request
     assert engine.steps - steps_before < len(PROMPTS) * 39
+    # overlapped, the steps of rows without penalties take their input tokens on the device
+    assert (engine.fed > fed_before) == overlap
 
 
 def test_cancel_mid_batch_ends_that_request_only(word_path, overlap):
-    lm = gptq_bridge.load_model(str(word_path))
+    lm = load(word_path, overlap)
     cancel = threading.Event()
     other: dict = {}
     stream = lm.stream("the a of", max_new_tokens=200, ban_eos=True, cancel=cancel)
@@ -266,7 +272,7 @@ def test_cancel_mid_batch_ends_that_request_only(word_path, overlap):
 
 
 def test_stop_strings_free_the_slot_and_leaving_a_stream_early_too(word_path, overlap):
-    lm = gptq_bridge.load_model(str(word_path))
+    lm = load(word_path, overlap)
     full = lm.generate("the a", max_new_tokens=12, ban_eos=True)
     word = full.text.split()[3]
     stopped = lm.generate("the a", max_new_tokens=12, ban_eos=True, stop=[word])
@@ -283,7 +289,7 @@ def test_stop_strings_free_the_slot_and_leaving_a_stream_early_too(word_path, ov
 
 def test_an_end_token_ends_the_request_where_it_is_drawn_with_or_without_overlap(word_path, overlap):
     """With overlap the step after an end token is already launched: its row is dropped, nothing leaks."""
-    lm = gptq_bridge.load_model(str(word_path))
+    lm = load(word_path, overlap)
     engine = engine_for(lm)
     free = engine.forward.cache.allocator.usable_blocks
 
@@ -340,7 +346,7 @@ def test_a_request_larger_than_the_cache_fails_at_the_call_and_one_that_fits_lat
 
 
 def test_closing_the_engine_cancels_what_runs_and_it_works_again(word_path, overlap):
-    lm = gptq_bridge.load_model(str(word_path))
+    lm = load(word_path, overlap)
     stream = lm.stream("the a of", max_new_tokens=200, ban_eos=True)
     it = iter(stream)
     next(it)

@@ -63,6 +63,7 @@ class Engine:
         self._wake = threading.Condition()
         self._worker: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and stats)
+        self.fed = 0  # rows whose input token was fed on the device, unread by the host (overlap at work)
         self._outbox: list[tuple[Sequence, object]] = []  # (request, token or End) not yet delivered, in order
 
     def submit(self, seq: Sequence) -> None:
@@ -135,7 +136,8 @@ class Engine:
             self.steps += 1
             tokens = self._draw(logits, batch)
             previous, self._inflight = self._inflight, self._read_back(batch, tokens)
-            self._land(previous)
+            if previous is not None:
+                self._hand_out(previous)
             if not self.overlap:
                 self._land()
             self._flush()
@@ -154,6 +156,7 @@ class Engine:
         rows = [r for r, s in enumerate(batch) if s.pending]
         if not rows:
             return None
+        self.fed += len(rows)
         return Feed(rows, [where[id(batch[r])] for r in rows], inflight.tokens)
 
     def _draw(self, logits: torch.Tensor, batch: list[Sequence]) -> torch.Tensor:
@@ -173,12 +176,14 @@ class Engine:
         ready.record(torch.cuda.current_stream(tokens.device))
         return _InFlight(batch, tokens, host, ready)
 
-    def _land(self, inflight: _InFlight | None = None) -> None:
-        """Read a launched step's tokens (by default the one in flight) and hand them out."""
-        if inflight is None:
-            inflight, self._inflight = self._inflight, None
-            if inflight is None:
-                return
+    def _land(self) -> None:
+        """Read the tokens of the step in flight, if any, and hand them out."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self._hand_out(inflight)
+
+    def _hand_out(self, inflight: _InFlight) -> None:
+        """Wait for a launched step's tokens to reach the host and pass each to its request."""
         if inflight.ready is not None:
             inflight.ready.synchronize()
         for seq, token in zip(inflight.batch, inflight.host.tolist()):
