@@ -316,10 +316,20 @@ def _exllama(path: Path, contexts: list[int], prefills: list[int], new: int) -> 
     config = ExLlamaV2Config(str(path))
     config.max_seq_len = max(contexts + prefills) + 64
     model = ExLlamaV2(config)
-    cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
-    model.load_autosplit(cache)
+    res: dict = {"version": __import__("exllamav2").__version__, "load": "load_autosplit"}
+    try:
+        cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
+        model.load_autosplit(cache)
+    except RuntimeError as exc:  # its memory probe refused the 70B shape on one 80 GB card: load it whole there
+        model.unload()
+        model = cache = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = ExLlamaV2(config)
+        model.load()
+        cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len)
+        res["load"] = f"load() on cuda:0 (load_autosplit: {exc})"
     vocab = config.vocab_size
-    res: dict = {"version": __import__("exllamav2").__version__}
 
     def run(n_prompt: int, n_new: int) -> tuple[float, float]:
         cache.current_seq_len = 0
