@@ -406,3 +406,32 @@ def test_fused_ops_match_the_torch_ops():
     gate_up = torch.randn(n, 2 * 1500, dtype=torch.float16)
     gate, up = gate_up.split(1500, dim=1)
     torch.testing.assert_close(TritonOps.silu_mul(gate, up), TorchOps.silu_mul(gate, up), atol=2e-3, rtol=2e-3)
+
+
+# --- a decode step's inputs and its greedy draw --------------------------------------------------------------
+
+
+def test_a_steps_integer_inputs_travel_packed_in_one_buffer():
+    from gptq_bridge.engine.forward import decode_inputs
+    from gptq_bridge.engine.graphs import pack, unpack
+
+    a, b = seq(40, 8), seq(5, 100)
+    a.blocks, b.blocks, a.cached, b.cached = [3, 4], [7, 8, 9, 10], 40, 5
+    host = decode_inputs([a, b], 32, rows=4, table_width=6)
+    packed = pack(host)
+    assert packed.dtype == torch.uint8 and packed.numel() == sum(t.numel() * t.element_size() for t in host)
+    for view, want in zip(unpack(packed.clone(), host), host):
+        assert view.dtype == want.dtype and torch.equal(view, want)
+
+
+def test_greedy_draw_applies_each_rows_bans():
+    from gptq_bridge.engine.engine import greedy_draw
+
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0], [3.0, 5.0, 0.0, 4.0]])
+    rows = [seq(3, 4), seq(3, 4)]
+    assert greedy_draw(logits, rows).tolist() == [1, 1]
+    rows[0].banned = rows[1].banned = [1]
+    cache: dict = {}
+    assert greedy_draw(logits, rows, cache).tolist() == [2, 3] and list(cache) == [(1,)]  # one list for all
+    rows[1].banned = [1, 3]
+    assert greedy_draw(logits, rows, cache).tolist() == [2, 0]  # each row its own

@@ -50,6 +50,7 @@ class Engine:
         # launch each decode step before reading the last one's tokens (None: on a GPU)
         self.overlap = forward.device.type == "cuda" if overlap is None else overlap
         self._inflight: _InFlight | None = None
+        self._ban_ids: dict[tuple[int, ...], torch.Tensor] = {}  # ban lists on the logits' device
         self.decode = forward.decode
         self.first_chunk = None
         if graphs and forward.device.type == "cuda":
@@ -162,7 +163,9 @@ class Engine:
     def _draw(self, logits: torch.Tensor, batch: list[Sequence]) -> torch.Tensor:
         """Each row's next token id, on the device, nothing read back."""
         if all(s.greedy for s in batch):
-            return greedy_draw(logits, batch)
+            if len(self._ban_ids) > 64:  # ban lists seen (one per model mostly); kept on the device
+                self._ban_ids.clear()
+            return greedy_draw(logits, batch, self._ban_ids)
         if all(s.sampler is not None for s in batch):
             return draw_batch(logits, [s.sampler for s in batch], [s.context[: s.length] for s in batch])
         return torch.tensor([s.sample(row, s) for s, row in zip(batch, logits)], device=logits.device)
@@ -209,8 +212,19 @@ class Engine:
             seq.deliver(item)
 
 
-def greedy_draw(logits: torch.Tensor, batch: list[Sequence]) -> torch.Tensor:
-    """The argmax of every row after its bans, on the device."""
+def greedy_draw(logits: torch.Tensor, batch: list[Sequence], ban_ids: dict | None = None) -> torch.Tensor:
+    """The argmax of every row after its bans, on the device. `ban_ids` keeps ban lists already on the device."""
+    bans = {tuple(s.banned) for s in batch}
+    if len(bans) == 1:  # every row bans the same tokens (end of sequence, say): one fill, the ids copied once
+        (banned,) = bans
+        if banned:
+            ids = None if ban_ids is None else ban_ids.get(banned)
+            if ids is None:
+                ids = to_device(list(banned), torch.long, logits.device)
+                if ban_ids is not None:
+                    ban_ids[banned] = ids
+            logits = logits.index_fill(1, ids, float("-inf"))
+        return logits.argmax(dim=-1)
     rows = [r for r, s in enumerate(batch) for _ in s.banned]
     if rows:
         cols = [t for s in batch for t in s.banned]
