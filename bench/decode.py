@@ -186,7 +186,7 @@ def profile_step(engine) -> dict:
     _kernels(lambda: fwd.decode(seqs), "eager decode, batch 32")
     for seq in seqs:
         fwd.cache.allocator.free(seq.blocks)
-    for k in (8, 32):  # the engine alone (tokens delivered to a list, no consumer threads): its own step rate
+    for k in (1, 8, 32):  # the engine alone (tokens delivered to a list, no consumer threads): its own step rate
         from gptq_bridge.engine.scheduler import Sequence
 
         done = threading.Semaphore(0)
