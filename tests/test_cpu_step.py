@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 from gen_models import one_thread  # noqa: F401 - one_thread is an autouse fixture
-from tiny_checkpoints import build, relative_error
+from tiny_checkpoints import build, llama_config, relative_error
 
 import gptq_bridge
+from gptq_bridge.engine.cpu_compiled import ENV, compiler_missing
 from gptq_bridge.engine.cpu_step import CpuDecode
 from gptq_bridge.engine.forward import decode_inputs
 from gptq_bridge.engine.generator import engine_for
@@ -102,3 +103,58 @@ def test_blocks_out_of_order_give_the_same_logits(tmp_path):
         for s in (consecutive, shuffled):
             s.append(7)
             s.cached += 1
+
+
+def test_compiled_stretch_gives_the_same_logits(tmp_path, monkeypatch):
+    """The stretch between two attentions compiled (AOTInductor, in a background process): the same logits as
+    op by op, alone and batched; a second load finds it in the cache."""
+    if compiler_missing():
+        pytest.skip(compiler_missing())
+    monkeypatch.setenv("GPTQ_BRIDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(ENV, "1")
+    # hidden 256: head_dim 64, so k and v (128 wide) fuse with q, as the compiled stretch needs
+    ck = build(tmp_path / "ck", bits=4, group_size=32, sym=False, seed=11, hf_config=llama_config(hidden=256))
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu", head="int8")
+    fwd = engine_for(lm).forward
+    step = CpuDecode(fwd, fwd.segments[0])
+    assert step.compiled is not None and step.compiled.runner() is None  # building: op by op meanwhile
+    assert step.compiled.wait(timeout=900) == "compiled", step.compiled.status
+    assert step.compiled.runner() is not None and list((tmp_path / "cache" / "compiled").glob("*.pt2"))
+    monkeypatch.setenv(ENV, "0")
+    by_ops = CpuDecode(fwd, fwd.segments[0])
+    assert by_ops.compiled is None
+    ids = torch.randint(0, 96, (2, 50), generator=torch.Generator().manual_seed(4)).tolist()
+    a, b = request(fwd, ids[0][:30]), request(fwd, ids[1][:9])
+    for _ in range(4):
+        for s, row in ((a, ids[0]), (b, ids[1])):
+            s.append(row[s.cached])
+        inputs = decode_inputs([a, b], fwd.cache.block_size)
+        with torch.inference_mode():
+            want = by_ops(inputs[0], None, *inputs[1:])
+            got = step(inputs[0], None, *inputs[1:])
+            alone = decode_inputs([b], fwd.cache.block_size)
+            got_alone = step(alone[0], None, *alone[1:])
+        assert relative_error(got, want) < 1e-2  # bfloat16 logits: an ulp is 4e-3
+        assert torch.equal(got_alone[0], got[1])
+        a.cached += 1
+        b.cached += 1
+    monkeypatch.setenv(ENV, "1")
+    again = CpuDecode(fwd, fwd.segments[0])  # the package is in the cache: loaded, not built
+    assert again.compiled._proc is None and again.compiled.wait(timeout=120) == "compiled"
+
+
+def test_compiling_is_skipped_with_a_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTQ_BRIDGE_CACHE", str(tmp_path / "cache"))
+    ck = build(tmp_path / "ck", bits=4, group_size=32, sym=False, hf_config=llama_config(hidden=256))
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu")
+    fwd = engine_for(lm).forward
+    monkeypatch.setenv(ENV, "0")
+    assert CpuDecode(fwd, fwd.segments[0]).compiled is None
+    monkeypatch.setenv(ENV, "1")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert "no C++ compiler" in compiler_missing()
+    assert CpuDecode(fwd, fwd.segments[0]).compiled is None
+    assert not (tmp_path / "cache" / "compiled").exists()  # nothing started
+    dense = gptq_bridge.load_model(str(ck.path), device="cpu", kernel="torch-dense")  # not cpu-int4: op by op
+    fwd = engine_for(dense).forward
+    assert CpuDecode(fwd, fwd.segments[0]).compiled is None
