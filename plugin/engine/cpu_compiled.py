@@ -26,7 +26,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -139,8 +138,8 @@ def compiler_missing() -> str | None:
 
 
 class CompiledBetween:
-    """The package for one CPU decode step: built in the background if needed, loaded in the background, and
-    handed out by `runner()` once loaded and checked (None until then, and for good if it cannot be had)."""
+    """The package for one CPU decode step: built in the background if needed, loaded when ready, and handed
+    out by `runner()` once loaded and checked (None until then, and for good if it cannot be had)."""
 
     def __init__(self, step, spec: dict, path: Path):
         self.path, self.failed = path, path.with_suffix(".failed")
@@ -148,7 +147,6 @@ class CompiledBetween:
         self._step, self._spec = step, spec
         self._runner = None
         self._proc: subprocess.Popen | None = None
-        self._thread: threading.Thread | None = None
         self.status = "compiling"
         if not path.is_file():
             self._start_build()
@@ -170,23 +168,20 @@ class CompiledBetween:
         log.info("gptq-bridge: compiling the CPU decode step in the background: %s", self.path)
 
     def runner(self):
-        """The loaded package, or None (still building or loading, or not to be had). Never waits."""
-        if self._runner is not None or self._thread is not None:
+        """The loaded package, or None (still building, or not to be had). Never waits for the build; loading
+        takes a few milliseconds (torch's C++ package loader, no Inductor import)."""
+        if self._runner is not None or self.status != "compiling":
             return self._runner
         if self._proc is not None and self._proc.poll() is None:
             return None
-        if self.status == "compiling":
-            self._thread = threading.Thread(target=self._load, name="gptq-bridge-cpu-compiled", daemon=True)
-            self._thread.start()
-        return None
+        self._load()
+        return self._runner
 
     def wait(self, timeout: float | None = None) -> str:
-        """Wait for the build and the load (tests, benchmarks); returns `status`."""
+        """Wait for the build and load it (tests, benchmarks); returns `status`."""
         if self._proc is not None:
             self._proc.wait(timeout)
         self.runner()
-        if self._thread is not None:
-            self._thread.join(timeout)
         return self.status
 
     def _give_up(self, why: str) -> None:
@@ -200,9 +195,11 @@ class CompiledBetween:
             self.failed.write_text(tail)
             return self._give_up(f"compiling it failed (see {self.failed})")
         try:
-            from torch._inductor import aoti_load_package
+            loader = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1)
 
-            runner = aoti_load_package(str(self.path))
+            def runner(*args):
+                return loader.boxed_run(list(args))  # flat outputs: h, qk, v
+
             step = self._step
             gen = torch.Generator().manual_seed(0)
             d = step.fwd.head_dim
