@@ -162,7 +162,6 @@ class CompiledBetween:
             stdout=logfile,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=(lambda: os.nice(10)) if hasattr(os, "nice") else None,
         )
         logfile.close()
         log.info("gptq-bridge: compiling the CPU decode step in the background: %s", self.path)
@@ -248,5 +247,7 @@ def for_step(step) -> CompiledBetween | None:
 
 
 if __name__ == "__main__":
+    if hasattr(os, "nice"):
+        os.nice(10)  # in the background of a decoding process: its threads come first
     torch.set_num_threads(1)
     build(json.loads(sys.argv[1]), Path(sys.argv[2]))
