@@ -8,8 +8,9 @@ dynamic and every weight an input, so one package serves every layer and every b
 torch's packed int4 op; the ops around them become a few fused loops. The result is the same numbers as the
 ops one by one (checked when the package is loaded; a package that disagrees is not used).
 
-- Compiling takes ~15-60 s and needs a C++ compiler: it runs in a separate process (at low priority) the first
-  time a model of this shape decodes on this machine, and the step runs op by op until the package is ready.
+- Compiling takes about a minute on a small CPU and needs a C++ compiler: it runs in a separate process (at low
+  priority) the first time a model of this shape decodes on this machine, and the step runs op by op until the
+  package is ready. A short-lived process (one CLI answer) leaves it running; it finishes for the next one.
   Later runs load it from the user cache (`default_model.cache_root() / "compiled"`), keyed by the shapes,
   torch's version and the CPU's instruction sets. Inductor's own cache goes there too.
 - No C++ compiler, a failed build (kept as a `.failed` note, not retried), or `GPTQ_BRIDGE_CPU_COMPILE=0`:
@@ -36,6 +37,7 @@ from .cpu_step import LayerCalls, between
 
 ENV = "GPTQ_BRIDGE_CPU_COMPILE"  # "0": never compile the CPU decode step
 log = logging.getLogger("gptq_bridge")
+_BUILDS: dict[Path, subprocess.Popen] = {}  # builds this process started: one per package, however many models
 _INPUTS = ("post_w", "in_w", "o_p", "o_s", "gu_p", "gu_s", "d_p", "d_s", "qkv_p", "qkv_s")
 
 
@@ -51,7 +53,7 @@ class Between(nn.Module):
         self.heads, self.kv_heads, self.eps_post, self.eps_in, self.dtype = heads, kv_heads, eps_post, eps_in, dtype
 
     def forward(self, h, attn, post_w, in_w, o_p, o_s, gu_p, gu_s, d_p, d_s, qkv_p, qkv_s, cos, sin):
-        o, gate_up, down = _int4(o_p, o_s), _int4(gu_p, gu_s), _int4(d_p, d_s)
+        o, gate_up, down = _int4(o_p, o_s), _int4(gu_p, gu_s), _int4(d_p, d_s)  # (unused slots: placeholders)
         c = LayerCalls((in_w, 0.0), (post_w, self.eps_post), None, COMPUTE, o, COMPUTE, gate_up, COMPUTE, down, COMPUTE)
         nxt = LayerCalls((in_w, self.eps_in), (post_w, 0.0), _int4(qkv_p, qkv_s), COMPUTE, *(None, COMPUTE) * 3)
         return between(h, attn, c, nxt, cos, sin, self.heads, self.kv_heads, self.dtype)
@@ -149,7 +151,9 @@ class CompiledBetween:
         self._proc: subprocess.Popen | None = None
         self.status = "compiling"
         if not path.is_file():
-            self._start_build()
+            self._proc = _BUILDS.get(path)
+            if self._proc is None or self._proc.poll() is not None:
+                self._start_build()
 
     def _start_build(self) -> None:
         from ..default_model import cache_root
@@ -164,6 +168,7 @@ class CompiledBetween:
             env=env,
         )
         logfile.close()
+        _BUILDS[self.path] = self._proc
         log.info("gptq-bridge: compiling the CPU decode step in the background: %s", self.path)
 
     def runner(self):
@@ -243,11 +248,27 @@ def for_step(step) -> CompiledBetween | None:
     if missing:
         log.info("gptq-bridge: the CPU decode step runs op by op: %s", missing)
         return None
-    return CompiledBetween(step, spec, path)
+    try:
+        return CompiledBetween(step, spec, path)
+    except OSError as exc:  # an unwritable cache, no fork: the step runs op by op
+        log.info("gptq-bridge: the CPU decode step runs op by op: cannot build it in %s (%s)", path.parent, exc)
+        return None
 
 
-if __name__ == "__main__":
+def main(spec_json: str, out: str) -> int:
     if hasattr(os, "nice"):
         os.nice(10)  # in the background of a decoding process: its threads come first
     torch.set_num_threads(1)
-    build(json.loads(sys.argv[1]), Path(sys.argv[2]))
+    path = Path(out)
+    try:
+        build(json.loads(spec_json), path)
+    except Exception:  # noqa: BLE001 - the note keeps later runs from trying again
+        import traceback
+
+        path.with_suffix(".failed").write_text(traceback.format_exc()[-4000:])
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))
