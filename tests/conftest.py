@@ -16,6 +16,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # user's first `gptq-bridge generate` does (the thread count changes the float rounding, so the checkpoint)
 _STARTUP_THREADS = torch.get_num_threads()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CPU decode step's compiled stretch (engine/cpu_compiled.py) is built in a background process the first
+# time a shape decodes; tests would start one per tiny model. Off, except in the tests of it.
+os.environ.setdefault("GPTQ_BRIDGE_CPU_COMPILE", "0")
 
 # The embedded default model is prepared once per test session into a private cache (a few minutes on a
 # small CPU). Developers may point GPTQ_BRIDGE_TEST_CACHE at a folder to keep the prepared model between runs:

@@ -23,6 +23,7 @@ from ..fusion import FusedLinear
 from ..generation import attention_backends
 from ..transfer import to_device
 from . import fused_ops, paged_attention
+from .cpu_step import CpuDecode
 from .kv_cache import CacheShape, PagedKVCache
 from .scheduler import Sequence
 
@@ -127,6 +128,7 @@ class LlamaFamilyForward:
         else:
             spans = [(torch.device(s.device), *s.layers, s.embed, s.head) for s in placement.slots]
         self.segments = [self._segment_on(*span) for span in spans]
+        self._cpu_steps: dict[int, CpuDecode] = {}  # per CPU segment, its decode step (cpu_step.py), made at first use
         self.use_kernel, self.ops = self.segments[0].use_kernel, self.segments[0].ops
 
     def _segment_on(self, device: torch.device, start: int, end: int, first: bool, last: bool) -> Segment:
@@ -269,7 +271,13 @@ class LlamaFamilyForward:
 
     def decode_segment(self, seg: Segment, x, delta, positions, write, tables, lengths):
         """One segment of a decode step on its device's tensors: shapes only, no host decisions (a CUDA graph
-        captures it). Returns (h, delta), or the logits ([batch, vocab], float32) on the last segment."""
+        captures it). Returns (h, delta), or the logits ([batch, vocab], float32) on the last segment.
+        A CPU segment runs `cpu_step.CpuDecode`: the same layers in fewer ops, reading the block table on the host."""
+        if seg.device.type == "cpu":
+            step = self._cpu_steps.get(id(seg))
+            if step is None:
+                step = self._cpu_steps[id(seg)] = CpuDecode(self, seg)
+            return step(x, delta, positions, write, tables, lengths)
         if seg.use_kernel:
             splits = paged_attention.choose_splits(x.shape[0], self.kv_heads, tables.shape[1])
 
