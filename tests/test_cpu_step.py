@@ -15,6 +15,7 @@ from gen_models import one_thread  # noqa: F401 - one_thread is an autouse fixtu
 from tiny_checkpoints import build, llama_config, relative_error
 
 import gptq_bridge
+from gptq_bridge.engine import cpu_compiled
 from gptq_bridge.engine.cpu_compiled import ENV, compiler_missing
 from gptq_bridge.engine.cpu_step import CpuDecode
 from gptq_bridge.engine.forward import decode_inputs
@@ -118,7 +119,12 @@ def test_compiled_stretch_gives_the_same_logits(tmp_path, monkeypatch):
     fwd = engine_for(lm).forward
     step = CpuDecode(fwd, fwd.segments[0])
     assert step.compiled is not None and step.compiled.runner() is None  # building: op by op meanwhile
+    # a second process (the next CLI answer) started meanwhile waits for that build instead of repeating it
+    monkeypatch.setattr(cpu_compiled, "_BUILDS", {})
+    other = CpuDecode(fwd, fwd.segments[0]).compiled
+    assert other._proc is None and other._other == step.compiled._proc.pid and other.runner() is None
     assert step.compiled.wait(timeout=900) == "compiled", step.compiled.status
+    assert other.wait(timeout=60) == "compiled" and other._proc is None
     assert step.compiled.runner() is not None and list((tmp_path / "cache" / "compiled").glob("*.pt2"))
     monkeypatch.setenv(ENV, "0")
     by_ops = CpuDecode(fwd, fwd.segments[0])

@@ -150,10 +150,13 @@ class CompiledBetween:
         self._runner = None
         self._proc: subprocess.Popen | None = None
         self.status = "compiling"
+        self._other: int | None = None  # another process's build of the same package, still running
         if not path.is_file():
             self._proc = _BUILDS.get(path)
             if self._proc is None or self._proc.poll() is not None:
-                self._start_build()
+                self._other = _building(path)
+                if self._other is None:
+                    self._start_build()
 
     def _start_build(self) -> None:
         from ..default_model import cache_root
@@ -169,6 +172,10 @@ class CompiledBetween:
         )
         logfile.close()
         _BUILDS[self.path] = self._proc
+        try:  # so a process started meanwhile (the next CLI answer) waits for this build instead of repeating it
+            _marker(self.path).write_text(str(self._proc.pid))
+        except OSError:
+            pass
         log.info("gptq-bridge: compiling the CPU decode step in the background: %s", self.path)
 
     def runner(self):
@@ -178,13 +185,28 @@ class CompiledBetween:
             return self._runner
         if self._proc is not None and self._proc.poll() is None:
             return None
+        if self._other is not None:
+            if _alive(self._other):
+                return None
+            self._other = None
+            if not self.path.is_file():  # that build ended without a package: try once here
+                self._start_build()
+                return None
         self._load()
         return self._runner
 
     def wait(self, timeout: float | None = None) -> str:
         """Wait for the build and load it (tests, benchmarks); returns `status`."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._other is not None and _alive(self._other):
+            if deadline is not None and time.monotonic() > deadline:
+                return self.status
+            time.sleep(0.2)
+        self.runner()
         if self._proc is not None:
-            self._proc.wait(timeout)
+            self._proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self.runner()
         return self.status
 
@@ -224,6 +246,29 @@ class CompiledBetween:
             return self._give_up(f"the compiled package could not be used ({type(exc).__name__}: {exc})")
         self._runner = runner
         self.status = "compiled"
+
+
+def _marker(path: Path) -> Path:
+    return path.with_suffix(".building")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process of that number
+        return True
+    return True
+
+
+def _building(path: Path) -> int | None:
+    """The pid of another process's running build of `path`, from its marker (None: none runs)."""
+    try:
+        pid = int(_marker(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if pid != os.getpid() and _alive(pid) else None
 
 
 def for_step(step) -> CompiledBetween | None:
@@ -267,6 +312,8 @@ def main(spec_json: str, out: str) -> int:
 
         path.with_suffix(".failed").write_text(traceback.format_exc()[-4000:])
         raise
+    finally:
+        _marker(path).unlink(missing_ok=True)
     return 0
 
 
