@@ -177,9 +177,9 @@ def test_32_streaming_clients_at_once_each_get_their_own_answer(server, lm):
     batch_sizes: list[int] = []
     decode = engine.decode
 
-    def recording_decode(batch):
+    def recording_decode(batch, feed=None):
         batch_sizes.append(len(batch))
-        return decode(batch)
+        return decode(batch, feed)
 
     engine.decode = recording_decode
     head = lm.model.lm_head = HeldHead(lm.model.lm_head)  # the first step waits until all 32 are in
