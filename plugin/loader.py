@@ -5,7 +5,8 @@
 3. find the quantized Linears (those with a `.qweight` tensor), select a kernel (selection.py) and swap
    each Linear for the kernel's module, also on meta;
 4. stream the tensors file by file, checking each name, shape and dtype, straight to the target device;
-5. tie embeddings, check nothing was left unloaded; for the engine, fuse q/k/v and gate/up (fusion.py);
+5. tie embeddings, check nothing was left unloaded; for the engine, fuse q/k/v and gate/up (fusion.py) and put
+   each MLP's features in its down projection's group order (mlp_order.py);
    let each kernel module `prepare()` its layout; on the CPU, quantize a float output head (head.py).
 
 A split across devices (gpu_split, max_memory, device_map="auto") is planned in step 3 as well: a kernel is
@@ -30,6 +31,7 @@ from .head import compact_head, measured_head
 from .hookspecs import hookimpl
 from .kernels.base import GPTQLinear
 from .loaded_model import LoadedModel
+from .mlp_order import order_mlps
 from .placement import Budget, ModelSizes, Placement, PlacementError, plan_placement
 from .plugins import registered_kernels
 from .selection import select_kernel
@@ -356,9 +358,11 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
     if plan.placement is None:
         if options.engine != "off":
             fuse_projections(model, plan.kernel, config, options.dtype)
+            order_mlps(model)
         model.to(default)
     elif options.engine != "off":
         _fuse_split(model, plan, options)
+        order_mlps(model)
     for module in model.modules():
         if isinstance(module, GPTQLinear):
             where = module.qweight.device

@@ -13,6 +13,8 @@ from gptq_bridge.quantize.gptq_layer import pack_layer, rtn_quantize
 from gptq_bridge.writer import write_checkpoint
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHARED_INPUT = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input"}
+SHARED_INPUT |= {"gate_proj": "mlp input", "up_proj": "mlp input"}
 WORDS = "the a of to and in is it you that he was for on are with as I his they be at one have this from".split()
 
 
@@ -62,8 +64,11 @@ def build(
     tokenizer: bool = False,
     max_shard_bytes: int | None = None,
     static_groups: bool = False,
+    shared_order: bool = False,
     **config_extra,
 ) -> TinyCheckpoint:
+    """shared_order: with desc_act, q/k/v share one act-order and gate/up another, as GPTQ gives layers that read
+    the same input (one Hessian); else every layer draws its own."""
     torch.manual_seed(seed)
     hf_config = hf_config or llama_config()
     reference = LlamaForCausalLM(hf_config).float().eval()
@@ -77,11 +82,21 @@ def build(
         **config_extra,
     )
     tensors: dict[str, torch.Tensor] = {}
+    orders: dict[str, torch.Tensor] = {}  # shared act-orders by decoder layer and input
     with torch.no_grad():
         for name, module in reference.named_modules():
             if name.rsplit(".", 1)[-1] in LINEARS:
                 in_features = module.in_features
-                order = torch.randperm(in_features) if desc_act else None
+                block, _, short = name.rpartition(".")
+                if not desc_act:
+                    order = None
+                elif shared_order and short in SHARED_INPUT:
+                    key = block.rpartition(".")[0] + SHARED_INPUT[short]  # the decoder layer and its input
+                    if key not in orders:
+                        orders[key] = torch.randperm(in_features)
+                    order = orders[key]
+                else:
+                    order = torch.randperm(in_features)
                 layer = rtn_quantize(
                     module.weight,
                     bits,

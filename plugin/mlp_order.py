@@ -1,0 +1,104 @@
+"""Load-time reordering of each MLP's intermediate features into its down projection's group order.
+
+An act-order checkpoint's `down_proj` stores its input rows in input order with scattered groups (`g_idx`), so
+every kernel gathers its input into group order before each call: one extra kernel a layer and token on a GPU
+(slot_layout.py), an `index_select` on the CPU. That input is the MLP's own activation, silu(gate(x)) * up(x),
+and the order of its features is free: permuting the output columns of gate_proj and up_proj and the input rows
+of down_proj by one permutation leaves the MLP's output unchanged. The permutation that sorts down_proj's rows by
+group makes it a regular layer (g_idx = row // group size), so no kernel gathers anything, and its sums run in the
+same order as the sorted layout the kernels would have built.
+
+Only layers whose groups are whole (`group_size` rows each, as GPTQ's act-order writes them) are reordered; any
+other layout is left as stored. The loader calls `order_mlps` with the fusion (fusion.py), before `prepare()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fusion import FusedLinear
+from .kernels.base import GPTQLinear
+from .packing import pack, unpack
+
+_COLUMNS = 2048  # columns unpacked at a time: the int64 temporaries of pack() stay small on a 70B layer
+
+
+def group_order(down: nn.Module) -> torch.Tensor | None:
+    """The row order that sorts `down`'s rows by group (None: it is regular already, or its groups are not whole)."""
+    if not isinstance(down, GPTQLinear) or down.g_idx.is_meta or down.qweight.is_meta:
+        return None
+    gs, K = down.group_size, down.in_features
+    if gs % 32 or K % 32:
+        return None
+    g_idx = down.g_idx.long()
+    regular = torch.arange(K, device=g_idx.device) // gs
+    if torch.equal(g_idx, regular):
+        return None
+    order = torch.argsort(g_idx, stable=True)
+    return order if torch.equal(g_idx[order], regular) else None
+
+
+def permute_rows(module: GPTQLinear, order: torch.Tensor) -> None:
+    """Input row j of `module` becomes its old row order[j] (qweight and g_idx)."""
+    K, N, bits = module.in_features, module.out_features, module.bits
+    words = torch.empty_like(module.qweight)
+    for n0 in range(0, N, _COLUMNS):
+        n1 = min(N, n0 + _COLUMNS)
+        words[:, n0:n1] = pack(unpack(module.qweight[:, n0:n1], bits, 0, K)[order], bits, 0)
+    module.qweight = words
+    module.g_idx = module.g_idx[order].contiguous()
+
+
+def permute_columns(module: nn.Module, columns: torch.Tensor) -> None:
+    """Output j of `module` becomes its old output columns[j]; a GPTQ layer or a plain Linear."""
+    if isinstance(module, GPTQLinear):
+        N, bits = module.out_features, module.bits
+        columns = columns.to(module.qweight.device)
+        module.qweight = module.qweight[:, columns].contiguous()
+        module.scales = module.scales[:, columns].contiguous()
+        module.qzeros = pack(unpack(module.qzeros, bits, 1, N)[:, columns], bits, 1)
+        if module.bias is not None:
+            module.bias = module.bias[columns].contiguous()
+    elif isinstance(module, nn.Linear):
+        columns = columns.to(module.weight.device)
+        module.weight = nn.Parameter(module.weight.data[columns].contiguous(), requires_grad=False)
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.data[columns].contiguous(), requires_grad=False)
+    else:
+        raise TypeError(f"cannot reorder the outputs of a {type(module).__name__}")
+
+
+def _reorderable(module: nn.Module | None) -> bool:
+    if isinstance(module, GPTQLinear):
+        return not module.qweight.is_meta
+    return isinstance(module, nn.Linear) and not module.weight.is_meta
+
+
+def order_mlp(mlp: nn.Module) -> bool:
+    """Reorder one MLP's intermediate features into its down projection's group order; True if it was."""
+    down = getattr(mlp, "down_proj", None)
+    order = group_order(down)
+    if order is None:
+        return False
+    fused = getattr(mlp, "gate_up_proj", None)
+    if isinstance(fused, FusedLinear):
+        if len(fused.widths) != 2 or fused.widths[0] != fused.widths[1] or not _reorderable(fused.linear):
+            return False
+        permute_columns(fused.linear, torch.cat([order, order + fused.widths[0]]))
+    else:
+        gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+        if not (_reorderable(gate) and _reorderable(up)):
+            return False
+        permute_columns(gate, order)
+        permute_columns(up, order)
+    permute_rows(down, order)
+    return True
+
+
+def order_mlps(model: nn.Module, blocks: list[int] | None = None) -> int:
+    """`order_mlp` for every decoder layer (or the `blocks` given); returns how many MLPs were reordered."""
+    layers = list(getattr(getattr(model, "model", None), "layers", []))
+    chosen = layers if blocks is None else [layers[i] for i in blocks]
+    with torch.no_grad():
+        return sum(order_mlp(block.mlp) for block in chosen if hasattr(block, "mlp"))

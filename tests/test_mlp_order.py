@@ -1,0 +1,92 @@
+"""mlp_order.py: an act-order MLP's intermediate features put into its down projection's group order at load time.
+
+The reordered model must compute what the checkpoint says (the float reference the tiny checkpoint was made
+from), its down projections must need no gather, and layouts the reorder does not cover must stay as stored.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_checkpoints import build, relative_error
+
+import gptq_bridge
+from gptq_bridge.fusion import FusedLinear
+from gptq_bridge.kernels.cpu_int4 import CpuInt4Linear
+from gptq_bridge.kernels.torch_ref import TorchQuantLinear
+from gptq_bridge.mlp_order import group_order, permute_columns, permute_rows
+from gptq_bridge.packing import dequantize
+
+
+def ids(shape=(2, 12), seed=5):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def dense(layer) -> torch.Tensor:
+    """The layer's float weight [in, out], from its packed tensors."""
+    return dequantize(
+        layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.zero_offset, torch.float32
+    )
+
+
+def regular(layer) -> bool:
+    return torch.equal(layer.g_idx.long(), torch.arange(layer.in_features) // layer.group_size)
+
+
+@pytest.mark.parametrize("bits,fused", [(3, True), (4, True), (4, False)], ids=["3bit-fused", "4bit-fused", "4bit"])
+def test_reordered_model_computes_the_checkpoint(tmp_path, bits, fused):
+    """Fused gate/up (q/k/v and gate/up share their act-order, as GPTQ makes them) and separate ones."""
+    ck = build(tmp_path / "ck", bits=bits, group_size=32, desc_act=True, sym=False, seed=bits, shared_order=fused)
+    stored = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch", engine="off")
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch")
+    for block_stored, block in zip(stored.model.model.layers, lm.model.model.layers):
+        assert not regular(block_stored.mlp.down_proj)  # really act-order as stored
+        assert regular(block.mlp.down_proj)  # ... and regular after the reorder
+        assert not regular(block.self_attn.o_proj)  # its input is not the MLP's: left as stored
+        assert isinstance(getattr(block.mlp, "gate_up_proj", None), FusedLinear) == fused
+    x = ids()
+    with torch.no_grad():
+        want = ck.reference(x).logits
+        assert relative_error(stored.model(x).logits, want) < 1e-4
+        assert relative_error(lm.model(x).logits, want) < 1e-4
+
+
+def test_cpu_int4_down_projection_needs_no_gather(tmp_path):
+    ck = build(tmp_path / "ck", bits=4, group_size=32, desc_act=True, sym=False, seed=11)
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu", head="float")
+    assert lm.kernel == "cpu-int4"
+    for block in lm.model.model.layers:
+        assert isinstance(block.mlp.down_proj, CpuInt4Linear)
+        assert block.mlp.down_proj.source is None and block.self_attn.o_proj.source is not None
+    with torch.no_grad():
+        assert relative_error(lm.model(ids()).logits, ck.reference(ids()).logits) < 1.5e-2
+
+
+def test_permuting_columns_and_rows_moves_the_dense_weight(tmp_path):
+    ck = build(tmp_path / "ck", bits=3, group_size=32, desc_act=True, sym=False, seed=2)
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch", engine="off")
+    mlp = lm.model.model.layers[0].mlp
+    gate, down = mlp.gate_proj, mlp.down_proj
+    gate_before, down_before = dense(gate), dense(down)
+    order = group_order(down)
+    assert order is not None and not torch.equal(order, torch.arange(down.in_features))
+    permute_columns(gate, order)
+    permute_rows(down, order)
+    assert torch.equal(dense(gate), gate_before[:, order])
+    assert torch.equal(dense(down), down_before[order])
+    assert regular(down) and group_order(down) is None
+
+
+def test_layouts_it_does_not_cover_stay_as_stored(tmp_path):
+    plain = build(tmp_path / "plain", bits=4, group_size=32, desc_act=False, seed=3)
+    lm = gptq_bridge.load_model(str(plain.path), device="cpu", dtype=torch.float32, kernel="torch")
+    assert group_order(lm.model.model.layers[0].mlp.down_proj) is None  # regular already
+    odd = build(tmp_path / "odd", bits=4, group_size=16, desc_act=True, seed=4)  # groups of 16: slot layout pads them
+    lm = gptq_bridge.load_model(str(odd.path), device="cpu", dtype=torch.float32, kernel="torch")
+    down = lm.model.model.layers[0].mlp.down_proj
+    assert isinstance(down, TorchQuantLinear) and not regular(down) and group_order(down) is None
+    uneven = down.g_idx.clone()
+    uneven[uneven == 0] = 1  # group 0 empty, group 1 twice as large: not whole groups
+    down.g_idx = uneven
+    down.group_size = 32
+    assert group_order(down) is None
