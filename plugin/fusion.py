@@ -5,7 +5,8 @@ act-order checkpoint gathers the input into its own order, and a narrow matrix (
 70B model) leaves most of the GPU idle. Layers that read the same input with the same group order (g_idx),
 bits and group size are concatenated along their outputs before the kernel prepares its layout; the old
 names stay as slices, so transformers' forward and any code that calls `q_proj` keep working, and the
-engine calls the fused layer once.
+engine calls the fused layer once. On a GPU an act-order fused layer's rows may also be sorted by group
+(act_order.py): it then reads its input in `input_order`, which `forward` gathers and the engine's norm writes.
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ class FusedLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.widths = widths
+        # input feature j of `linear` is feature input_order[j] of x (act_order.py); None: the same order
+        self.register_buffer("input_order", None, persistent=False)
         self._last = threading.local()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(x).split(self.widths, dim=-1)
+        return self.project(x if self.input_order is None else x.index_select(-1, self.input_order))
+
+    def project(self, x_ordered: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs for an input already in `input_order` (the engine's norm writes it so)."""
+        return self.linear(x_ordered).split(self.widths, dim=-1)
 
     def outputs_for(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs for `x`, computed once when several slices ask for the same input one after another."""

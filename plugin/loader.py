@@ -6,7 +6,7 @@
    each Linear for the kernel's module, also on meta;
 4. stream the tensors file by file, checking each name, shape and dtype, straight to the target device;
 5. tie embeddings, check nothing was left unloaded; for the engine, fuse q/k/v and gate/up (fusion.py) and put
-   each MLP's features in its down projection's group order (mlp_order.py);
+   act-order rows in group order where that spares a gather (act_order.py);
    let each kernel module `prepare()` its layout; on the CPU, quantize a float output head (head.py).
 
 A split across devices (gpu_split, max_memory, device_map="auto") is planned in step 3 as well: a kernel is
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .act_order import order_fused_inputs, order_mlps
 from .checkpoint import WeightFiles, find_weight_files, iter_tensors, read_metadata, tensor_names
 from .config import ConfigFile, QuantizeConfig, read_quantize_config
 from .errors import CheckpointError, KernelError
@@ -31,7 +32,6 @@ from .head import compact_head, measured_head
 from .hookspecs import hookimpl
 from .kernels.base import GPTQLinear
 from .loaded_model import LoadedModel
-from .mlp_order import order_mlps
 from .placement import Budget, ModelSizes, Placement, PlacementError, plan_placement
 from .plugins import registered_kernels
 from .selection import select_kernel
@@ -359,6 +359,8 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
         if options.engine != "off":
             fuse_projections(model, plan.kernel, config, options.dtype)
             order_mlps(model)
+            if default.type == "cuda":
+                order_fused_inputs(model)
         model.to(default)
     elif options.engine != "off":
         _fuse_split(model, plan, options)
@@ -407,7 +409,8 @@ def _untie_across_devices(model: nn.Module, plan: LoadPlan) -> None:
 
 
 def _fuse_split(model: nn.Module, plan: LoadPlan, options: LoadOptions) -> None:
-    """Fusion (fusion.py) for the decoder layers placed on a GPU, with that GPU's kernel."""
+    """Fusion (fusion.py) for the decoder layers placed on a GPU, with that GPU's kernel, and their inputs' orders
+    (act_order.py)."""
     from .split import model_parts
 
     parts = model_parts(model)
@@ -416,6 +419,7 @@ def _fuse_split(model: nn.Module, plan: LoadPlan, options: LoadOptions) -> None:
         device = plan.device_of(name, options.device.torch_device)
         if device.type == "cuda":
             fuse_projections(model, plan.kernel_for(name), plan.config, options.dtype, blocks=[i])
+            order_fused_inputs(model, blocks=[i])
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

@@ -389,6 +389,13 @@ def test_fused_ops_match_the_torch_ops():
         atol=2e-3,
         rtol=2e-3,
     )
+    order = torch.randperm(hidden)  # the next layer's rows in group order (act_order.py): the norm writes in it
+    for d in (delta, None):
+        want_h, want_x = TorchOps.add_rms_norm(h.clone(), d, weight, 1e-5)
+        got_h, got_x = TritonOps.add_rms_norm(h.clone(), d, weight, 1e-5, order)
+        torch.testing.assert_close(got_h, want_h, atol=0, rtol=0)  # the residual added once, in its own order
+        torch.testing.assert_close(got_x, want_x[:, order], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(TorchOps.add_rms_norm(h.clone(), d, weight, 1e-5, order)[1], want_x[:, order])
 
     fused = torch.randn(n, (heads + 2 * kv) * dim, dtype=torch.float16)  # q, k, v as slices of one output
     q, k, v = (t.view(n, -1, dim) for t in fused.split([heads * dim, kv * dim, kv * dim], dim=1))

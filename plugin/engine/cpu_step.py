@@ -121,7 +121,9 @@ def _projections(part: torch.nn.Module, fused_name: str, names: tuple[str, ...],
     """One function for several projections of the same input: their outputs side by side ([n, sum of widths])."""
     fused = getattr(part, fused_name, None)
     if isinstance(fused, FusedLinear):
-        return linear_call(fused.linear, dtype)
+        if fused.input_order is None:
+            return linear_call(fused.linear, dtype)
+        return (lambda x: torch.cat(fused(x), dim=-1)), dtype  # rows in group order: forward gathers x
     modules = [getattr(part, n) for n in names]
 
     def call(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,7 @@ class CpuDecode:
             norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
             self.calls.append(LayerCalls(*norms, qkv, qkv_dtype, o, o_dtype, gate_up, gate_up_dtype, down, down_dtype))
             linears = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
-            linears = [m.linear if isinstance(m, FusedLinear) else m for m in linears]
+            linears = [m.linear if isinstance(m, FusedLinear) and m.input_order is None else m for m in linears]
             plain = all(type(m) is CpuInt4Linear and m.weights is not None for m in linears)
             self.int4_layers.append(
                 linears if plain and all(m.source is None and m.bias is None for m in linears) else None

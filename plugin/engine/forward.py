@@ -28,6 +28,7 @@ from .kv_cache import CacheShape, PagedKVCache
 from .scheduler import Sequence
 
 FAMILIES = ("llama", "mistral", "qwen2")
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 def unsupported_reason(hf_model: nn.Module) -> str | None:
@@ -74,12 +75,15 @@ def on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def project(module: nn.Module, fused_name: str, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The projections of `x`: one GEMM where the loader fused them (fusion.py), else one per projection."""
+def norm_project(ops, h, delta, norm: nn.Module, module: nn.Module, fused_name: str, names: tuple[str, ...]):
+    """(h + delta, the projections of its norm): one GEMM where the loader fused them (fusion.py), else one per
+    projection. A fused layer whose rows are in group order (act_order.py) gets the norm written in its order."""
     fused = getattr(module, fused_name, None)
+    order = fused.input_order if isinstance(fused, FusedLinear) else None
+    h, x = ops.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon, order)
     if isinstance(fused, FusedLinear):
-        return fused(x)
-    return tuple(getattr(module, name)(x) for name in names)
+        return h, fused.project(x) if order is not None else fused(x)
+    return h, tuple(getattr(module, name)(x) for name in names)
 
 
 @dataclass
@@ -172,10 +176,8 @@ class LlamaFamilyForward:
         cos, sin = seg.cos[positions], seg.sin[positions]
         for i in range(seg.start, seg.end):
             layer = self.layers[i]
-            norm = layer.input_layernorm
-            h, x = ops.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
             attn = layer.self_attn
-            q, k, v = project(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), x)
+            h, (q, k, v) = norm_project(ops, h, delta, layer.input_layernorm, attn, "qkv_proj", QKV)
             q = ops.rope_store(
                 q.view(n, self.heads, self.head_dim),
                 k.view(n, self.kv_heads, self.head_dim),
@@ -187,10 +189,8 @@ class LlamaFamilyForward:
                 self.cache.v[i],
             )
             delta = attn.o_proj(attend(i, q).reshape(n, self.heads * self.head_dim))
-            norm = layer.post_attention_layernorm
-            h, x = ops.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
             mlp = layer.mlp
-            gate, up = project(mlp, "gate_up_proj", ("gate_proj", "up_proj"), x)
+            h, (gate, up) = norm_project(ops, h, delta, layer.post_attention_layernorm, mlp, "gate_up_proj", GATE_UP)
             delta = mlp.down_proj(ops.silu_mul(gate, up))
         if seg.last:
             return ops.add_rms_norm(h, delta, self.norm.weight, self.norm.variance_epsilon)[1]

@@ -4,7 +4,8 @@ A 7B decode step in plain torch ops is ~40 tiny kernels a layer around the 4 GEM
 cache writes, the activation, residual adds); even replayed from a CUDA graph each costs 1-3 us, which
 added up to more than half of the step on an H100. Here each is one kernel:
 
-- `add_rms_norm`: the residual add and the next RMSNorm (fp32 statistics, as transformers computes them);
+- `add_rms_norm`: the residual add and the next RMSNorm (fp32 statistics, as transformers computes them),
+  written in the next layer's input order where its rows are sorted by group (act_order.py);
 - `rope_store`: rotary embedding of q and k, and the write of k and v into the paged cache;
 - `silu_mul`: the MLP's activation times its up projection.
 
@@ -25,13 +26,15 @@ except ImportError:
 
 class TorchOps:
     @staticmethod
-    def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
-        """(h + delta, rmsnorm(h + delta) * weight); with delta None, h is only normed."""
+    def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, order=None):
+        """(h + delta, rmsnorm(h + delta) * weight); with delta None, h is only normed. With `order`, the normed
+        features come out in that order (feature j is feature order[j]): the next layer's rows are in it."""
         if delta is not None:
             h = h + delta
         x = h.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        return h, weight * x.to(h.dtype)
+        out = weight * x.to(h.dtype)
+        return h, out if order is None else out.index_select(-1, order)
 
     @staticmethod
     def rope_store(q, k, v, cos, sin, write, k_cache, v_cache):
@@ -57,7 +60,19 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm(
-        h_ptr, d_ptr, w_ptr, out_ptr, n, eps, stride_h, stride_d, stride_o, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+        h_ptr,
+        d_ptr,
+        w_ptr,
+        order_ptr,
+        out_ptr,
+        n,
+        eps,
+        stride_h,
+        stride_d,
+        stride_o,
+        HAS_DELTA: tl.constexpr,
+        HAS_ORDER: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -65,11 +80,21 @@ if triton is not None:
         h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
         if HAS_DELTA:
             h = h + tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0)  # fp16 add, as torch's
+        if HAS_ORDER:  # the same sums read again in the output's order, before h is written over
+            src = tl.load(order_ptr + cols, mask=mask, other=0)
+            h_out = tl.load(h_ptr + row * stride_h + src, mask=mask, other=0.0)
+            if HAS_DELTA:
+                h_out = h_out + tl.load(d_ptr + row * stride_d + src, mask=mask, other=0.0)
+            w = tl.load(w_ptr + src, mask=mask, other=0.0)
+            tl.debug_barrier()  # every read of h is done before any thread stores into it
+        else:
+            h_out = h
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        if HAS_DELTA:
             tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
         x = h.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * stride_o + cols, w * (x * rstd).to(w.dtype), mask=mask)
+        tl.store(out_ptr + row * stride_o + cols, w * (h_out.to(tl.float32) * rstd).to(w.dtype), mask=mask)
 
     @triton.jit
     def _rope_store(
@@ -130,8 +155,9 @@ if triton is not None:
 
 class TritonOps:
     @staticmethod
-    def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
-        """As TorchOps.add_rms_norm; h is updated in place (it is the residual stream)."""
+    def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, order=None):
+        """As TorchOps.add_rms_norm (the gather into `order` in the same kernel); h is updated in place (it is
+        the residual stream)."""
         n_rows, n = h.shape
         out = torch.empty_like(h)
         d = delta if delta is not None else h
@@ -139,6 +165,7 @@ class TritonOps:
             h,
             d,
             weight,
+            order if order is not None else weight,
             out,
             n,
             eps,
@@ -146,6 +173,7 @@ class TritonOps:
             d.stride(0),
             out.stride(0),
             HAS_DELTA=delta is not None,
+            HAS_ORDER=order is not None,
             BLOCK=triton.next_power_of_2(n),
         )
         return h, out

@@ -1,4 +1,4 @@
-"""Load-time reordering of each MLP's intermediate features into its down projection's group order.
+"""Load-time orders that spare the kernels their act-order gathers.
 
 An act-order checkpoint's `down_proj` stores its input rows in input order with scattered groups (`g_idx`), so
 every kernel gathers its input into group order before each call: one extra kernel a layer and token on a GPU
@@ -8,8 +8,14 @@ of down_proj by one permutation leaves the MLP's output unchanged. The permutati
 group makes it a regular layer (g_idx = row // group size), so no kernel gathers anything, and its sums run in the
 same order as the sorted layout the kernels would have built.
 
+The q/k/v and gate/up projections read the residual stream after a norm, whose order is not free. On a GPU the
+fused projection (fusion.py) gets its rows sorted by group too, and keeps the sorting order as `input_order`:
+the engine's norm kernel writes its output in that order (one kernel instead of a norm and a gather), and any
+other caller goes through `FusedLinear.forward`, which gathers its input, as the kernel did before.
+
 Only layers whose groups are whole (`group_size` rows each, as GPTQ's act-order writes them) are reordered; any
-other layout is left as stored. The loader calls `order_mlps` with the fusion (fusion.py), before `prepare()`.
+other layout is left as stored. The loader calls these with the fusion, before `prepare()`, where the engine is
+on.
 """
 
 from __future__ import annotations
@@ -17,21 +23,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fusion import FusedLinear
+from .fusion import GROUPS, FusedLinear
 from .kernels.base import GPTQLinear
 from .packing import pack, unpack
 
 _COLUMNS = 2048  # columns unpacked at a time: the int64 temporaries of pack() stay small on a 70B layer
 
 
-def group_order(down: nn.Module) -> torch.Tensor | None:
-    """The row order that sorts `down`'s rows by group (None: it is regular already, or its groups are not whole)."""
-    if not isinstance(down, GPTQLinear) or down.g_idx.is_meta or down.qweight.is_meta:
+def group_order(layer: nn.Module) -> torch.Tensor | None:
+    """The row order that sorts `layer`'s rows by group (None: regular already, or its groups are not whole)."""
+    if not isinstance(layer, GPTQLinear) or layer.g_idx.is_meta or layer.qweight.is_meta:
         return None
-    gs, K = down.group_size, down.in_features
+    gs, K = layer.group_size, layer.in_features
     if gs % 32 or K % 32:
         return None
-    g_idx = down.g_idx.long()
+    g_idx = layer.g_idx.long()
     regular = torch.arange(K, device=g_idx.device) // gs
     if torch.equal(g_idx, regular):
         return None
@@ -96,9 +102,35 @@ def order_mlp(mlp: nn.Module) -> bool:
     return True
 
 
+def order_fused_input(fused: nn.Module) -> bool:
+    """Sort a fused projection's rows by group and keep the order as its `input_order`; True if it was."""
+    if not isinstance(fused, FusedLinear) or fused.input_order is not None:
+        return False
+    order = group_order(fused.linear)
+    if order is None:
+        return False
+    permute_rows(fused.linear, order)
+    fused.input_order = order.to(torch.int64)
+    return True
+
+
+def _blocks(model: nn.Module, blocks: list[int] | None) -> list[nn.Module]:
+    layers = list(getattr(getattr(model, "model", None), "layers", []))
+    return layers if blocks is None else [layers[i] for i in blocks]
+
+
 def order_mlps(model: nn.Module, blocks: list[int] | None = None) -> int:
     """`order_mlp` for every decoder layer (or the `blocks` given); returns how many MLPs were reordered."""
-    layers = list(getattr(getattr(model, "model", None), "layers", []))
-    chosen = layers if blocks is None else [layers[i] for i in blocks]
     with torch.no_grad():
-        return sum(order_mlp(block.mlp) for block in chosen if hasattr(block, "mlp"))
+        return sum(order_mlp(block.mlp) for block in _blocks(model, blocks) if hasattr(block, "mlp"))
+
+
+def order_fused_inputs(model: nn.Module, blocks: list[int] | None = None) -> int:
+    """`order_fused_input` for the fused q/k/v and gate/up of every decoder layer (or the `blocks` given); returns
+    how many were ordered. Only for layers the engine runs with its GPU norm kernel."""
+    done = 0
+    with torch.no_grad():
+        for block in _blocks(model, blocks):
+            for part_name, _, fused_name in GROUPS:
+                done += order_fused_input(getattr(getattr(block, part_name, None), fused_name, None))
+    return done

@@ -1,4 +1,4 @@
-"""mlp_order.py: an act-order MLP's intermediate features put into its down projection's group order at load time.
+"""act_order.py: an act-order MLP's intermediate features put into its down projection's group order at load time, and fused projections that read their input in group order.
 
 The reordered model must compute what the checkpoint says (the float reference the tiny checkpoint was made
 from), its down projections must need no gather, and layouts the reorder does not cover must stay as stored.
@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_checkpoints import build, relative_error
+from tiny_checkpoints import build, llama_config, relative_error
 
 import gptq_bridge
+from gptq_bridge.act_order import group_order, order_fused_inputs, permute_columns, permute_rows
+from gptq_bridge.engine.forward import LlamaFamilyForward, cache_shape
+from gptq_bridge.engine.kv_cache import PagedKVCache
+from gptq_bridge.engine.scheduler import Sequence
 from gptq_bridge.fusion import FusedLinear
 from gptq_bridge.kernels.cpu_int4 import CpuInt4Linear
 from gptq_bridge.kernels.torch_ref import TorchQuantLinear
-from gptq_bridge.mlp_order import group_order, permute_columns, permute_rows
 from gptq_bridge.packing import dequantize
 
 
@@ -90,3 +93,37 @@ def test_layouts_it_does_not_cover_stay_as_stored(tmp_path):
     down.g_idx = uneven
     down.group_size = 32
     assert group_order(down) is None
+
+
+def test_fused_projections_read_their_input_in_group_order_in_the_engine_and_outside(tmp_path):
+    """On a GPU the loader sorts fused q/k/v and gate/up rows by group; here the same is done by hand on the CPU:
+    transformers' forward (FusedLinear gathers its input) and the engine's prefill (the norm writes in the
+    layer's order) and decode steps still compute the checkpoint."""
+    wide = llama_config(hidden=256)  # k and v 128 wide: q/k/v fuse (fusion needs widths that are multiples of 32)
+    ck = build(
+        tmp_path / "ck", bits=4, group_size=32, desc_act=True, sym=False, seed=9, shared_order=True, hf_config=wide
+    )
+    lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch")
+    model = lm.model
+    assert all(m.input_order is None for m in model.modules() if isinstance(m, FusedLinear))  # CPU: left as stored
+    assert order_fused_inputs(model) == 2 * len(model.model.layers)
+    assert order_fused_inputs(model) == 0  # once
+    for block in model.model.layers:
+        for fused in (block.self_attn.qkv_proj, block.mlp.gate_up_proj):
+            assert regular(fused.linear) and fused.input_order is not None
+    x = ids((1, 40), seed=6)
+    with torch.no_grad():
+        want = ck.reference(x).logits[0]
+        assert relative_error(model(x).logits[0], want) < 1e-4
+    cache = PagedKVCache(cache_shape(model, torch.float32), 256, torch.device("cpu"))
+    fwd = LlamaFamilyForward(model, cache, max_positions=256)
+    s = Sequence(prompt=x[0, :20].tolist(), max_new_tokens=20, sample=None)
+    s.blocks = cache.allocator.allocate(s.reserve_tokens)
+    cache.clear(s.blocks)
+    with torch.inference_mode():
+        assert relative_error(fwd.prefill(s, 0, 20), want[19]) < 1e-4
+        s.cached = 20
+        for t in range(20, 39):
+            s.append(int(x[0, t]))
+            assert relative_error(fwd.decode([s])[0], want[t]) < 1e-4, t
+            s.cached += 1
