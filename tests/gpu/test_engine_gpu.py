@@ -55,21 +55,38 @@ def test_paged_kernel_matches_gathered_attention(heads, kv_heads, dim, window):
             torch.testing.assert_close(out[b].float(), ref, atol=3e-3, rtol=3e-3)
 
 
-def gpu_checkpoint(tmp_path, bits, desc_act):
+def gpu_checkpoint(tmp_path, bits, desc_act, shared_order=True):
+    """shared_order: q/k/v and gate/up share their act-order, as GPTQ makes them (else one order per layer)."""
     config = llama_config(hidden=512, intermediate=1024, layers=2, vocab=512)  # 4 heads of 128, 2 KV heads
     config.max_position_embeddings = 512
-    ck = build(tmp_path / f"b{bits}-{desc_act}", bits=bits, group_size=128, desc_act=desc_act, hf_config=config)
+    ck = build(
+        tmp_path / f"b{bits}-{desc_act}-{shared_order}",
+        bits=bits,
+        group_size=128,
+        desc_act=desc_act,
+        hf_config=config,
+        shared_order=shared_order,
+    )
     tiny_tokenizer(512).save_pretrained(str(ck.path))
     return ck.path
 
 
-@pytest.mark.parametrize("bits, desc_act", [(4, True), (4, False), (3, True)])
-def test_graph_decode_follows_the_eager_forward_for_200_steps(tmp_path, bits, desc_act):
-    lm = gptq_bridge.load_model(str(gpu_checkpoint(tmp_path, bits, desc_act)), device="cuda")
+@pytest.mark.parametrize(
+    "bits, desc_act, shared",
+    [(4, True, True), (4, True, False), (4, False, False), (3, True, True)],
+    ids=["4bit-act-order", "4bit-act-order-per-layer", "4bit", "3bit-act-order"],
+)
+def test_graph_decode_follows_the_eager_forward_for_200_steps(tmp_path, bits, desc_act, shared):
+    lm = gptq_bridge.load_model(str(gpu_checkpoint(tmp_path, bits, desc_act, shared)), device="cuda")
     engine = engine_for(lm)
     assert isinstance(engine.decode, GraphedDecode)
     fused = [m for m in lm.model.modules() if isinstance(m, FusedLinear)]
-    assert len(fused) == (0 if desc_act else 4)  # act-order: tiny_checkpoints draws a group order per layer
+    assert len(fused) == (4 if shared or not desc_act else 0)  # one order per layer: nothing to fuse
+    # act-order: the fused layers read their input in group order (the norm kernel writes it), down_proj is regular
+    assert all((m.input_order is not None) == desc_act for m in fused)
+    for block in lm.model.model.layers:
+        down = block.mlp.down_proj
+        assert torch.equal(down.g_idx.long(), torch.arange(down.in_features, device=DEV) // down.group_size)
     result = lm.generate("the a of", max_new_tokens=200, ban_eos=True)
     ids = torch.tensor([lm.tokenizer("the a of", add_special_tokens=True)["input_ids"] + result.token_ids], device=DEV)
     with torch.inference_mode():
