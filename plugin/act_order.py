@@ -8,10 +8,11 @@ of down_proj by one permutation leaves the MLP's output unchanged. The permutati
 group makes it a regular layer (g_idx = row // group size), so no kernel gathers anything, and its sums run in the
 same order as the sorted layout the kernels would have built.
 
-The q/k/v and gate/up projections read the residual stream after a norm, whose order is not free. On a GPU the
-fused projection (fusion.py) gets its rows sorted by group too, and keeps the sorting order as `input_order`:
-the engine's norm kernel writes its output in that order (one kernel instead of a norm and a gather), and any
-other caller goes through `FusedLinear.forward`, which gathers its input, as the kernel did before.
+The other projections read what the engine computes right before them, so on a GPU their rows are sorted by
+group too, each keeping the sorting order as its `input_order`, and the engine writes their input in that order
+in the kernel that computes it (one kernel instead of two): the norm before the fused q/k/v and gate/up
+(fusion.py), the paged attention before o_proj (wrapped in `OrderedInput`). Any other caller goes through the
+module's `forward`, which gathers its input, as the kernels did before.
 
 Only layers whose groups are whole (`group_size` rows each, as GPTQ's act-order writes them) are reordered; any
 other layout is left as stored. The loader calls these with the fusion, before `prepare()`, where the engine is
@@ -102,6 +103,35 @@ def order_mlp(mlp: nn.Module) -> bool:
     return True
 
 
+class OrderedInput(nn.Module):
+    """A layer whose rows were sorted by group: its input j is feature input_order[j] of x. `forward` gathers x;
+    `project` takes an input already in that order; `scatter` says where each feature goes (its inverse)."""
+
+    def __init__(self, linear: GPTQLinear, order: torch.Tensor):
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("input_order", order.to(torch.int64), persistent=False)
+        self.register_buffer("scatter", torch.argsort(order).to(torch.int32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.index_select(-1, self.input_order))
+
+    def project(self, x_ordered: torch.Tensor) -> torch.Tensor:
+        return self.linear(x_ordered)
+
+
+def order_output_projection(attn: nn.Module) -> bool:
+    """Sort o_proj's rows by group and wrap it in `OrderedInput`; True if it was."""
+    layer = getattr(attn, "o_proj", None)
+    order = group_order(layer)
+    if order is None:
+        return False
+    permute_rows(layer, order)
+    attn.o_proj = OrderedInput(layer, order)
+    return True
+
+
 def order_fused_input(fused: nn.Module) -> bool:
     """Sort a fused projection's rows by group and keep the order as its `input_order`; True if it was."""
     if not isinstance(fused, FusedLinear) or fused.input_order is not None:
@@ -125,12 +155,14 @@ def order_mlps(model: nn.Module, blocks: list[int] | None = None) -> int:
         return sum(order_mlp(block.mlp) for block in _blocks(model, blocks) if hasattr(block, "mlp"))
 
 
-def order_fused_inputs(model: nn.Module, blocks: list[int] | None = None) -> int:
-    """`order_fused_input` for the fused q/k/v and gate/up of every decoder layer (or the `blocks` given); returns
-    how many were ordered. Only for layers the engine runs with its GPU norm kernel."""
+def order_inputs(model: nn.Module, blocks: list[int] | None = None) -> int:
+    """The fused q/k/v and gate/up (`order_fused_input`) and o_proj (`order_output_projection`) of every decoder
+    layer (or the `blocks` given); returns how many were ordered. For layers the engine runs with its GPU kernels."""
     done = 0
     with torch.no_grad():
         for block in _blocks(model, blocks):
             for part_name, _, fused_name in GROUPS:
                 done += order_fused_input(getattr(getattr(block, part_name, None), fused_name, None))
+            if hasattr(block, "self_attn"):
+                done += order_output_projection(block.self_attn)
     return done

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .act_order import order_fused_inputs, order_mlps
+from .act_order import order_inputs, order_mlps
 from .checkpoint import WeightFiles, find_weight_files, iter_tensors, read_metadata, tensor_names
 from .config import ConfigFile, QuantizeConfig, read_quantize_config
 from .errors import CheckpointError, KernelError
@@ -360,7 +360,7 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
             fuse_projections(model, plan.kernel, config, options.dtype)
             order_mlps(model)
             if default.type == "cuda":
-                order_fused_inputs(model)
+                order_inputs(model)
         model.to(default)
     elif options.engine != "off":
         _fuse_split(model, plan, options)
@@ -419,7 +419,7 @@ def _fuse_split(model: nn.Module, plan: LoadPlan, options: LoadOptions) -> None:
         device = plan.device_of(name, options.device.torch_device)
         if device.type == "cuda":
             fuse_projections(model, plan.kernel_for(name), plan.config, options.dtype, blocks=[i])
-            order_fused_inputs(model, blocks=[i])
+            order_inputs(model, blocks=[i])
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

@@ -11,7 +11,7 @@ import torch
 from tiny_checkpoints import build, llama_config, relative_error
 
 import gptq_bridge
-from gptq_bridge.act_order import group_order, order_fused_inputs, permute_columns, permute_rows
+from gptq_bridge.act_order import OrderedInput, group_order, order_inputs, permute_columns, permute_rows
 from gptq_bridge.engine.forward import LlamaFamilyForward, cache_shape
 from gptq_bridge.engine.kv_cache import PagedKVCache
 from gptq_bridge.engine.scheduler import Sequence
@@ -95,10 +95,10 @@ def test_layouts_it_does_not_cover_stay_as_stored(tmp_path):
     assert group_order(down) is None
 
 
-def test_fused_projections_read_their_input_in_group_order_in_the_engine_and_outside(tmp_path):
-    """On a GPU the loader sorts fused q/k/v and gate/up rows by group; here the same is done by hand on the CPU:
-    transformers' forward (FusedLinear gathers its input) and the engine's prefill (the norm writes in the
-    layer's order) and decode steps still compute the checkpoint."""
+def test_projections_read_their_input_in_group_order_in_the_engine_and_outside(tmp_path):
+    """On a GPU the loader sorts the rows of fused q/k/v and gate/up and of o_proj by group; here the same is done
+    by hand on the CPU: transformers' forward (the modules gather their input) and the engine's prefill (the norm
+    and the attention write in the layer's order) and decode steps still compute the checkpoint."""
     wide = llama_config(hidden=256)  # k and v 128 wide: q/k/v fuse (fusion needs widths that are multiples of 32)
     ck = build(
         tmp_path / "ck", bits=4, group_size=32, desc_act=True, sym=False, seed=9, shared_order=True, hf_config=wide
@@ -106,11 +106,12 @@ def test_fused_projections_read_their_input_in_group_order_in_the_engine_and_out
     lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch")
     model = lm.model
     assert all(m.input_order is None for m in model.modules() if isinstance(m, FusedLinear))  # CPU: left as stored
-    assert order_fused_inputs(model) == 2 * len(model.model.layers)
-    assert order_fused_inputs(model) == 0  # once
+    assert order_inputs(model) == 3 * len(model.model.layers)
+    assert order_inputs(model) == 0  # once
     for block in model.model.layers:
-        for fused in (block.self_attn.qkv_proj, block.mlp.gate_up_proj):
+        for fused in (block.self_attn.qkv_proj, block.mlp.gate_up_proj, block.self_attn.o_proj):
             assert regular(fused.linear) and fused.input_order is not None
+        assert isinstance(block.self_attn.o_proj, OrderedInput)
     x = ids((1, 40), seed=6)
     with torch.no_grad():
         want = ck.reference(x).logits[0]

@@ -18,7 +18,7 @@ import gptq_bridge
 from gptq_bridge.engine import cpu_compiled
 from gptq_bridge.engine.cpu_compiled import ENV, compiler_missing
 from gptq_bridge.engine.cpu_step import CpuDecode
-from gptq_bridge.engine.forward import decode_inputs
+from gptq_bridge.engine.forward import decode_inputs, placed
 from gptq_bridge.engine.generator import engine_for
 from gptq_bridge.engine.scheduler import Sequence
 
@@ -38,7 +38,12 @@ def torch_path(fwd, batch: list[Sequence]) -> torch.Tensor:
     plan = fwd.attention.decode_plan(tables, lengths)
     with torch.inference_mode():
         out = fwd.run_segment(
-            fwd.segments[0], tokens, None, positions, write, lambda i, q: fwd.attention.decode(i, q, plan)
+            fwd.segments[0],
+            tokens,
+            None,
+            positions,
+            write,
+            lambda i, q, into: placed(fwd.attention.decode(i, q, plan), into),
         )
         return fwd.model.lm_head(out[None]).float()[0]
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..act_order import OrderedInput
 from ..fusion import FusedLinear
 from ..generation import attention_backends
 from ..transfer import to_device
@@ -168,8 +169,10 @@ class LlamaFamilyForward:
 
     def run_segment(self, seg: Segment, x: torch.Tensor, delta, positions, write, attend):
         """One segment's layers for N tokens. `x` is token ids [N] on the first segment, else the hidden states
-        [N, hidden] with `delta`, the last layer's output not yet added. Returns (h, delta), or on the last
-        segment the hidden states after the final norm."""
+        [N, hidden] with `delta`, the last layer's output not yet added. `attend(layer, q, into)` gives the
+        attention output [N, heads * D], in the input order of `into` (an o_proj whose rows are sorted by group)
+        when that is not None (`placed`). Returns (h, delta), or on the last segment the hidden states after the
+        final norm."""
         ops = seg.ops
         h = self.embed(x) if seg.first else x
         n = h.shape[0]
@@ -188,7 +191,10 @@ class LlamaFamilyForward:
                 self.cache.k[i],
                 self.cache.v[i],
             )
-            delta = attn.o_proj(attend(i, q).reshape(n, self.heads * self.head_dim))
+            o_proj = attn.o_proj
+            into = o_proj if isinstance(o_proj, OrderedInput) else None  # rows sorted by group (act_order.py)
+            out = attend(i, q, into)  # [n, heads * D], in o_proj's input order
+            delta = o_proj(out) if into is None else into.project(out)
             mlp = layer.mlp
             h, (gate, up) = norm_project(ops, h, delta, layer.post_attention_layernorm, mlp, "gate_up_proj", GATE_UP)
             delta = mlp.down_proj(ops.silu_mul(gate, up))
@@ -223,10 +229,11 @@ class LlamaFamilyForward:
             dev = seg.device
             here = [(a, b, read.to(dev), start) for a, b, read, start in spans]
 
-            def attend(i, q, here=here):
+            def attend(i, q, into, here=here):
                 if len(here) == 1:
-                    return self.attention.prefill(i, q, here[0][2], here[0][3])
-                return torch.cat([self.attention.prefill(i, q[a:b], read, start) for a, b, read, start in here])
+                    return placed(self.attention.prefill(i, q, here[0][2], here[0][3]), into)
+                parts = [self.attention.prefill(i, q[a:b], read, start) for a, b, read, start in here]
+                return placed(torch.cat(parts), into)
 
             x, delta = x.to(dev), None if delta is None else delta.to(dev)
             with on(dev), attention_backends(dev):
@@ -242,7 +249,9 @@ class LlamaFamilyForward:
         chunk's own keys and values (its slots are `write`); the logits after row `last` ([1, vocab], float32).
         Rows after `last` are padding: causal attention keeps them out of the real rows."""
         with attention_backends(self.device):
-            h = self._layers(tokens, positions, write, lambda i, q: self.attention.prefill(i, q, write, 0))
+            h = self._layers(
+                tokens, positions, write, lambda i, q, into: placed(self.attention.prefill(i, q, write, 0), into)
+            )
         return self.model.lm_head(h[last][None]).float()[0]
 
     @torch.inference_mode()
@@ -281,7 +290,7 @@ class LlamaFamilyForward:
         if seg.use_kernel:
             splits = paged_attention.choose_splits(x.shape[0], self.kv_heads, tables.shape[1])
 
-            def attend(i, q):
+            def attend(i, q, into):
                 return paged_attention.paged_decode_attention(
                     q,
                     self.cache.k[i],
@@ -292,15 +301,22 @@ class LlamaFamilyForward:
                     self.window,
                     splits,
                     self.cache.block_size,
-                )
+                    None if into is None else into.scatter,
+                ).view(q.shape[0], -1)
         else:
             plan = self.attention.decode_plan(tables, lengths)  # once a step, shared by every layer
 
-            def attend(i, q):
-                return self.attention.decode(i, q, plan)
+            def attend(i, q, into):
+                return placed(self.attention.decode(i, q, plan), into)
 
         out = self.run_segment(seg, x, delta, positions, write, attend)
         return self.model.lm_head(out[None]).float()[0] if seg.last else out
+
+
+def placed(out: torch.Tensor, into: OrderedInput | None) -> torch.Tensor:
+    """An attention output [n, heads, D] as o_proj's input [n, heads * D], in its input order when it has one."""
+    flat = out.reshape(out.shape[0], -1)
+    return flat if into is None else flat.index_select(-1, into.input_order)
 
 
 @dataclass

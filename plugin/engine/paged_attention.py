@@ -106,6 +106,7 @@ if triton is not None:
         m_ptr,
         l_ptr,
         out_ptr,
+        scatter_ptr,
         splits,
         stride_ob,
         stride_oh,
@@ -113,6 +114,7 @@ if triton is not None:
         stride_outb,
         SPLITS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        SCATTER: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -128,7 +130,10 @@ if triton is not None:
             other=0.0,
         )
         out = tl.sum(o * w[:, None], 0) / tl.sum(lsum * w, 0)
-        tl.store(out_ptr + b * stride_outb + h * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+        col = h * HEAD_DIM + d
+        if SCATTER:  # each feature to its column in the next layer's input order
+            col = tl.load(scatter_ptr + col)
+        tl.store(out_ptr + b * stride_outb + col, out.to(out_ptr.dtype.element_ty))
 
 
 def choose_splits(batch: int, kv_heads: int, table_width: int, programs: int = 264) -> int:
@@ -146,8 +151,10 @@ def paged_decode_attention(
     window: int | None,
     splits: int,
     block_size: int,
+    scatter: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, heads, D]; one layer's cache [slots, kv_heads, D]; tables [B, W] int32; lengths [B] int32 -> [B, heads, D]."""
+    """q [B, heads, D]; one layer's cache [slots, kv_heads, D]; tables [B, W] int32; lengths [B] int32 -> [B, heads, D].
+    scatter (int32 [heads * D]): feature f of a row is written at column scatter[f] of its flattened output."""
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -187,6 +194,7 @@ def paged_decode_attention(
         m,
         lsum,
         out,
+        scatter if scatter is not None else lengths,
         splits,
         o.stride(0),
         o.stride(1),
@@ -194,5 +202,6 @@ def paged_decode_attention(
         out.stride(0),
         SPLITS=triton.next_power_of_2(splits),
         HEAD_DIM=dim,
+        SCATTER=scatter is not None,
     )
     return out

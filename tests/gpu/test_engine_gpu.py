@@ -53,6 +53,10 @@ def test_paged_kernel_matches_gathered_attention(heads, kv_heads, dim, window):
                 q[b].float()[:, None], k, v, attn_mask=mask[None, None], scale=dim**-0.5
             )[:, 0]
             torch.testing.assert_close(out[b].float(), ref, atol=3e-3, rtol=3e-3)
+        # written in the next layer's input order (act_order.py): the same values, feature f at column scatter[f]
+        scatter = torch.randperm(heads * dim, device=DEV).to(torch.int32)
+        placed = paged_decode_attention(q, kc, vc, tables, lengths, dim**-0.5, window, splits, bs, scatter)
+        assert torch.equal(placed.view(3, -1).index_select(1, scatter.long()), out.view(3, -1))
 
 
 def gpu_checkpoint(tmp_path, bits, desc_act, shared_order=True):
