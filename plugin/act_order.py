@@ -15,8 +15,9 @@ in the kernel that computes it (one kernel instead of two): the norm before the 
 module's `forward`, which gathers its input, as the kernels did before.
 
 Only layers whose groups are whole (`group_size` rows each, as GPTQ's act-order writes them) are reordered; any
-other layout is left as stored. The loader calls these with the fusion, before `prepare()`, where the engine is
-on.
+other layout is left as stored. The loader calls `spare_gathers` after the fusion, before `prepare()`, for the
+decoder layers on a GPU where the engine is on. (On the CPU a gather is one `index_select` of a row beside a
+step of tens of milliseconds: not worth the load-time copies.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from .fusion import GROUPS, FusedLinear
 from .kernels.base import GPTQLinear
 from .packing import pack, unpack
 
-_COLUMNS = 2048  # columns unpacked at a time: the int64 temporaries of pack() stay small on a 70B layer
+
+def _slice(tensor: torch.Tensor, length: int) -> int:
+    """How many rows (or columns) of `length` values to rewrite at a time: the temporaries stay within ~16 MB on
+    the CPU, where they come out of the memory that holds the weights, and ~256 MB on a GPU (fewer launches)."""
+    budget = 1 << (24 if tensor.is_cuda else 20)
+    return max(1, budget // max(1, length))
 
 
 def group_order(layer: nn.Module) -> torch.Tensor | None:
@@ -49,12 +55,28 @@ def group_order(layer: nn.Module) -> torch.Tensor | None:
 def permute_rows(module: GPTQLinear, order: torch.Tensor) -> None:
     """Input row j of `module` becomes its old row order[j] (qweight and g_idx)."""
     K, N, bits = module.in_features, module.out_features, module.bits
-    words = torch.empty_like(module.qweight)
-    for n0 in range(0, N, _COLUMNS):
-        n1 = min(N, n0 + _COLUMNS)
-        words[:, n0:n1] = pack(unpack(module.qweight[:, n0:n1], bits, 0, K)[order], bits, 0)
-    module.qweight = words
+    words = module.qweight
+    order = order.to(words.device)
+    step = _slice(words, K)
+    for n0 in range(0, N, step):  # each slice of columns only reads itself: rewritten in place
+        n1 = min(N, n0 + step)
+        if 32 % bits == 0:
+            words[:, n0:n1] = permuted_packed_rows(words[:, n0:n1], order, bits)
+        else:  # 3 bits: values straddle words
+            words[:, n0:n1] = pack(unpack(words[:, n0:n1], bits, 0, K)[order], bits, 0)
     module.g_idx = module.g_idx[order].contiguous()
+
+
+def permuted_packed_rows(words: torch.Tensor, order: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed rows (2, 4 or 8 bits, each value inside one int32 word) with row j taken from row order[j], built
+    one value position of the word at a time: the temporaries are word-sized, not one int64 per value."""
+    per, mask = 32 // bits, (1 << bits) - 1
+    out = torch.zeros_like(words)
+    for p in range(per):  # rows p, p + per, ... sit at bit bits * p of their words
+        src = order[p::per]
+        shift = (bits * (src % per)).to(torch.int32)[:, None]
+        out |= ((words.index_select(0, src // per) >> shift) & mask) << (bits * p)
+    return out
 
 
 def permute_columns(module: nn.Module, columns: torch.Tensor) -> None:
@@ -62,7 +84,10 @@ def permute_columns(module: nn.Module, columns: torch.Tensor) -> None:
     if isinstance(module, GPTQLinear):
         N, bits = module.out_features, module.bits
         columns = columns.to(module.qweight.device)
-        module.qweight = module.qweight[:, columns].contiguous()
+        words = module.qweight
+        step = _slice(words, N)
+        for r0 in range(0, words.shape[0], step):  # each slice of rows only reads itself: rewritten in place
+            words[r0 : r0 + step] = words[r0 : r0 + step, columns]
         module.scales = module.scales[:, columns].contiguous()
         module.qzeros = pack(unpack(module.qzeros, bits, 1, N)[:, columns], bits, 1)
         if module.bias is not None:
@@ -157,7 +182,7 @@ def order_mlps(model: nn.Module, blocks: list[int] | None = None) -> int:
 
 def order_inputs(model: nn.Module, blocks: list[int] | None = None) -> int:
     """The fused q/k/v and gate/up (`order_fused_input`) and o_proj (`order_output_projection`) of every decoder
-    layer (or the `blocks` given); returns how many were ordered. For layers the engine runs with its GPU kernels."""
+    layer (or the `blocks` given); returns how many were ordered."""
     done = 0
     with torch.no_grad():
         for block in _blocks(model, blocks):
@@ -166,3 +191,9 @@ def order_inputs(model: nn.Module, blocks: list[int] | None = None) -> int:
             if hasattr(block, "self_attn"):
                 done += order_output_projection(block.self_attn)
     return done
+
+
+def spare_gathers(model: nn.Module, blocks: list[int] | None = None) -> int:
+    """Both orders (`order_mlps`, `order_inputs`) for every decoder layer (or the `blocks` given); returns how
+    many layers were reordered."""
+    return order_mlps(model, blocks) + order_inputs(model, blocks)

@@ -5,8 +5,8 @@
 3. find the quantized Linears (those with a `.qweight` tensor), select a kernel (selection.py) and swap
    each Linear for the kernel's module, also on meta;
 4. stream the tensors file by file, checking each name, shape and dtype, straight to the target device;
-5. tie embeddings, check nothing was left unloaded; for the engine, fuse q/k/v and gate/up (fusion.py) and put
-   act-order rows in group order where that spares a gather (act_order.py);
+5. tie embeddings, check nothing was left unloaded; for the engine, fuse q/k/v and gate/up (fusion.py) and, on
+   a GPU, put act-order rows in group order where that spares a gather (act_order.py);
    let each kernel module `prepare()` its layout; on the CPU, quantize a float output head (head.py).
 
 A split across devices (gpu_split, max_memory, device_map="auto") is planned in step 3 as well: a kernel is
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .act_order import order_inputs, order_mlps
+from .act_order import spare_gathers
 from .checkpoint import WeightFiles, find_weight_files, iter_tensors, read_metadata, tensor_names
 from .config import ConfigFile, QuantizeConfig, read_quantize_config
 from .errors import CheckpointError, KernelError
@@ -358,13 +358,11 @@ def load_checkpoint(source: ResolvedSource, options: LoadOptions) -> LoadedModel
     if plan.placement is None:
         if options.engine != "off":
             fuse_projections(model, plan.kernel, config, options.dtype)
-            order_mlps(model)
             if default.type == "cuda":
-                order_inputs(model)
+                spare_gathers(model)
         model.to(default)
     elif options.engine != "off":
         _fuse_split(model, plan, options)
-        order_mlps(model)
     for module in model.modules():
         if isinstance(module, GPTQLinear):
             where = module.qweight.device
@@ -419,7 +417,7 @@ def _fuse_split(model: nn.Module, plan: LoadPlan, options: LoadOptions) -> None:
         device = plan.device_of(name, options.device.torch_device)
         if device.type == "cuda":
             fuse_projections(model, plan.kernel_for(name), plan.config, options.dtype, blocks=[i])
-            order_inputs(model, blocks=[i])
+            spare_gathers(model, blocks=[i])
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

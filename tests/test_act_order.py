@@ -11,12 +11,11 @@ import torch
 from tiny_checkpoints import build, llama_config, relative_error
 
 import gptq_bridge
-from gptq_bridge.act_order import OrderedInput, group_order, order_inputs, permute_columns, permute_rows
+from gptq_bridge.act_order import OrderedInput, group_order, order_mlps, permute_columns, permute_rows, spare_gathers
 from gptq_bridge.engine.forward import LlamaFamilyForward, cache_shape
 from gptq_bridge.engine.kv_cache import PagedKVCache
 from gptq_bridge.engine.scheduler import Sequence
 from gptq_bridge.fusion import FusedLinear
-from gptq_bridge.kernels.cpu_int4 import CpuInt4Linear
 from gptq_bridge.kernels.torch_ref import TorchQuantLinear
 from gptq_bridge.packing import dequantize
 
@@ -38,35 +37,28 @@ def regular(layer) -> bool:
 
 @pytest.mark.parametrize("bits,fused", [(3, True), (4, True), (4, False)], ids=["3bit-fused", "4bit-fused", "4bit"])
 def test_reordered_model_computes_the_checkpoint(tmp_path, bits, fused):
-    """Fused gate/up (q/k/v and gate/up share their act-order, as GPTQ makes them) and separate ones."""
+    """Fused gate/up (q/k/v and gate/up share their act-order, as GPTQ makes them) and separate ones. The loader
+    reorders on a GPU only; here `order_mlps` is called by hand on the CPU model, before any kernel layout."""
     ck = build(tmp_path / "ck", bits=bits, group_size=32, desc_act=True, sym=False, seed=bits, shared_order=fused)
-    stored = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch", engine="off")
     lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch")
-    for block_stored, block in zip(stored.model.model.layers, lm.model.model.layers):
-        assert not regular(block_stored.mlp.down_proj)  # really act-order as stored
-        assert regular(block.mlp.down_proj)  # ... and regular after the reorder
-        assert not regular(block.self_attn.o_proj)  # its input is not the MLP's: left as stored
-        assert isinstance(getattr(block.mlp, "gate_up_proj", None), FusedLinear) == fused
+    layers = lm.model.model.layers
+    assert not any(regular(block.mlp.down_proj) for block in layers)  # act-order, left as stored on the CPU
     x = ids()
     with torch.no_grad():
         want = ck.reference(x).logits
-        assert relative_error(stored.model(x).logits, want) < 1e-4
         assert relative_error(lm.model(x).logits, want) < 1e-4
+        assert order_mlps(lm.model) == len(layers)
+        assert relative_error(lm.model(x).logits, want) < 1e-4
+    for block in layers:
+        assert regular(block.mlp.down_proj)  # ... and regular after the reorder
+        assert not regular(block.self_attn.o_proj)  # its input is not the MLP's: left as stored
+        assert isinstance(getattr(block.mlp, "gate_up_proj", None), FusedLinear) == fused
+    assert order_mlps(lm.model) == 0  # once
 
 
-def test_cpu_int4_down_projection_needs_no_gather(tmp_path):
-    ck = build(tmp_path / "ck", bits=4, group_size=32, desc_act=True, sym=False, seed=11)
-    lm = gptq_bridge.load_model(str(ck.path), device="cpu", head="float")
-    assert lm.kernel == "cpu-int4"
-    for block in lm.model.model.layers:
-        assert isinstance(block.mlp.down_proj, CpuInt4Linear)
-        assert block.mlp.down_proj.source is None and block.self_attn.o_proj.source is not None
-    with torch.no_grad():
-        assert relative_error(lm.model(ids()).logits, ck.reference(ids()).logits) < 1.5e-2
-
-
-def test_permuting_columns_and_rows_moves_the_dense_weight(tmp_path):
-    ck = build(tmp_path / "ck", bits=3, group_size=32, desc_act=True, sym=False, seed=2)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_permuting_columns_and_rows_moves_the_dense_weight(tmp_path, bits):
+    ck = build(tmp_path / "ck", bits=bits, group_size=32, desc_act=True, sym=False, seed=2)
     lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch", engine="off")
     mlp = lm.model.model.layers[0].mlp
     gate, down = mlp.gate_proj, mlp.down_proj
@@ -96,8 +88,8 @@ def test_layouts_it_does_not_cover_stay_as_stored(tmp_path):
 
 
 def test_projections_read_their_input_in_group_order_in_the_engine_and_outside(tmp_path):
-    """On a GPU the loader sorts the rows of fused q/k/v and gate/up and of o_proj by group; here the same is done
-    by hand on the CPU: transformers' forward (the modules gather their input) and the engine's prefill (the norm
+    """On a GPU the loader puts the MLP's features in down_proj's order and sorts the rows of fused q/k/v and
+    gate/up and of o_proj by group; here the same is done by hand on the CPU: transformers' forward (the modules gather their input) and the engine's prefill (the norm
     and the attention write in the layer's order) and decode steps still compute the checkpoint."""
     wide = llama_config(hidden=256)  # k and v 128 wide: q/k/v fuse (fusion needs widths that are multiples of 32)
     ck = build(
@@ -106,8 +98,8 @@ def test_projections_read_their_input_in_group_order_in_the_engine_and_outside(t
     lm = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.float32, kernel="torch")
     model = lm.model
     assert all(m.input_order is None for m in model.modules() if isinstance(m, FusedLinear))  # CPU: left as stored
-    assert order_inputs(model) == 3 * len(model.model.layers)
-    assert order_inputs(model) == 0  # once
+    assert spare_gathers(model) == 4 * len(model.model.layers)  # the MLP, and the inputs of three projections
+    assert spare_gathers(model) == 0  # once
     for block in model.model.layers:
         for fused in (block.self_attn.qkv_proj, block.mlp.gate_up_proj, block.self_attn.o_proj):
             assert regular(fused.linear) and fused.input_order is not None

@@ -37,7 +37,7 @@ def test_logits_within_the_reference_kernels_bfloat16_tolerance(tmp_path, group_
     lm = gptq_bridge.load_model(str(ck.path), device="cpu", head="float")
     ref_bf16 = gptq_bridge.load_model(str(ck.path), device="cpu", dtype=torch.bfloat16, kernel="torch", head="float")
     assert lm.kernel == "cpu-int4" and lm.head == "float"
-    layer = lm.model.model.layers[0].self_attn.o_proj  # (down_proj's rows are put in group order: act_order.py)
+    layer = lm.model.model.layers[0].mlp.down_proj
     assert isinstance(layer, CpuInt4Linear) and layer.qweight is None  # only the 4-bit layout stays
     assert (layer.source is not None) == (desc_act or group_size == 16)
     gen = torch.Generator().manual_seed(1)

@@ -50,7 +50,7 @@ def test_act_order_g_idx_matters(tmp_path):
     """Negative control: the comparison above would catch a kernel that ignored g_idx."""
     ck = build(tmp_path / "ck", bits=4, group_size=32, desc_act=True, sym=False)
     lm = gptq_bridge.load_model(str(ck.path), device="cpu", kernel="torch")
-    layer = lm.model.model.layers[0].self_attn.o_proj  # (down_proj's rows are put in group order: act_order.py)
+    layer = lm.model.model.layers[0].mlp.down_proj
     assert not torch.equal(layer.g_idx, torch.sort(layer.g_idx).values)  # really act-order
     ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
