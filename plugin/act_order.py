@@ -9,10 +9,11 @@ group makes it a regular layer (g_idx = row // group size), so no kernel gathers
 same order as the sorted layout the kernels would have built.
 
 The other projections read what the engine computes right before them, so on a GPU their rows are sorted by
-group too, each keeping the sorting order as its `input_order`, and the engine writes their input in that order
-in the kernel that computes it (one kernel instead of two): the norm before the fused q/k/v and gate/up
-(fusion.py), the paged attention before o_proj (wrapped in `OrderedInput`). Any other caller goes through the
-module's `forward`, which gathers its input, as the kernels did before.
+group too, each keeping the sorting order as its `input_order`, and in a decode step the engine writes their
+input in that order in the kernel that computes it (one kernel instead of two): the norm before the fused
+q/k/v and gate/up (fusion.py), the paged attention before o_proj (wrapped in `OrderedInput`). Prompts, and any
+other caller, go through the module's `forward`, whose kernel reads the input through `input_order` in the
+gather it launches anyway (`GPTQLinear.forward_gathered`): a prompt's steps are what they were.
 
 Only layers whose groups are whole (`group_size` rows each, as GPTQ's act-order writes them) are reordered; any
 other layout is left as stored. The loader calls `spare_gathers` after the fusion, before `prepare()`, for the
@@ -129,44 +130,51 @@ def order_mlp(mlp: nn.Module) -> bool:
 
 
 class OrderedInput(nn.Module):
-    """A layer whose rows were sorted by group: its input j is feature input_order[j] of x. `forward` gathers x;
-    `project` takes an input already in that order; `scatter` says where each feature goes (its inverse)."""
+    """o_proj once its rows were sorted by group: `forward` takes x in its own order, as transformers' attention
+    gives it (the kernel's gather reads it through the layer's `input_order`); `project` takes x already in the
+    rows' order; `scatter` says where each feature goes in that order (the inverse), for the attention kernel."""
 
-    def __init__(self, linear: GPTQLinear, order: torch.Tensor):
+    def __init__(self, linear: GPTQLinear):
         super().__init__()
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("input_order", order.to(torch.int64), persistent=False)
-        self.register_buffer("scatter", torch.argsort(order).to(torch.int32), persistent=False)
+        self.register_buffer("scatter", torch.argsort(linear.input_order).to(torch.int32), persistent=False)
+
+    @property
+    def input_order(self) -> torch.Tensor:
+        return self.linear.input_order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.index_select(-1, self.input_order))
+        return self.linear.forward_gathered(x)
 
     def project(self, x_ordered: torch.Tensor) -> torch.Tensor:
         return self.linear(x_ordered)
 
 
-def order_output_projection(attn: nn.Module) -> bool:
-    """Sort o_proj's rows by group and wrap it in `OrderedInput`; True if it was."""
-    layer = getattr(attn, "o_proj", None)
+def sort_rows(layer: nn.Module) -> bool:
+    """Sort a layer's rows by group and keep the order as its `input_order`; True if it was."""
+    if not isinstance(layer, GPTQLinear) or layer.input_order is not None:
+        return False
     order = group_order(layer)
     if order is None:
         return False
     permute_rows(layer, order)
-    attn.o_proj = OrderedInput(layer, order)
+    layer.input_order = order.to(torch.int64)
+    return True
+
+
+def order_output_projection(attn: nn.Module) -> bool:
+    """Sort o_proj's rows by group and wrap it in `OrderedInput`; True if it was."""
+    layer = getattr(attn, "o_proj", None)
+    if not sort_rows(layer):
+        return False
+    attn.o_proj = OrderedInput(layer)
     return True
 
 
 def order_fused_input(fused: nn.Module) -> bool:
-    """Sort a fused projection's rows by group and keep the order as its `input_order`; True if it was."""
-    if not isinstance(fused, FusedLinear) or fused.input_order is not None:
-        return False
-    order = group_order(fused.linear)
-    if order is None:
-        return False
-    permute_rows(fused.linear, order)
-    fused.input_order = order.to(torch.int64)
-    return True
+    """Sort a fused projection's rows by group (`sort_rows`); True if it was."""
+    return isinstance(fused, FusedLinear) and sort_rows(fused.linear)
 
 
 def _blocks(model: nn.Module, blocks: list[int] | None) -> list[nn.Module]:

@@ -30,12 +30,15 @@ class FusedLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.widths = widths
-        # input feature j of `linear` is feature input_order[j] of x (act_order.py); None: the same order
-        self.register_buffer("input_order", None, persistent=False)
         self._last = threading.local()
 
+    @property
+    def input_order(self) -> torch.Tensor | None:
+        """Row j of the layer reads feature input_order[j] of x (act_order.py); None: the same order."""
+        return self.linear.input_order
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.project(x if self.input_order is None else x.index_select(-1, self.input_order))
+        return self.linear.forward_gathered(x).split(self.widths, dim=-1)
 
     def project(self, x_ordered: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs for an input already in `input_order` (the engine's norm writes it so)."""

@@ -12,7 +12,7 @@ from tiny_checkpoints import build, llama_config, relative_error
 
 import gptq_bridge
 from gptq_bridge.act_order import OrderedInput, group_order, order_mlps, permute_columns, permute_rows, spare_gathers
-from gptq_bridge.engine.forward import LlamaFamilyForward, cache_shape
+from gptq_bridge.engine.forward import LlamaFamilyForward, cache_shape, decode_inputs, placed
 from gptq_bridge.engine.kv_cache import PagedKVCache
 from gptq_bridge.engine.scheduler import Sequence
 from gptq_bridge.fusion import FusedLinear
@@ -118,5 +118,17 @@ def test_projections_read_their_input_in_group_order_in_the_engine_and_outside(t
         s.cached = 20
         for t in range(20, 39):
             s.append(int(x[0, t]))
-            assert relative_error(fwd.decode([s])[0], want[t]) < 1e-4, t
+            assert relative_error(fwd.decode([s])[0], want[t]) < 1e-4, t  # the CPU step: the modules gather
+            assert relative_error(ordered_step(fwd, s), want[t]) < 1e-4, t  # the norms and attention write in order
             s.cached += 1
+
+
+def ordered_step(fwd, s: Sequence) -> torch.Tensor:
+    """A decode step as on a GPU: run_segment with the torch ops writing each projection's input in its order."""
+    tokens, positions, write, tables, lengths = decode_inputs([s], fwd.cache.block_size)
+    plan = fwd.attention.decode_plan(tables, lengths)
+    seg = fwd.segments[0]
+    out = fwd.run_segment(
+        seg, tokens, None, positions, write, lambda i, q, into: placed(fwd.attention.decode(i, q, plan), into), True
+    )
+    return fwd.model.lm_head(out[None]).float()[0, 0]

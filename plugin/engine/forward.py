@@ -76,11 +76,12 @@ def on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def norm_project(ops, h, delta, norm: nn.Module, module: nn.Module, fused_name: str, names: tuple[str, ...]):
+def norm_project(ops, h, delta, norm, module: nn.Module, fused_name: str, names: tuple[str, ...], ordered: bool):
     """(h + delta, the projections of its norm): one GEMM where the loader fused them (fusion.py), else one per
-    projection. A fused layer whose rows are in group order (act_order.py) gets the norm written in its order."""
+    projection. `ordered`: a fused layer whose rows are in group order (act_order.py) gets the norm written in
+    its order (else its kernel reads the norm through that order)."""
     fused = getattr(module, fused_name, None)
-    order = fused.input_order if isinstance(fused, FusedLinear) else None
+    order = fused.input_order if ordered and isinstance(fused, FusedLinear) else None
     h, x = ops.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon, order)
     if isinstance(fused, FusedLinear):
         return h, fused.project(x) if order is not None else fused(x)
@@ -167,12 +168,13 @@ class LlamaFamilyForward:
 
     # --- the layers --------------------------------------------------------------------------------------------
 
-    def run_segment(self, seg: Segment, x: torch.Tensor, delta, positions, write, attend):
+    def run_segment(self, seg: Segment, x: torch.Tensor, delta, positions, write, attend, ordered: bool = False):
         """One segment's layers for N tokens. `x` is token ids [N] on the first segment, else the hidden states
         [N, hidden] with `delta`, the last layer's output not yet added. `attend(layer, q, into)` gives the
         attention output [N, heads * D], in the input order of `into` (an o_proj whose rows are sorted by group)
-        when that is not None (`placed`). Returns (h, delta), or on the last segment the hidden states after the
-        final norm."""
+        when that is not None (`placed`). `ordered` (decode steps): the norms and the attention write the inputs
+        of layers whose rows are sorted by group (act_order.py) in their order. Returns (h, delta), or on the last
+        segment the hidden states after the final norm."""
         ops = seg.ops
         h = self.embed(x) if seg.first else x
         n = h.shape[0]
@@ -180,7 +182,7 @@ class LlamaFamilyForward:
         for i in range(seg.start, seg.end):
             layer = self.layers[i]
             attn = layer.self_attn
-            h, (q, k, v) = norm_project(ops, h, delta, layer.input_layernorm, attn, "qkv_proj", QKV)
+            h, (q, k, v) = norm_project(ops, h, delta, layer.input_layernorm, attn, "qkv_proj", QKV, ordered)
             q = ops.rope_store(
                 q.view(n, self.heads, self.head_dim),
                 k.view(n, self.kv_heads, self.head_dim),
@@ -192,11 +194,12 @@ class LlamaFamilyForward:
                 self.cache.v[i],
             )
             o_proj = attn.o_proj
-            into = o_proj if isinstance(o_proj, OrderedInput) else None  # rows sorted by group (act_order.py)
+            into = o_proj if ordered and isinstance(o_proj, OrderedInput) else None  # rows sorted by group
             out = attend(i, q, into)  # [n, heads * D], in o_proj's input order
             delta = o_proj(out) if into is None else into.project(out)
             mlp = layer.mlp
-            h, (gate, up) = norm_project(ops, h, delta, layer.post_attention_layernorm, mlp, "gate_up_proj", GATE_UP)
+            norm = layer.post_attention_layernorm
+            h, (gate, up) = norm_project(ops, h, delta, norm, mlp, "gate_up_proj", GATE_UP, ordered)
             delta = mlp.down_proj(ops.silu_mul(gate, up))
         if seg.last:
             return ops.add_rms_norm(h, delta, self.norm.weight, self.norm.variance_epsilon)[1]
@@ -309,7 +312,7 @@ class LlamaFamilyForward:
             def attend(i, q, into):
                 return placed(self.attention.decode(i, q, plan), into)
 
-        out = self.run_segment(seg, x, delta, positions, write, attend)
+        out = self.run_segment(seg, x, delta, positions, write, attend, ordered=True)
         return self.model.lm_head(out[None]).float()[0] if seg.last else out
 
 

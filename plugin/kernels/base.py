@@ -40,6 +40,8 @@ class GPTQLinear(nn.Module):
             self.register_buffer("bias", torch.empty(self.out_features, dtype=dtype))
         else:
             self.bias = None
+        # where act_order.py sorted the rows by group at load: row j reads feature input_order[j] of the input
+        self.register_buffer("input_order", None, persistent=False)
 
     def default_g_idx(self, device: torch.device) -> torch.Tensor:
         return torch.arange(self.in_features, device=device, dtype=torch.int32) // self.group_size
@@ -51,6 +53,11 @@ class GPTQLinear(nn.Module):
 
     def prepare(self) -> None:
         """Called once after loading, on the target device. Subclasses override it to build their layout."""
+
+    def forward_gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """The output for `x` in the input's own feature order (`forward` takes it in the rows' order, which is the
+        same unless `input_order` is set). Kernels that gather x anyway override this to gather it once."""
+        return self(x if self.input_order is None else x.index_select(-1, self.input_order))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"

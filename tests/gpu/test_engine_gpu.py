@@ -244,3 +244,19 @@ def test_cancel_mid_batch_and_the_budget(tmp_path):
     assert stream.result.finish_reason == "cancelled" and other["r"].usage.completion_tokens == 64
     with pytest.raises(GPTQBridgeError, match="kv_cache: this request needs"):
         lm.generate("the a", max_new_tokens=300)
+
+
+def test_layers_with_sorted_rows_read_their_input_in_either_order(tmp_path):
+    """act_order.py sorts act-order rows by group: `forward` takes the input in the rows' order (the engine's
+    decode writes it so), `forward_gathered` in its own order (prompts, transformers), through the gather the
+    kernel launches anyway; the same numbers either way, at few rows and at many."""
+    lm = gptq_bridge.load_model(str(gpu_checkpoint(tmp_path, 4, True)), device="cuda")
+    block = lm.model.model.layers[0]
+    layers = [block.self_attn.qkv_proj.linear, block.mlp.gate_up_proj.linear, block.self_attn.o_proj.linear]
+    torch.manual_seed(0)
+    for layer in layers:
+        assert layer.input_order is not None and layer.cu_xidx_from is not None
+        for m in (1, 7, 32, 33, 300):
+            x = torch.randn(m, layer.in_features, dtype=torch.float16, device=DEV)
+            want = layer(x.index_select(-1, layer.input_order))
+            assert torch.equal(layer.forward_gathered(x), want), (layer.out_features, m)

@@ -206,12 +206,30 @@ class CudaQuantLinear(GPTQLinear):
         )  # q4_many_rows serves this layer (else dequantize + cuBLAS)
         self.register_buffer("cu_xidx_wgmma", wgmma_x_index(xidx) if wgmma else None, persistent=False)
         self.register_buffer("cu_perm", perm, persistent=False)  # None: slot == row
+        order = self.input_order  # rows sorted by group at load (act_order.py): forward_gathered reads x through it
+        xfrom = None
+        if order is not None and perm is None and layout.slots == K:
+            xfrom = torch.full((chunks * 64,), -1, dtype=torch.int32, device=dev)
+            xfrom[:K] = order.to(torch.int32)
+        self.register_buffer("cu_xidx_from", xfrom, persistent=False)
+        self.register_buffer(
+            "cu_xidx_wgmma_from", wgmma_x_index(xfrom) if wgmma and xfrom is not None else None, persistent=False
+        )
         self.register_buffer("cu_counters", torch.zeros(-(-N // 64), dtype=torch.int32, device=dev), persistent=False)
         self.chunks, self.slots, self.slots_per_group = chunks, layout.slots, P
         self._identity = perm is None and chunks * 64 == K  # x can be read as it is (when aligned)
         self._ready = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, gathered=False)
+
+    def forward_gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the input's own order: the gather the kernel launches anyway reads it through `input_order`."""
+        if not self._ready or self.cu_xidx_from is None:
+            return super().forward_gathered(x)
+        return self._forward(x, gathered=True)
+
+    def _forward(self, x: torch.Tensor, gathered: bool) -> torch.Tensor:
         if not self._ready:
             raise RuntimeError("prepare() was not called on this layer (the loader calls it after loading)")
         if x.dtype != torch.float16:
@@ -224,25 +242,26 @@ class CudaQuantLinear(GPTQLinear):
         if m == 0:
             out = x2.new_empty(0, self.out_features)
         elif m <= FEW_ROWS_MAX_M:
-            out = self.forward_few_rows(x2)
+            out = self.forward_few_rows(x2, gathered)
         elif self.cu_xidx_wgmma is not None and self._many_rows_wins(
             plan := self._many_rows_plan(m, x2.device), m
         ):  # one plan lookup a call, passed on
-            out = self.forward_many_rows(x2, plan)
+            out = self.forward_many_rows(x2, plan, gathered)
         else:
-            out = x2 @ self.dequantize()
+            out = (x2.index_select(-1, self.input_order) if gathered else x2) @ self.dequantize()
             if self.bias is not None:
                 out += self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
-    def forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_few_rows(self, x: torch.Tensor, gathered: bool = False) -> torch.Tensor:
         """m <= 32 rows: one call into the library, which launches the gather of x into slot order when the rows
-        were sorted (act-order) or x is not 16-byte aligned (into the device's shared scratch), then the
-        tensor-core kernel."""
+        were sorted (act-order; `gathered`: x is in the input's own order, act_order.py) or x is not 16-byte
+        aligned (into the device's shared scratch), then the tensor-core kernel."""
         M, N, device = x.shape[0], self.out_features, x.get_device()
         if x.stride(1) != 1:
             x = x.contiguous()
-        direct = self._identity and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+        direct = not gathered and self._identity and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+        xidx = self.cu_xidx_from if gathered else self.cu_xidx
         cfg = self.few_rows_config
         key = M if cfg is None else (M, tuple(sorted(cfg.items())))  # a module lives on one device
         fixed = self._plans.get(key)
@@ -259,7 +278,7 @@ class CudaQuantLinear(GPTQLinear):
                     self.cu_sz.data_ptr(),
                     x.data_ptr(),
                     x.stride(0),
-                    None if direct else self.cu_xidx.data_ptr(),
+                    None if direct else xidx.data_ptr(),
                     None if direct else xs.data_ptr(),
                     None if self.bias is None else self.bias.data_ptr(),
                     out.data_ptr(),
@@ -280,10 +299,13 @@ class CudaQuantLinear(GPTQLinear):
             )
         return out
 
-    def forward_many_rows(self, x: torch.Tensor, plan: ManyRowsPlan | None = None) -> torch.Tensor:
+    def forward_many_rows(
+        self, x: torch.Tensor, plan: ManyRowsPlan | None = None, gathered: bool = False
+    ) -> torch.Tensor:
         """Hopper, any rows: one call into the library, which gathers x into wgmma's k order (into the device's
         shared scratch), then launches q4_many_rows (and, when some tiles are split, the sum of their parts).
-        plan: _many_rows_plan's for these rows, when the caller has it already."""
+        plan: _many_rows_plan's for these rows, when the caller has it already; gathered: x is in the input's
+        own order (act_order.py)."""
         M, N, device = x.shape[0], self.out_features, x.get_device()
         if x.stride(1) != 1:
             x = x.contiguous()
@@ -299,7 +321,7 @@ class CudaQuantLinear(GPTQLinear):
                     x.data_ptr(),
                     x.stride(0),
                     self.in_features,
-                    self.cu_xidx_wgmma.data_ptr(),
+                    (self.cu_xidx_wgmma_from if gathered else self.cu_xidx_wgmma).data_ptr(),
                     xs.data_ptr(),
                     None if self.bias is None else self.bias.data_ptr(),
                     out.data_ptr(),
