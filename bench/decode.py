@@ -266,14 +266,17 @@ def ours(
     profile: bool = False,
     split: dict | None = None,
     lm=None,
+    kv_cache: str | None = None,
 ) -> dict:
-    """Measure a model: loaded here (with `split`, load_model's split keywords), or the loaded `lm` given."""
+    """Measure a model: loaded here (with `split`, load_model's split keywords; `kv_cache`, its budget), or the
+    loaded `lm` given."""
     import gptq_bridge
 
     vocab = SHAPES[shape][5]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    lm = lm or gptq_bridge.load_model(str(path), **(split or {}))
+    kv = {} if kv_cache is None else {"kv_cache": int(kv_cache) if kv_cache.isdigit() else kv_cache}
+    lm = lm or gptq_bridge.load_model(str(path), **(split or {}), **kv)
     res: dict = {
         "kernel": lm.kernel if lm.kernels is None else lm.kernels,
         "load_s": round(time.perf_counter() - t0, 1),
@@ -287,8 +290,10 @@ def ours(
         res[f"decode_tok_s_ctx{ctx}"] = round((len(arr) - 1) / (arr[-1] - arr[0]), 1)
         res[f"ms_per_token_ctx{ctx}"] = round(1000 * (arr[-1] - arr[0]) / (len(arr) - 1), 3)
     for n in prefills:
-        start, arr = stream_times(lm, prompt(n, vocab, n + 1), 1)
+        text = prompt(n, vocab, n + 1)
+        start, arr = stream_times(lm, text, 1)
         res[f"prefill{n}_ms"] = round(1000 * (arr[0] - start), 2)
+        res[f"prefill{n}_prompt_tokens"] = len(lm.tokenizer(text)["input_ids"])  # past 512: no prompt graph
     for k in streams:
         res[f"streams{k}"] = concurrent_streams(lm, k, vocab, new)
     res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -409,7 +414,12 @@ def main() -> None:
         "--max-memory", default=None, metavar="DEV=SIZE,...", help="also measure the model split: 0=5GiB,cpu=64GiB"
     )
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--workdir", type=Path, help="where the random checkpoints are written (default: a temp dir)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="where the random checkpoints are written (default: a temp dir); one already there is reused",
+    )
+    ap.add_argument("--kv-cache", help="the engine's KV budget, tokens or a size (default: load_model's)")
     ap.add_argument(
         "--switch-interval",
         type=float,
@@ -434,14 +444,24 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gptq-bridge-decode-"))
     for shape in args.shapes.split(","):
         t = time.perf_counter()
-        path = random_checkpoint(shape, work / shape)
-        entry: dict = {"checkpoint_s": round(time.perf_counter() - t, 1)}
+        path = work / shape
+        reused = args.workdir is not None and (path / "config.json").is_file()  # written by an earlier run
+        if not reused:
+            path = random_checkpoint(shape, path)
+        entry: dict = {"checkpoint_s": round(time.perf_counter() - t, 1), "checkpoint_reused": reused}
         torch.cuda.empty_cache()
         if args.exllama and SHAPES[shape][6] == 4:  # first: this process holds no model yet
             entry["exllamav2"] = peer_process("exllama", path, args)
             print(shape, "exllamav2", json.dumps(entry["exllamav2"]), flush=True)
         entry["gptq_bridge"] = ours(
-            shape, path, ints(args.contexts), ints(args.prefills), ints(args.streams), args.new, args.profile
+            shape,
+            path,
+            ints(args.contexts),
+            ints(args.prefills),
+            ints(args.streams),
+            args.new,
+            args.profile,
+            kv_cache=args.kv_cache,
         )
         print(shape, "gptq-bridge", json.dumps(entry["gptq_bridge"]), flush=True)
         if args.gpu_split or args.max_memory:
