@@ -5,7 +5,7 @@
 For each shape it writes a random-weight GPTQ checkpoint (4-bit or 3-bit, g128, act-order) with a word-level
 tokenizer, loads it with gptq_bridge, and measures through the public API:
 - batch-1 decode tokens/s at contexts 512 and 4096 (the time between the first and the last streamed token);
-- prefill: time to the first token for 512- and 2048-token prompts;
+- prefill: time to the first token for 512- and 2048-token prompts (the median of three prompts);
 - aggregate tokens/s and per-stream latency with 1, 4, 8, 16 and 32 concurrent `generate` calls;
 - peak GPU memory.
 Peers in the same run: exllamav2 (its model, cache and forward loop) with --exllama, and transformers fp16
@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from gptq_bridge.engine.forward import decode_inputs  # noqa: E402
 from gptq_bridge.generation import attention_backends  # noqa: E402
 
+PREFILL_SAMPLES = 3
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, bits
     "7b": (4096, 11008, 32, 32, 32, 32000, 4),
     "7b-3bit": (4096, 11008, 32, 32, 32, 32000, 3),
@@ -289,11 +290,15 @@ def ours(
         start, arr = stream_times(lm, prompt(ctx - new, vocab, ctx), new)
         res[f"decode_tok_s_ctx{ctx}"] = round((len(arr) - 1) / (arr[-1] - arr[0]), 1)
         res[f"ms_per_token_ctx{ctx}"] = round(1000 * (arr[-1] - arr[0]) / (len(arr) - 1), 3)
-    for n in prefills:
-        text = prompt(n, vocab, n + 1)
-        start, arr = stream_times(lm, text, 1)
-        res[f"prefill{n}_ms"] = round(1000 * (arr[0] - start), 2)
-        res[f"prefill{n}_prompt_tokens"] = len(lm.tokenizer(text)["input_ids"])  # past 512: no prompt graph
+    for n in prefills:  # the median of three prompts: one call's time to first token moves by ~1 ms run to run
+        texts = [prompt(n, vocab, n + 1 + r) for r in range(PREFILL_SAMPLES)]
+        samples = []
+        for text in texts:
+            start, arr = stream_times(lm, text, 1)
+            samples.append(round(1000 * (arr[0] - start), 2))
+        res[f"prefill{n}_ms"] = sorted(samples)[len(samples) // 2]
+        res[f"prefill{n}_ms_samples"] = samples
+        res[f"prefill{n}_prompt_tokens"] = len(lm.tokenizer(texts[0])["input_ids"])  # past 512: no prompt graph
     for k in streams:
         res[f"streams{k}"] = concurrent_streams(lm, k, vocab, new)
     res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -354,9 +359,10 @@ def _exllama(path: Path, contexts: list[int], prefills: list[int], new: int) -> 
     for ctx in contexts:
         _, dt = run(ctx - new, new)
         res[f"decode_tok_s_ctx{ctx}"] = round((new - 1) / dt, 1)
-    for n in prefills:
-        first, _ = run(n, 1)
-        res[f"prefill{n}_ms"] = round(1000 * first, 2)
+    for n in prefills:  # the median of three, as for gptq-bridge
+        samples = [round(1000 * run(n, 1)[0], 2) for _ in range(PREFILL_SAMPLES)]
+        res[f"prefill{n}_ms"] = sorted(samples)[len(samples) // 2]
+        res[f"prefill{n}_ms_samples"] = samples
     model.unload()
     model = cache = None  # noqa: F841 - drops the last references before collecting
     gc.collect()
