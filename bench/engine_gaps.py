@@ -14,7 +14,6 @@ greedy request twice:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -25,15 +24,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # bench/kernels.py shadows `kernels`
+sys.path.append(str(HERE.parent))  # `from bench import decode`: its checkpoint writer and prompts
 
 import torch  # noqa: E402
-
-
-def bench_decode():
-    spec = importlib.util.spec_from_file_location("bench_decode", HERE / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def gpu_timeline(trace: dict) -> list[tuple[float, float, str]]:
@@ -53,8 +46,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import gptq_bridge
+    from bench import decode
 
-    decode = bench_decode()
     work = Path(tempfile.mkdtemp(prefix="gptq-bridge-gaps-"))
     path = decode.random_checkpoint(args.shape, work / args.shape)
     lm = gptq_bridge.load_model(str(path))

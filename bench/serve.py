@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import socket
@@ -38,24 +37,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # bench/kernels.py shadows `kernels`
+sys.path.append(str(HERE.parent))  # `from bench import decode`: its checkpoint writer and prompts
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-
-
-def bench_decode():
-    """bench/decode.py, for its random checkpoint writer and word prompts."""
-    spec = importlib.util.spec_from_file_location("bench_decode", HERE / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def prompts(count: int, style: str, vocab: int | None) -> list[str]:
     """Prompts of one length whose greedy continuations run long: counting for a real model (it goes on
     counting), random words for a random-weight checkpoint."""
     if style == "words":
-        decode = bench_decode()
+        from bench import decode
+
         return [decode.prompt(64, vocab, 1000 + i) for i in range(count)]
     return [", ".join(str(n) for n in range(10 * i + 1, 10 * i + 11)) + "," for i in range(count)]
 
@@ -230,7 +223,8 @@ def main() -> None:
 
     source, vocab = args.model, None
     if args.shape:
-        decode = bench_decode()
+        from bench import decode
+
         vocab = decode.SHAPES[args.shape][5]
         t = time.perf_counter()
         source = str(decode.random_checkpoint(args.shape, Path(tempfile.mkdtemp(prefix="gptq-bridge-serve-")) / "m"))
